@@ -1,0 +1,71 @@
+"""Reduced accuracy protocol on the real CIFAR-10-LT (issue 2): GLMC and CE at the same short budget.
+
+CIFAR-10-LT IF 100 (`glmc` subset), ResNet-32 width 16, batch 64, 10 epochs with the cosine lr and the
+cumulative alpha completed over those 10 epochs, the README CIFAR-10 IF-100 recipe (lr 0.01, wd 5e-3,
+q 0.0, gamma 1.2, consistency 1). Both methods run one after the other in this process; the JSON holds
+top-1, Many/Medium, the mean accuracy of the three rarest classes and the wall time of each.
+
+    python bench/accuracy.py --data-root ../shared/data [--epochs 10] [--methods glmc ce]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from glmc_ray import config as config_lib
+from glmc_ray import rundir
+from glmc_ray.worker import run_worker
+
+OFFICIAL = {"glmc_top1": 37.0, "glmc_many": 26.1, "glmc_medium": 80.7, "glmc_minutes": 56.0,
+            "ce_top1": 38.9, "ce_rarest3": 0.03}  # official code on this machine (issue 2)
+
+
+def run_method(method: str, args) -> dict:
+    cfg = config_lib.load("configs/cifar10_lt.yaml", [
+        f"data.root={Path(args.data_root).resolve()}", "model.width=16", f"train.epochs={args.epochs}",
+        f"method.name={method}", f"name=bench_{method}", "train.memory_format=channels_last",
+        f"train.progress_every={args.progress_every}", f"train.eval_every={args.eval_every or args.epochs}"])
+    run = rundir.new_run_dir(args.output, cfg.name)
+    config_lib.save(cfg, run / "config.yaml")
+    print(f"[{method}] run directory {run}", flush=True)
+    start = time.perf_counter()
+    final = run_worker(cfg, rundir.LocalReporter(run, cfg))
+    minutes = (time.perf_counter() - start) / 60
+    test = final["last"]["test"]
+    counts = final["class_counts"]
+    rarest = sorted(range(len(counts)), key=lambda c: counts[c])[:3]
+    return {"top1": test["top1"], "many": test["many"], "medium": test["medium"], "few": test["few"],
+            "rarest3_mean": sum(test["per_class"][c] for c in rarest) / 3, "per_class": test["per_class"],
+            "minutes": minutes, "run_dir": str(run)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", default="../shared/data")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--methods", nargs="+", default=["glmc", "ce"])
+    p.add_argument("--output", default="runs/bench")
+    p.add_argument("--progress-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=0, help="epochs between test evaluations (0: last only)")
+    p.add_argument("--json", default="bench/results/accuracy.json")
+    args = p.parse_args()
+    results = {m: run_method(m, args) for m in args.methods}
+    report = {"epochs": args.epochs, "official_reference": OFFICIAL, "results": results}
+    if "glmc" in results:
+        g = results["glmc"]
+        report["glmc_minus_official_top1"] = g["top1"] - OFFICIAL["glmc_top1"]
+        report["time_ratio_vs_official"] = g["minutes"] / OFFICIAL["glmc_minutes"]
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    for m, r in results.items():
+        print(f"{m}: top1 {r['top1']:.2f} many {r['many']:.2f} medium {r['medium']:.2f} "
+              f"rarest-3 {r['rarest3_mean']:.2f} in {r['minutes']:.1f} min")
+    if "glmc" in results:
+        print(f"GLMC vs official: {report['glmc_minus_official_top1']:+.2f} points top-1, "
+              f"time ratio {report['time_ratio_vs_official']:.2f} (official {OFFICIAL['glmc_minutes']} min)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""glmc-ray: GLMC long-tailed training and tuning on Ray."""

@@ -1,0 +1,233 @@
+"""One typed config for a run: dataclasses loaded from YAML, with `--set a.b=value` overrides.
+
+Unknown keys and wrong types are errors that name the key, the value and what was expected, so a typo
+in a recipe never silently falls back to a default (the official code ignores `--beta` and `--momentum`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message says which and what was expected."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"  # cifar10 | cifar100 | imagenet_lt | inat2018 | synthetic
+    root: str = ""  # folder holding cifar-10-batches-py/, cifar-100-python/ or the image tree
+    imbalance_factor: float = 100.0  # n_max / n_min for CIFAR-LT and synthetic data (>= 1)
+    subset_protocol: str = "glmc"  # glmc (official GLMC subset) | ldam (LDAM-DRW community subset)
+    subset_seed: int = 3407  # seed of the long-tailed subset draw, separate from train.seed
+    sample_with_replacement: bool = False  # the pre-2023-05-23 GLMC bug, kept only as an ablation
+    val_fraction: float = 0.0  # stratified validation split carved from the training subset
+    val_seed: int = 0
+    train_split: str = ""  # split files (`relative/path label`) for imagenet_lt / inat2018
+    test_split: str = ""
+    val_split: str = ""
+    num_workers: int = 4  # DataLoader workers for split-file datasets (decode + augment on CPU)
+    synthetic_classes: int = 10  # synthetic data: classes, largest class size, test images per class
+    synthetic_max_count: int = 200
+    synthetic_test_per_class: int = 20
+    image_size: int = 32  # synthetic image side
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet32"  # resnet32 (CIFAR) | resnet50 | resnext50_32x4d
+    width: int = 64  # resnet32 base width: 16 = standard ResNet-32, 64 = GLMC's "channel x4"
+    projection_dim: int = 128  # GLMC projection/prediction head width (128 CIFAR, 256 ImageNet)
+    norm: str = "batch"  # batch (the paper's) | group (independent of how a batch is split across workers)
+
+
+@dataclass
+class MethodConfig:
+    name: str = "glmc"  # glmc | ce
+    resample_exponent: float = 0.0  # q: the re-balanced stream draws class c with prob ∝ n_c^(1-q)
+    label_weight_exponent: float = 1.2  # gamma: class weights w_c ∝ n_c^-gamma on the re-balanced head
+    consistency_weight: float = 1.0  # lambda_c on the SimSiam global/local consistency term
+    mix_beta: float = 1.0  # lambda ~ Beta(b, b); the official code effectively uses 1.0 (its --beta is dead)
+    area_corrected_cutmix: bool = False  # CutMix label from the pasted area (the official code uses lambda)
+    cumulative_shape: str = "power"  # power: 1-u^p | cosine | linear
+    cumulative_exponent: float = 2.0  # p of the power shape (official 2)
+    cumulative_per_step: bool = False  # evaluate alpha per iteration instead of per epoch (official)
+    maxnorm_threshold: float = 0.0  # > 0 enables MaxNorm PGD on the re-balanced head (fraction, LTWB uses 0.1)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.01  # for the global batch train.batch_size; scale linearly with it
+    momentum: float = 0.9
+    weight_decay: float = 5e-3
+    nesterov: bool = False
+    schedule: str = "cosine"  # cosine | warmup_cosine | official_paco (the official off-by-one warmup)
+    warmup_epochs: int = 0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 64  # global batch, split across workers
+    eval_batch_size: int = 500
+    seed: int = 3407
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
+    memory_format: str = "auto"  # auto (channels_last on CUDA) | channels_last | contiguous
+    eval_every: int = 1  # evaluate every k epochs (and always at the last)
+    progress_every: int = 50  # print a progress line every k steps (0: only per epoch)
+    threads: int = 0  # torch intra-op threads (0: torch default)
+
+
+@dataclass
+class DistConfig:
+    sync_batchnorm: bool = False
+    max_failures: int = 3  # worker-group restarts Ray Train may make from the latest checkpoint
+    keep_checkpoints: int = 2  # best-by-validation checkpoints kept by Ray Train besides the latest
+
+
+@dataclass
+class Config:
+    name: str = "glmc"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+CHOICES = {
+    "data.dataset": ("cifar10", "cifar100", "imagenet_lt", "inat2018", "synthetic"),
+    "data.subset_protocol": ("glmc", "ldam"),
+    "model.arch": ("resnet32", "resnet50", "resnext50_32x4d"),
+    "model.norm": ("batch", "group"),
+    "method.name": ("glmc", "ce"),
+    "method.cumulative_shape": ("power", "cosine", "linear"),
+    "optim.schedule": ("cosine", "warmup_cosine", "official_paco"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.amp": ("auto", "bf16", "off"),
+    "train.memory_format": ("auto", "channels_last", "contiguous"),
+}
+
+
+def _coerce(key: str, value, expected: type):
+    """Return `value` as `expected` or raise a ConfigError naming the key."""
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {expected.__name__}, got {value!r} ({type(value).__name__})")
+    choices = CHOICES.get(key)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"unknown key {path!r}; valid keys here: {', '.join(sorted(known))}")
+        expected = hints[key]
+        if dataclasses.is_dataclass(expected):
+            kwargs[key] = _build(expected, value, f"{path}.")
+        else:
+            kwargs[key] = _coerce(path, value, expected)
+    return cls(**kwargs)
+
+
+def from_dict(values: dict) -> Config:
+    cfg = _build(Config, values, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_path(values: dict, dotted: str, raw: str) -> None:
+    parts = dotted.split(".")
+    node = values
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` strings (value parsed as YAML) onto a nested dict, in order."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.02")
+        dotted, raw = item.split("=", 1)
+        _set_path(values, dotted.strip(), raw.strip())
+    return values
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML recipe (or the defaults when `path` is None) and apply `--set` overrides."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at top level")
+    try:
+        return from_dict(apply_overrides(values, list(overrides)))
+    except ConfigError as err:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{err}") from None
+
+
+def save(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone do not catch."""
+    checks = [
+        (cfg.data.imbalance_factor >= 1, "data.imbalance_factor", cfg.data.imbalance_factor, "a number >= 1"),
+        (0 <= cfg.data.val_fraction < 1, "data.val_fraction", cfg.data.val_fraction, "a fraction in [0, 1)"),
+        (cfg.model.width > 0, "model.width", cfg.model.width, "a positive integer"),
+        (cfg.method.mix_beta > 0, "method.mix_beta", cfg.method.mix_beta, "a positive number"),
+        (cfg.method.cumulative_exponent > 0, "method.cumulative_exponent", cfg.method.cumulative_exponent, "> 0"),
+        (cfg.method.consistency_weight >= 0, "method.consistency_weight", cfg.method.consistency_weight, ">= 0"),
+        (0 <= cfg.method.maxnorm_threshold <= 1, "method.maxnorm_threshold", cfg.method.maxnorm_threshold,
+         "a fraction in [0, 1] (0 disables MaxNorm)"),
+        (cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "a positive number"),
+        (0 <= cfg.optim.momentum < 1, "optim.momentum", cfg.optim.momentum, "in [0, 1)"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay", cfg.optim.weight_decay, ">= 0"),
+        (0 <= cfg.optim.warmup_epochs < cfg.train.epochs, "optim.warmup_epochs", cfg.optim.warmup_epochs,
+         "in [0, train.epochs)"),
+        (cfg.train.epochs > 0, "train.epochs", cfg.train.epochs, "a positive integer"),
+        (cfg.train.batch_size > 0, "train.batch_size", cfg.train.batch_size, "a positive integer"),
+        (cfg.train.eval_every > 0, "train.eval_every", cfg.train.eval_every, "a positive integer"),
+        (cfg.data.synthetic_classes >= 2, "data.synthetic_classes", cfg.data.synthetic_classes, ">= 2"),
+    ]
+    for ok, key, value, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {value!r} is out of range; expected {expected}")
+    if cfg.optim.schedule == "cosine" and cfg.optim.warmup_epochs:
+        raise ConfigError("optim.warmup_epochs: set but optim.schedule is 'cosine'; use 'warmup_cosine'")
+    if cfg.data.dataset in ("imagenet_lt", "inat2018"):
+        for key in ("train_split", "test_split"):
+            if not getattr(cfg.data, key):
+                raise ConfigError(f"data.{key}: required for data.dataset={cfg.data.dataset}")

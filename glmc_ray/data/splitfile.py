@@ -1,0 +1,86 @@
+"""ImageNet-LT / iNaturalist-2018 from split files (`relative/path label` per line) and an image root."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+NORMALIZATION = {
+    "imagenet_lt": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "inat2018": ((0.466, 0.471, 0.380), (0.195, 0.194, 0.192)),
+}
+
+
+def read_split_file(path: str | Path, root: str | Path, check_images: bool = True) -> tuple[list[Path], list[int]]:
+    """Parse a split file; a malformed line or a missing image raises an error naming file and line."""
+    path, root = Path(path), Path(root)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file {path} does not exist")
+    paths, labels = [], []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or int(parts[1]) < 0:
+            raise ValueError(f"{path}:{number}: expected 'relative/path label' with a label >= 0, got {line!r}")
+        image = root / parts[0]
+        if check_images and not image.is_file():
+            raise FileNotFoundError(f"{path}:{number}: image {image} does not exist (data.root = {root})")
+        paths.append(image)
+        labels.append(int(parts[1]))
+    if not labels:
+        raise ValueError(f"split file {path} holds no samples")
+    return paths, labels
+
+
+def class_counts(labels: list[int], path) -> list[int]:
+    """Per-class counts; labels must be 0..C-1 with no class missing (the official code assumes it)."""
+    counts = torch.bincount(torch.as_tensor(labels)).tolist()
+    empty = [c for c, n in enumerate(counts) if n == 0]
+    if empty:
+        raise ValueError(f"split file {path}: classes {empty[:10]} have no sample (labels must be contiguous)")
+    return counts
+
+
+def train_transform(mean, std, size: int = 224):
+    """The official (post-2023-05-28) SimCLR-style list; GaussianBlur uses torchvision's kernel, sigma 0.1-2."""
+    return T.Compose([
+        T.RandomResizedCrop(size),
+        T.ColorJitter(0.4, 0.4, 0.4, 0.0),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.GaussianBlur(kernel_size=23, sigma=(0.1, 2.0))], p=0.5),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+def test_transform(mean, std, size: int = 224):
+    return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
+
+
+class TwoViews:
+    """Two independent draws of the same stochastic pipeline (the official TwoCropTransform)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image):
+        return self.transform(image), self.transform(image)
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """Images read with PIL as RGB; used for split files and for the official-style CIFAR baseline."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        image = self.images[index]
+        image = Image.open(image).convert("RGB") if isinstance(image, Path) else Image.fromarray(image)
+        return self.transform(image), self.labels[index]

@@ -1,0 +1,176 @@
+"""The training loop: one function, the same in-process and on every Ray Train worker.
+
+It receives everything it works on: the model (DDP-wrapped or not), the method, the batch source, the
+evaluation sets, how to sum a tensor across workers, and one reporting hook through which every epoch's
+metrics and checkpoint leave. It builds none of them, so Ray Train, Ray Data and Tune wrap it unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from glmc_ray.data import DataBundle
+from glmc_ray.data.batches import epoch_generator
+from glmc_ray.evaluation import evaluate
+
+
+class Reporter(Protocol):
+    def report(self, record: dict, checkpoint: Callable[[], dict], is_best: bool) -> None:
+        """Called by every worker once per epoch; `checkpoint()` builds the full training state."""
+
+    def finish(self, final: dict) -> None:
+        """Called once at the end with the final results (last epoch, best-on-validation epoch)."""
+
+
+@dataclass
+class Dist:
+    """What the loop needs to know about distribution; the defaults are one in-process worker."""
+
+    rank: int = 0
+    world_size: int = 1
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # in-place sum over workers
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class Trainee:
+    """The objects the loop updates; `model` may be a DDP wrapper around `raw_model`."""
+
+    model: torch.nn.Module
+    raw_model: torch.nn.Module
+    method: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    memory_format: torch.memory_format = torch.contiguous_format
+    best: dict = field(default_factory=lambda: {"val_balanced_top1": None, "epoch": None, "metrics": None})
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_state(t: Trainee, next_epoch: int, config: dict) -> dict:
+    return {"epoch": next_epoch, "model": t.raw_model.state_dict(), "optimizer": t.optimizer.state_dict(),
+            "scheduler": t.scheduler.state_dict(), "best": t.best, "rng": rng_state(), "config": config}
+
+
+def restore(t: Trainee, state: dict) -> int:
+    """Load a checkpoint made by `training_state`; returns the epoch to continue from."""
+    t.raw_model.load_state_dict(state["model"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scheduler.load_state_dict(state["scheduler"])
+    t.best = state["best"]
+    set_rng_state(state["rng"])
+    return state["epoch"]
+
+
+def train_epoch(t: Trainee, data: DataBundle, epoch: int, cfg, dist: Dist) -> dict:
+    """One pass over the batch source; returns the epoch's mean loss terms, lr and throughput."""
+    steps, epochs = len(data.train), cfg.train.epochs
+    generator = epoch_generator(cfg.train.seed, epoch, stream=1)  # same on all ranks: one lambda per global batch
+    sums: dict[str, torch.Tensor] = {}
+    images, start, lr = 0, time.perf_counter(), t.optimizer.param_groups[0]["lr"]
+    for step, batch in enumerate(data.train.epoch(epoch)):
+        batch = batch.to(t.device, t.memory_format)
+        progress = (epoch + step / steps if cfg.method.cumulative_per_step else epoch) / epochs
+        with t.autocast():
+            out = t.method.step(t.model, batch, progress, generator)
+        if not torch.isfinite(out.loss):
+            terms = {k: float(v) for k, v in out.terms.items()}
+            raise FloatingPointError(f"non-finite loss {float(out.loss)} at epoch {epoch} step {step} "
+                                     f"(terms {terms}, lr {lr}); the last checkpoint is intact")
+        t.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        t.optimizer.step()
+        t.method.after_optimizer_step(t.raw_model)
+        for key, value in {"loss": out.loss, **out.terms}.items():
+            value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
+            sums[key] = sums.get(key, 0) + value.to(t.device)
+        images += len(batch) * dist.world_size
+        every = cfg.train.progress_every
+        if dist.is_main and every and (step + 1) % every == 0:
+            print(f"  epoch {epoch} step {step + 1}/{steps} loss {float(out.loss.detach()):.4f} "
+                  f"{images / (time.perf_counter() - start):.0f} img/s", flush=True)
+    names = sorted(sums)
+    means = dist.all_reduce(torch.stack([sums[k] for k in names])) / (dist.world_size * steps)
+    seconds = time.perf_counter() - start
+    record = {"epoch": epoch, "lr": lr, **{k: float(v) for k, v in zip(names, means, strict=True)}}
+    record.update(alpha=t.method.alpha(epoch / epochs), images_per_s=images / seconds, train_seconds=seconds)
+    return record
+
+
+def evaluate_splits(t: Trainee, data: DataBundle, dist: Dist) -> dict[str, dict]:
+    return {name: evaluate(t.model, batches, data.class_counts, t.autocast, dist.all_reduce)
+            for name, batches in data.evals.items()}
+
+
+def flatten(results: dict[str, dict]) -> dict:
+    """{"test": {"top1": ..}} -> {"test_top1": ..}, leaving per-class lists out of the epoch record."""
+    return {f"{split}_{k}": v for split, m in results.items() for k, v in m.items() if k != "per_class"}
+
+
+def fit(cfg, t: Trainee, data: DataBundle, reporter: Reporter, dist: Dist | None = None,
+        state: dict | None = None) -> dict:
+    """Train from `state` (or from scratch) to cfg.train.epochs; returns the final results."""
+    from glmc_ray.config import to_dict
+
+    dist = dist or Dist()
+    start_epoch = restore(t, state) if state is not None else 0
+    config, epochs, last = to_dict(cfg), cfg.train.epochs, None
+    for epoch in range(start_epoch, epochs):
+        record = train_epoch(t, data, epoch, cfg, dist)
+        t.scheduler.step()
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
+            last = evaluate_splits(t, data, dist)
+            record.update(flatten(last))
+        is_best = _update_best(t, last, epoch) if "val_top1" in record else False
+        if dist.is_main:
+            print(_epoch_line(record), file=sys.stdout, flush=True)
+        reporter.report(record, functools.partial(training_state, t, epoch + 1, config), is_best)
+    if last is None:  # resumed after the last epoch: evaluate the restored model
+        last = evaluate_splits(t, data, dist)
+    final = {"epochs": epochs, "last": last, "best_on_val": t.best, "class_counts": data.class_counts}
+    reporter.finish(final)
+    return final
+
+
+def _update_best(t: Trainee, results: dict, epoch: int) -> bool:
+    score = results["val"]["balanced_top1"]
+    if t.best["val_balanced_top1"] is not None and score <= t.best["val_balanced_top1"]:
+        return False
+    t.best = {"val_balanced_top1": score, "epoch": epoch, "metrics": flatten(results)}
+    return True
+
+
+def _epoch_line(r: dict) -> str:
+    parts = [f"epoch {r['epoch']}", f"lr {r['lr']:.4g}", f"loss {r['loss']:.4f}", f"alpha {r['alpha']:.3f}"]
+    for key in ("val_balanced_top1", "test_top1", "test_many", "test_medium", "test_few"):
+        if r.get(key) is not None:
+            parts.append(f"{key} {r[key]:.2f}")
+    parts.append(f"{r['images_per_s']:.0f} img/s")
+    return " | ".join(parts)

@@ -1,0 +1,55 @@
+"""The small interface every long-tail method implements, and the batch it receives.
+
+A method turns one batch into a loss: `step(model, batch, progress, generator) -> StepOutput`.
+The loop never asks which method it runs; new methods (Balanced Softmax, LDAM-DRW, ...) are new modules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Batch:
+    """Two augmented views of a uniform batch and of a class-rebalanced batch, positionally paired.
+
+    Methods that need no second stream (CE) read x1 and y only; sources may then leave rx1/rx2/ry empty.
+    """
+
+    x1: torch.Tensor
+    x2: torch.Tensor
+    y: torch.Tensor
+    rx1: torch.Tensor | None = None
+    rx2: torch.Tensor | None = None
+    ry: torch.Tensor | None = None
+
+    def to(self, device, memory_format=torch.contiguous_format) -> Batch:
+        def move(t):
+            if t is None:
+                return None
+            t = t.to(device, non_blocking=True)
+            return t.contiguous(memory_format=memory_format) if t.dim() == 4 else t
+        return Batch(*(move(t) for t in (self.x1, self.x2, self.y, self.rx1, self.rx2, self.ry)))
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor | float] = field(default_factory=dict)  # logged per epoch (means)
+
+
+class Method(Protocol):
+    name: str
+    uses_rebalanced_stream: bool  # consumes Batch.rx1/rx2/ry (the class-rebalanced stream)
+    uses_all_heads: bool  # every parameter gets a gradient each step
+
+    def alpha(self, progress: float) -> float: ...
+
+    def step(self, model, batch: Batch, progress: float, generator: torch.Generator) -> StepOutput: ...
+
+    def after_optimizer_step(self, model) -> None: ...

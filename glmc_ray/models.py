@@ -1,0 +1,103 @@
+"""Backbones with the GLMC heads (reference section 2).
+
+`forward(x)` returns the re-balanced head's logits (inference); `forward(x, all_heads=True)` returns
+(fc logits, fc_cb logits, projection z, prediction p) for training. Heads are single Linear layers, as
+in the official code. ResNet-50 / ResNeXt-50 come from torchvision; only the CIFAR ResNet-32 is ours
+(torchvision has none).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+
+class BasicBlockA(nn.Module):
+    """CIFAR basic block with the parameter-free "option A" shortcut (subsample + zero-pad channels)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, norm=nn.BatchNorm2d):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = norm(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = norm(planes)
+        self.pad = (planes - in_planes) // 2 if stride != 1 or in_planes != planes else None
+
+    def shortcut(self, x):
+        if self.pad is None:
+            return x
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-6n+2 for 32x32 inputs; widths width/2width/4width (width 16 = He et al., 64 = GLMC's x4)."""
+
+    def __init__(self, blocks_per_stage: int = 5, width: int = 16, norm=nn.BatchNorm2d):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), norm(width), nn.ReLU())
+        layers, in_planes = [], width
+        for stage, planes in enumerate((width, 2 * width, 4 * width)):
+            for block in range(blocks_per_stage):
+                stride = 2 if stage > 0 and block == 0 else 1
+                layers.append(BasicBlockA(in_planes, planes, stride, norm))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.out_dim = in_planes
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1)
+
+
+class GLMCNet(nn.Module):
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, projection_dim: int):
+        super().__init__()
+        self.backbone = backbone
+        self.fc = nn.Linear(feature_dim, num_classes)
+        self.fc_cb = nn.Linear(feature_dim, num_classes)
+        self.projection_head = nn.Linear(feature_dim, projection_dim)
+        self.prediction_head = nn.Linear(projection_dim, projection_dim)
+        # MaxNorm radii of fc_cb rows; NaN until MaxNorm first runs, then checkpointed with the weights.
+        self.register_buffer("maxnorm_radii", torch.full((num_classes,), float("nan")))
+
+    def forward(self, x, all_heads: bool = False):
+        features = self.backbone(x)
+        if not all_heads:
+            return self.fc_cb(features)
+        z = self.projection_head(features)
+        return self.fc(features), self.fc_cb(features), z, self.prediction_head(z)
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+def norm_layer(kind: str):
+    """BatchNorm (the paper's) or GroupNorm, whose output does not depend on how the batch is split."""
+    return {"batch": nn.BatchNorm2d, "group": _group_norm}[kind]
+
+
+def _torchvision_backbone(arch: str, norm) -> tuple[nn.Module, int]:
+    net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm)  # from scratch, as in the paper
+    feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, feature_dim
+
+
+def build_model(cfg, num_classes: int) -> GLMCNet:
+    """cfg: ModelConfig."""
+    if cfg.arch == "resnet32":
+        backbone = CifarResNet(blocks_per_stage=5, width=cfg.width, norm=norm_layer(cfg.norm))
+        model = GLMCNet(backbone, backbone.out_dim, num_classes, cfg.projection_dim)
+        for module in model.modules():  # official: kaiming_normal_ on every conv and linear weight
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight)
+        return model
+    backbone, feature_dim = _torchvision_backbone(cfg.arch, norm_layer(cfg.norm))
+    return GLMCNet(backbone, feature_dim, num_classes, cfg.projection_dim)

@@ -1,0 +1,35 @@
+"""PNG plots people would rather look at than read."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from glmc_ray.evaluation import FEW_BELOW, MANY_ABOVE  # noqa: E402
+
+
+def per_class_plot(per_class: list, class_counts: list[int], path: Path, title: str) -> None:
+    """Per-class accuracy (bars, classes sorted by training count) against the training count (line)."""
+    order = sorted(range(len(class_counts)), key=lambda c: -class_counts[c])
+    accuracy = [per_class[c] if per_class[c] is not None else 0.0 for c in order]
+    counts = [class_counts[c] for c in order]
+    colours = ["tab:blue" if n > MANY_ABOVE else "tab:orange" if n >= FEW_BELOW else "tab:red" for n in counts]
+    fig, ax = plt.subplots(figsize=(max(6.0, min(18.0, 0.12 * len(order) + 4)), 4))
+    ax.bar(range(len(order)), accuracy, color=colours, width=1.0 if len(order) > 50 else 0.8)
+    ax.set_xlabel("class (sorted by training count)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    twin = ax.twinx()
+    twin.plot(range(len(order)), counts, color="black", linewidth=1.2)
+    twin.set_yscale("log")
+    twin.set_ylabel("training images (log)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:blue", "tab:orange", "tab:red")]
+    ax.legend(handles, [f"Many (>{MANY_ABOVE})", f"Medium ({FEW_BELOW}-{MANY_ABOVE})", f"Few (<{FEW_BELOW})"],
+              loc="upper right", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

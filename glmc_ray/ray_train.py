@@ -1,0 +1,196 @@
+"""Ray Train (V2) around the same loop: one worker per GPU (or CPU worker over gloo), any number of nodes.
+
+The driver builds a TorchTrainer whose train function calls `worker.run_worker` unchanged, with
+  - a `Dist` whose all-reduce is torch.distributed's (evaluation sums per-class hit counts, no gathering),
+  - Ray's `prepare_model` for DDP (SyncBatchNorm optional), and
+  - a reporter that sends every epoch's metrics and rank 0's checkpoint through `ray.train.report`.
+The controller, which runs on the driver's node, appends rank 0's record to `<run>/metrics.jsonl`; the
+driver writes `final.json` and the plot from rank 0's return value. A restarted worker group (lost
+worker, `max_failures`) or `--resume RUN_DIR` continues from the latest reported checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from glmc_ray import config as config_lib
+from glmc_ray import rundir
+from glmc_ray.loop import Dist
+from glmc_ray.methods import METHODS
+
+STATE_FILE = "state.pt"
+SCORE = "checkpoint_score"
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "9p")
+
+
+@dataclass
+class Scaling:
+    workers: int
+    use_gpu: bool
+    nodes: int = 1
+    cpus_per_worker: float = 1.0
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+class RayReporter:
+    """Every rank calls `ray.train.report` once per epoch (it is a barrier); rank 0 attaches the checkpoint."""
+
+    def __init__(self, dist: Dist, has_val: bool):
+        self.dist, self.has_val = dist, has_val
+
+    def report(self, record: dict, checkpoint, is_best: bool) -> None:
+        import ray.train
+
+        # Ray keeps the best checkpoints by this score: validation accuracy (-1 on epochs without
+        # evaluation), or the epoch when there is no validation split (the latest are kept).
+        score = record.get("val_balanced_top1", -1.0) if self.has_val else record["epoch"]
+        record = {**record, SCORE: score}
+        if not self.dist.is_main:
+            ray.train.report(record)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            rundir.save_checkpoint(checkpoint(), Path(folder) / STATE_FILE)
+            ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=f"checkpoint_epoch{record['epoch']:04d}")
+
+    def finish(self, final: dict) -> None:
+        pass  # rank 0 returns `final`; the driver writes final.json and the plot
+
+
+def train_fn(loop_config: dict) -> dict:
+    """The Ray Train worker function: restore the latest checkpoint, if any, and run the loop."""
+    import ray.train
+    from ray.train.torch import prepare_model
+
+    from glmc_ray.worker import run_worker
+
+    cfg = config_lib.from_dict(loop_config)
+    context = ray.train.get_context()
+    dist = Dist(context.get_world_rank(), context.get_world_size(), _all_reduce)
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+        if dist.is_main:
+            print(f"restored checkpoint {checkpoint.path}: continuing at epoch {state['epoch']}", flush=True)
+    find_unused = not METHODS[cfg.method.name].uses_all_heads
+
+    def prepare(model):
+        if dist.world_size == 1:
+            return model
+        return prepare_model(model, move_to_device=False, parallel_strategy="ddp",
+                             parallel_strategy_kwargs={"find_unused_parameters": find_unused})
+    reporter = RayReporter(dist, has_validation(cfg))
+    return run_worker(cfg, reporter, dist, state, context.get_local_rank(), prepare)
+
+
+def has_validation(cfg) -> bool:
+    return cfg.data.val_fraction > 0 or bool(cfg.data.val_split)
+
+
+def metrics_callback(run: Path):
+    """A controller-side callback that keeps `<run>/metrics.jsonl` equal to the committed epochs."""
+    from ray.train import UserCallback
+
+    class MetricsFile(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            record = {k: v for k, v in metrics[0].items() if k != SCORE}
+            rundir.truncate_metrics(run, record["epoch"])  # a replayed epoch replaces, never duplicates
+            rundir.append_metrics(run, record)
+
+    return MetricsFile()
+
+
+def cluster_hosts() -> int:
+    import ray
+
+    return len({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
+
+
+def check_shared_storage(storage: str, nodes: int, hosts: int) -> None:
+    """A run across machines needs storage every node sees: a URI (s3://, gs://, ...) or a network filesystem.
+
+    Nodes that share one host (a simulated cluster) share its disk, so any path works there.
+    """
+    if nodes <= 1 or hosts <= 1 or "://" in storage:
+        return
+    fstype = _filesystem_type(Path(storage))
+    if fstype not in NETWORK_FILESYSTEMS:
+        raise ValueError(f"--storage {storage} is on a node-local filesystem ({fstype}); a run on {nodes} nodes "
+                         f"needs storage that every node sees: s3://bucket/path, gs://..., or an NFS mount")
+
+
+def _filesystem_type(path: Path) -> str:
+    path = path.resolve()
+    best, fstype = "", "unknown"
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            _, mount_point, kind = line.split()[:3]
+            inside = path == Path(mount_point) or Path(mount_point) in path.parents
+            if inside and len(mount_point) > len(best):
+                best, fstype = mount_point, kind
+    return fstype
+
+
+def scaling_for(nodes: int | None, workers: int | None, gpus_per_node: int | None) -> Scaling:
+    """Workers = nodes x GPUs per node on GPU clusters; with no GPU, `workers` CPU workers over gloo."""
+    import ray
+
+    if gpus_per_node is None:
+        gpus = [n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]]
+        gpus_per_node = int(max(gpus, default=0))
+    nodes = nodes or 1
+    if gpus_per_node > 0:
+        if workers is not None and workers != nodes * gpus_per_node:
+            raise ValueError(f"--workers {workers} disagrees with --nodes {nodes} x --gpus-per-node {gpus_per_node}")
+        return Scaling(nodes * gpus_per_node, True, nodes)
+    return Scaling(workers or nodes, False, nodes)
+
+
+def launch(cfg, run: Path, storage: str, scaling: Scaling) -> dict:
+    """Run the loop under a TorchTrainer; the run's name and storage make it resumable."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config=config_lib.to_dict(cfg),
+        scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=resources,
+                                     placement_strategy="SPREAD" if scaling.nodes > 1 else "PACK"),
+        run_config=RunConfig(
+            name=run.name, storage_path=storage,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.dist.keep_checkpoints,
+                checkpoint_score_attribute=SCORE, checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.dist.max_failures, controller_failure_limit=3),
+            callbacks=[metrics_callback(run)]))
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    final = result.return_value
+    rundir.write_final(run, final, cfg)
+    return final
+
+
+def connect(address: str | None, workers: int) -> None:
+    """Join a running cluster (`--address`, RAY_ADDRESS) or start a local Ray instance in-process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:  # logical CPUs may exceed the cores: the workers then share them
+        ray.init(num_cpus=max(os.cpu_count() or 1, workers + 1), include_dashboard=None)

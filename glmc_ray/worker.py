@@ -1,0 +1,71 @@
+"""Assemble one worker's training from the config and hand it to the loop (in-process or on Ray Train)."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from glmc_ray.data import build_data
+from glmc_ray.loop import Dist, Reporter, Trainee, fit
+from glmc_ray.methods import METHODS, build_method
+from glmc_ray.models import build_model
+from glmc_ray.schedules import lr_factor
+
+
+def select_device(requested: str, local_rank: int = 0) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def autocast_for(device: torch.device, amp: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16 autocast on CUDA by default; `bf16` forces it (also on CPU), `off` disables it."""
+    enabled = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def memory_format_for(device: torch.device, requested: str) -> torch.memory_format:
+    on = requested == "channels_last" or (requested == "auto" and device.type == "cuda")
+    return torch.channels_last if on else torch.contiguous_format
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_trainee(cfg, class_counts, device, memory_format, prepare_model=lambda m: m) -> Trainee:
+    seed_everything(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    raw = build_model(cfg.model, len(class_counts))
+    if cfg.dist.sync_batchnorm:
+        raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+    raw = raw.to(device, memory_format=memory_format)
+    model = prepare_model(raw)
+    optimizer = torch.optim.SGD(raw.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(
+        e, cfg.train.epochs, cfg.optim.schedule, cfg.optim.warmup_epochs))
+    method = build_method(cfg.method, class_counts)
+    return Trainee(model, raw, method, optimizer, scheduler, device, autocast_for(device, cfg.train.amp),
+                   memory_format)
+
+
+def run_worker(cfg, reporter: Reporter, dist: Dist | None = None, state: dict | None = None,
+               local_rank: int = 0, prepare_model=lambda m: m) -> dict:
+    """Everything one worker does: device, data share, model, method, optimiser, then the loop."""
+    dist = dist or Dist()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = select_device(cfg.train.device, local_rank)
+    memory_format = memory_format_for(device, cfg.train.memory_format)
+    rebalanced = METHODS[cfg.method.name].uses_rebalanced_stream
+    data = build_data(cfg, device, dist.rank, dist.world_size, memory_format, rebalanced=rebalanced)
+    trainee = build_trainee(cfg, data.class_counts, device, memory_format, prepare_model)
+    return fit(cfg, trainee, data, reporter, dist, state)

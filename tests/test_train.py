@@ -1,0 +1,130 @@
+"""The in-process training loop end to end: run directory, resume equivalence, bad input, real CIFAR-10."""
+import json
+
+import pytest
+import torch
+
+from glmc_ray import config as config_lib
+from glmc_ray import rundir
+from glmc_ray.train import main
+from glmc_ray.worker import run_worker
+from tests.conftest import REPO
+
+SMOKE = str(REPO / "configs/smoke.yaml")
+
+
+def _only_run(output):
+    runs = [p for p in output.iterdir() if p.is_dir()]
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_smoke_run_leaves_a_readable_run_directory(tmp_path, capsys):
+    assert main(["--config", SMOKE, "--output", str(tmp_path)]) == 0
+    run = _only_run(tmp_path)
+    out = capsys.readouterr().out
+    assert f"run directory: {run}" in out and f"done: {run}" in out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    for key in ("lr", "loss", "loss_balanced", "loss_rebalanced", "loss_consistency", "alpha", "test_top1",
+                "test_top5", "test_many", "test_medium", "test_few", "val_balanced_top1", "images_per_s"):
+        assert key in records[-1], key
+    assert records[0]["alpha"] == 1.0 and records[2]["alpha"] == pytest.approx(1 - (2 / 3) ** 2)
+    final = json.loads((run / "final.json").read_text())
+    assert len(final["last"]["test"]["per_class"]) == 10 and final["best_on_val"]["epoch"] is not None
+    assert final["last"]["test"]["top1"] > 15  # 10 classes: above chance after 3 epochs
+    assert (run / "per_class.png").stat().st_size > 10_000 and (run / "best.pt").exists()
+    assert config_lib.load(run / "config.yaml") == config_lib.load(SMOKE)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _StopAfter(rundir.LocalReporter):
+    def __init__(self, run, cfg, epochs):
+        super().__init__(run, cfg)
+        self.epochs = epochs
+
+    def report(self, record, checkpoint, is_best):
+        super().report(record, checkpoint, is_best)
+        if record["epoch"] + 1 == self.epochs:
+            raise _Interrupt
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
+    overrides = ["train.epochs=2", "data.val_fraction=0.0"]
+    sets = [a for o in overrides for a in ("--set", o)]
+    assert main(["--config", SMOKE, "--output", str(tmp_path / "straight"), *sets]) == 0
+    straight = rundir.load_checkpoint(_only_run(tmp_path / "straight") / "checkpoint.pt")
+
+    cfg = config_lib.load(SMOKE, overrides)
+    run = rundir.new_run_dir(tmp_path / "interrupted", cfg.name)
+    config_lib.save(cfg, run / "config.yaml")
+    with pytest.raises(_Interrupt):
+        run_worker(cfg, _StopAfter(run, cfg, epochs=1))
+    with open(run / "metrics.jsonl", "a") as f:  # a line written after the checkpoint, before a crash
+        f.write(json.dumps({"epoch": 1, "loss": 0.0}) + "\n")
+    assert main(["--resume", str(run)]) == 0
+    resumed = rundir.load_checkpoint(run / "checkpoint.pt")
+    assert resumed["epoch"] == straight["epoch"] == 2
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values(),
+                    strict=True):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1]
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_run(tmp_path, capsys):
+    assert main(["--config", SMOKE, "--output", str(tmp_path), "--set", "optim.lr=1e30"]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "epoch" in err and "step" in err
+    assert (_only_run(tmp_path) / "config.yaml").exists()
+
+
+def test_resume_rejects_new_settings_and_missing_checkpoint(tmp_path, capsys):
+    cfg = config_lib.load(SMOKE)
+    run = rundir.new_run_dir(tmp_path, "x")
+    config_lib.save(cfg, run / "config.yaml")
+    assert main(["--resume", str(run), "--set", "optim.lr=1"]) == 2
+    assert "--resume uses the run's saved config.yaml" in capsys.readouterr().err
+    assert main(["--resume", str(run)]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_bf16_autocast_and_channels_last_path_runs_on_cpu(tmp_path):
+    assert main(["--config", SMOKE, "--output", str(tmp_path), "--set", "train.epochs=1", "--set", "train.amp=bf16",
+                 "--set", "train.memory_format=channels_last", "--set", "method.maxnorm_threshold=0.1"]) == 0
+    state = rundir.load_checkpoint(_only_run(tmp_path) / "checkpoint.pt")
+    radii = state["model"]["maxnorm_radii"]
+    assert not torch.isnan(radii).any()
+    assert torch.all(state["model"]["fc_cb.weight"].norm(dim=1) <= radii + 1e-4)
+
+
+def test_ce_baseline_runs_in_the_same_loop(tmp_path):
+    assert main(["--config", SMOKE, "--output", str(tmp_path), "--set", "method.name=ce"]) == 0
+    record = json.loads((_only_run(tmp_path) / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "loss_ce" in record and "loss_consistency" not in record
+
+
+def test_one_epoch_on_real_cifar10_lt(tmp_path, cifar_root):
+    """Real data, small width: per-step alpha so both heads train within the single epoch."""
+    assert main(["--config", str(REPO / "configs/cifar10_lt.yaml"), "--data-root", str(cifar_root),
+                 "--output", str(tmp_path), "--set", "model.width=4", "--set", "train.epochs=1",
+                 "--set", "train.batch_size=128", "--set", "optim.lr=0.05",
+                 "--set", "method.cumulative_per_step=true", "--set", "train.progress_every=0"]) == 0
+    final = json.loads((_only_run(tmp_path) / "final.json").read_text())
+    test = final["last"]["test"]
+    assert sum(final["class_counts"]) == 12406
+    assert test["top1"] > 15 and test["many"] is not None and test["few"] is None
+
+
+def test_fit_evaluates_a_finished_run_without_training(tmp_path):
+    cfg = config_lib.load(SMOKE, ["train.epochs=1"])
+    run = rundir.new_run_dir(tmp_path, "x")
+    run_worker(cfg, rundir.LocalReporter(run, cfg))
+    state = rundir.load_checkpoint(run / "checkpoint.pt")
+    final = run_worker(cfg, rundir.LocalReporter(run, cfg), state=state)
+    assert final["last"]["test"]["top1"] == json.loads((run / "final.json").read_text())["last"]["test"]["top1"]
