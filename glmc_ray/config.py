@@ -27,14 +27,14 @@ class DataConfig:
     sample_with_replacement: bool = False  # the pre-2023-05-23 GLMC bug, kept only as an ablation
     val_fraction: float = 0.0  # stratified validation split carved from the training subset
     val_seed: int = 0
-    train_split: str = ""  # split files (`relative/path label`) for imagenet_lt / inat2018
+    train_split: str = ""  # split files (`relative/path label`) for imagenet_lt / inat2018, relative to root
     test_split: str = ""
     val_split: str = ""
     num_workers: int = 4  # DataLoader workers for split-file datasets (decode + augment on CPU)
     synthetic_classes: int = 10  # synthetic data: classes, largest class size, test images per class
     synthetic_max_count: int = 200
     synthetic_test_per_class: int = 20
-    image_size: int = 32  # synthetic image side
+    image_size: int = 32  # synthetic image side; crop size of split-file datasets (224 for ImageNet-LT/iNat)
 
 
 @dataclass
@@ -119,6 +119,11 @@ def _coerce(key: str, value, expected: type):
     """Return `value` as `expected` or raise a ConfigError naming the key."""
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 2e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if expected is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
@@ -231,3 +236,7 @@ def validate(cfg: Config) -> None:
         for key in ("train_split", "test_split"):
             if not getattr(cfg.data, key):
                 raise ConfigError(f"data.{key}: required for data.dataset={cfg.data.dataset}")
+        if cfg.data.val_fraction:
+            raise ConfigError("data.val_fraction: split-file datasets take their validation set from data.val_split")
+    if cfg.optim.schedule == "official_paco" and cfg.optim.warmup_epochs < 1:
+        raise ConfigError("optim.warmup_epochs: official_paco needs at least 1 warmup epoch")

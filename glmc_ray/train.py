@@ -46,7 +46,10 @@ def resolve_config(args) -> config_lib.Config:
         if args.config or overrides:
             raise config_lib.ConfigError("--resume uses the run's saved config.yaml; drop --config/--set/--data-root")
         return config_lib.load(Path(args.resume) / "config.yaml")
-    return config_lib.load(args.config, overrides)
+    cfg = config_lib.load(args.config, overrides)
+    if cfg.data.root:  # Ray workers run in another working directory
+        cfg.data.root = str(Path(cfg.data.root).resolve())
+    return cfg
 
 
 def dry_run(cfg) -> None:

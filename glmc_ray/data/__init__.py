@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ def per_sample_weights(labels, counts: list[int], exponent: float) -> torch.Tens
 def training_class_counts(cfg) -> list[int]:
     """Per-class training counts the run will use (after the validation hold-out), without a device."""
     if cfg.data.dataset in splitfile.NORMALIZATION:
-        _, labels = splitfile.read_split_file(cfg.data.train_split, cfg.data.root)
+        _, labels = splitfile.read_split_file(Path(cfg.data.root) / cfg.data.train_split, cfg.data.root)
         return splitfile.class_counts(labels, cfg.data.train_split)
     (images, labels), _, counts, _ = _arrays(cfg.data)
     (_, labels), _ = _hold_out(images, labels, cfg.data)
@@ -104,19 +105,20 @@ def build_data(cfg, device, rank: int = 0, world_size: int = 1,
 def _build_split_files(cfg, device, rank, world_size, rebalanced) -> DataBundle:
     data = cfg.data
     mean, std = splitfile.NORMALIZATION[data.dataset]
-    paths, labels = splitfile.read_split_file(data.train_split, data.root)
+    paths, labels = splitfile.read_split_file(Path(data.root) / data.train_split, data.root)
     counts = splitfile.class_counts(labels, data.train_split)
     weights = per_sample_weights(labels, counts, cfg.method.resample_exponent) if rebalanced else None
     plan = EpochPlan(len(labels), cfg.train.batch_size, weights, cfg.train.seed, rank, world_size)
-    two_views = splitfile.TwoViews(splitfile.train_transform(mean, std))
+    two_views = splitfile.TwoViews(splitfile.train_transform(mean, std, data.image_size))
     train_set = splitfile.ImageListDataset(paths, labels, two_views)
     pin = torch.device(device).type == "cuda"
     train = LoaderBatches(train_set, plan, data.num_workers, device, pin_memory=pin)
     evals = {}
     for name, split in (("val", data.val_split), ("test", data.test_split)):
         if split:
-            eval_paths, eval_labels = splitfile.read_split_file(split, data.root)
-            dataset = splitfile.ImageListDataset(eval_paths, eval_labels, splitfile.test_transform(mean, std))
+            eval_paths, eval_labels = splitfile.read_split_file(Path(data.root) / split, data.root)
+            dataset = splitfile.ImageListDataset(eval_paths, eval_labels,
+                                                 splitfile.test_transform(mean, std, data.image_size))
             shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
             evals[name] = torch.utils.data.DataLoader(shard, batch_size=cfg.train.eval_batch_size,
                                                       num_workers=data.num_workers, pin_memory=pin)

@@ -1,0 +1,84 @@
+"""Ray Train overhead: the same epochs through Ray Train and through the bare in-process loop.
+
+Variants, run one after the other in this process and repeated (--repeats) in alternating order:
+  inprocess_1x2  the in-process loop, 1 worker x 2 torch threads
+  ray_1x2        Ray Train, 1 worker x 2 threads (same work, same threads)
+  ray_2x1        Ray Train, 2 workers x 1 thread over gloo (what DDP costs per step on this machine)
+Steady-state throughput is the mean images/s of the epochs after the first (from metrics.jsonl); the
+remainder of the wall time (start-up, evaluation, reporting) is reported separately.
+
+    python bench/ray_overhead.py --data-root ../shared/data [--epochs 3] [--width 8] [--repeats 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import ray
+
+from glmc_ray import config as config_lib
+from glmc_ray import ray_train, rundir
+from glmc_ray.worker import run_worker
+
+VARIANTS = {"inprocess_1x2": (None, 2), "ray_1x2": (1, 2), "ray_2x1": (2, 1)}
+
+
+def run_variant(name: str, args) -> dict:
+    workers, threads = VARIANTS[name]
+    cfg = config_lib.load("configs/cifar10_lt.yaml", [
+        f"data.root={Path(args.data_root).resolve()}", f"model.width={args.width}", f"train.epochs={args.epochs}",
+        f"train.threads={threads}", f"train.eval_every={args.epochs}", "train.progress_every=0",
+        f"name=overhead_{name}"])
+    run = rundir.new_run_dir(args.output, cfg.name)
+    config_lib.save(cfg, run / "config.yaml")
+    start = time.perf_counter()
+    if workers is None:
+        run_worker(cfg, rundir.LocalReporter(run, cfg))
+    else:
+        ray_train.launch(cfg, run, str(run.parent), ray_train.Scaling(workers, use_gpu=False))
+    wall = time.perf_counter() - start
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steady = [r["images_per_s"] for r in records[1:]] or [records[0]["images_per_s"]]
+    return {"images_per_s": statistics.mean(steady), "wall_seconds": wall,
+            "outside_training_seconds": wall - sum(r["train_seconds"] for r in records)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", default="../shared/data")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--width", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--output", default="runs/bench")
+    p.add_argument("--json", default="bench/results/ray_overhead.json")
+    args = p.parse_args()
+    ray.init(num_cpus=3)  # 2 cores; one logical CPU more so the 2-worker group fits beside the controller
+    runs = {name: [] for name in VARIANTS}
+    for repeat in range(args.repeats):
+        order = list(VARIANTS) if repeat % 2 == 0 else list(reversed(VARIANTS))
+        for name in order:
+            runs[name].append(run_variant(name, args))
+            print(f"repeat {repeat} {name}: {runs[name][-1]}", flush=True)
+    ray.shutdown()
+    mean = {n: {k: statistics.mean(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}
+    ips = {n: m["images_per_s"] for n, m in mean.items()}
+    report = {"epochs": args.epochs, "width": args.width, "repeats": args.repeats, "mean": mean, "runs": runs,
+              "ray_1x2_over_inprocess_1x2": ips["ray_1x2"] / ips["inprocess_1x2"],
+              "ray_2x1_over_ray_1x2": ips["ray_2x1"] / ips["ray_1x2"],
+              "ray_startup_extra_seconds": mean["ray_1x2"]["outside_training_seconds"]
+              - mean["inprocess_1x2"]["outside_training_seconds"]}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    for name, m in mean.items():
+        print(f"{name:14s} {m['images_per_s']:7.1f} img/s steady, wall {m['wall_seconds']:6.1f} s, "
+              f"outside training {m['outside_training_seconds']:5.1f} s")
+    print(f"Ray 1x2 / in-process 1x2 throughput: {report['ray_1x2_over_inprocess_1x2']:.3f}")
+    print(f"Ray 2 workers x 1 thread / 1 worker x 2 threads: {report['ray_2x1_over_ray_1x2']:.3f}")
+    print(f"Ray start-up and reporting, extra seconds per run: {report['ray_startup_extra_seconds']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
