@@ -174,7 +174,9 @@ def launch(cfg, run: Path, storage: str, scaling: Scaling) -> dict:
                 num_to_keep=cfg.dist.keep_checkpoints,
                 checkpoint_score_attribute=SCORE, checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures, controller_failure_limit=3),
-            callbacks=[metrics_callback(run)]))
+            callbacks=[metrics_callback(run)],
+            # Ray Train's print patch would show every rank-0 line twice on the driver.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}))
     result = trainer.fit()
     if result.error is not None:
         raise result.error
