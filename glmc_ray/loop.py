@@ -101,8 +101,8 @@ def train_epoch(t: Trainee, data: DataBundle, epoch: int, cfg, dist: Dist) -> di
         with t.autocast():
             out = t.method.step(t.model, batch, progress, generator)
         if not torch.isfinite(out.loss):
-            terms = {k: float(v) for k, v in out.terms.items()}
-            raise FloatingPointError(f"non-finite loss {float(out.loss)} at epoch {epoch} step {step} "
+            terms = {k: float(v.detach()) if torch.is_tensor(v) else v for k, v in out.terms.items()}
+            raise FloatingPointError(f"non-finite loss {float(out.loss.detach())} at epoch {epoch} step {step} "
                                      f"(terms {terms}, lr {lr}); the last checkpoint is intact")
         t.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
