@@ -21,6 +21,7 @@ class ConfigError(ValueError):
 class DataConfig:
     dataset: str = "cifar10"  # cifar10 | cifar100 | imagenet_lt | inat2018 | synthetic
     root: str = ""  # folder holding cifar-10-batches-py/, cifar-100-python/ or the image tree
+    download: bool = False  # CIFAR: fetch the official archive into root when its layout is missing
     imbalance_factor: float = 100.0  # n_max / n_min for CIFAR-LT and synthetic data (>= 1)
     subset_protocol: str = "glmc"  # glmc (official GLMC subset) | ldam (LDAM-DRW community subset)
     subset_seed: int = 3407  # seed of the long-tailed subset draw, separate from train.seed

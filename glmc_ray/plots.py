@@ -28,7 +28,7 @@ def per_class_plot(per_class: list, class_counts: list[int], path: Path, title: 
     twin.set_ylabel("training images (log)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:blue", "tab:orange", "tab:red")]
     ax.legend(handles, [f"Many (>{MANY_ABOVE})", f"Medium ({FEW_BELOW}-{MANY_ABOVE})", f"Few (<{FEW_BELOW})"],
-              loc="upper right", fontsize=8)
+              loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=8, frameon=False)
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

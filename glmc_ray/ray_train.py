@@ -68,7 +68,7 @@ class RayReporter:
 def train_fn(loop_config: dict) -> dict:
     """The Ray Train worker function: restore the latest checkpoint, if any, and run the loop."""
     import ray.train
-    from ray.train.torch import prepare_model
+    from ray.train.torch import get_device, prepare_model
 
     from glmc_ray.worker import run_worker
 
@@ -90,7 +90,8 @@ def train_fn(loop_config: dict) -> dict:
         return prepare_model(model, move_to_device=False, parallel_strategy="ddp",
                              parallel_strategy_kwargs={"find_unused_parameters": find_unused})
     reporter = RayReporter(dist, has_validation(cfg))
-    return run_worker(cfg, reporter, dist, state, context.get_local_rank(), prepare)
+    # get_device(): the GPU Ray assigned to this worker (not always cuda:<local rank>), or the CPU
+    return run_worker(cfg, reporter, dist, state, get_device(), prepare)
 
 
 def has_validation(cfg) -> bool:
@@ -186,7 +187,8 @@ def launch(cfg, run: Path, storage: str, scaling: Scaling) -> dict:
 
 
 def connect(address: str | None, workers: int) -> None:
-    """Join a running cluster (`--address`, RAY_ADDRESS) or start a local Ray instance in-process."""
+    """Join a cluster (`--address`, RAY_ADDRESS, or one running on this node, such as a `ray up` head node),
+    else start a local Ray instance in-process."""
     import ray
 
     if ray.is_initialized():
@@ -194,5 +196,8 @@ def connect(address: str | None, workers: int) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-    else:  # logical CPUs may exceed the cores: the workers then share them
+        return
+    try:
+        ray.init(address="auto")
+    except ConnectionError:  # no cluster here: logical CPUs may exceed the cores, the workers then share them
         ray.init(num_cpus=max(os.cpu_count() or 1, workers + 1), include_dashboard=None)

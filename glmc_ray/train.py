@@ -79,19 +79,19 @@ def run_local(cfg, args) -> dict:
 def run_ray(cfg, args) -> dict:
     from glmc_ray import ray_train
 
-    if args.resume:
-        run = Path(args.resume).resolve()
-        if (run / rundir.CHECKPOINT).exists():
-            raise ValueError(f"{run} was trained in-process; resume it without Ray options")
-        output = run.parent
-    else:
+    ray_train.connect(args.address, args.workers or 1)
+    scaling = ray_train.scaling_for(args.nodes, args.workers, args.gpus_per_node)
+    if cfg.dist.sync_batchnorm and not scaling.use_gpu and scaling.workers > 1:
+        raise config_lib.ConfigError("dist.sync_batchnorm: torch's SyncBatchNorm synchronises CUDA tensors only; "
+                                     "on CPU workers use model.norm=group (independent of the batch split)")
+    run = Path(args.resume).resolve() if args.resume else None
+    if run is not None and (run / rundir.CHECKPOINT).exists():
+        raise ValueError(f"{run} was trained in-process; resume it without Ray options")
+    storage = args.storage or str(run.parent if run is not None else Path(args.output).resolve())
+    ray_train.check_shared_storage(storage, scaling.nodes, ray_train.cluster_hosts())
+    if run is None:
         run = rundir.new_run_dir(args.output, cfg.name)
         config_lib.save(cfg, run / "config.yaml")
-        output = run.parent
-    storage = args.storage or str(output)
-    ray_train.connect(args.address, args.workers or 1)
-    ray_train.check_shared_storage(storage, args.nodes or 1, ray_train.cluster_hosts())
-    scaling = ray_train.scaling_for(args.nodes, args.workers, args.gpus_per_node)
     print(f"run directory: {run} ({scaling.workers} {'GPU' if scaling.use_gpu else 'CPU'} workers "
           f"on {scaling.nodes} node(s))", flush=True)
     final = ray_train.launch(cfg, run, storage, scaling)

@@ -16,12 +16,13 @@ from glmc_ray.models import build_model
 from glmc_ray.schedules import lr_factor
 
 
-def select_device(requested: str, local_rank: int = 0) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible")
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+def select_device(requested: str, available: torch.device | None = None) -> torch.device:
+    """train.device resolved against the device this worker was given (Ray Train's), else the first GPU."""
+    if available is None:
+        available = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if requested == "cuda" and available.type != "cuda":
+        raise ValueError("train.device: 'cuda' requested, but this worker has no CUDA device")
+    return torch.device("cpu") if requested == "cpu" else available
 
 
 def autocast_for(device: torch.device, amp: str) -> Callable[[], contextlib.AbstractContextManager]:
@@ -58,12 +59,13 @@ def build_trainee(cfg, class_counts, device, memory_format, prepare_model=lambda
 
 
 def run_worker(cfg, reporter: Reporter, dist: Dist | None = None, state: dict | None = None,
-               local_rank: int = 0, prepare_model=lambda m: m) -> dict:
+               device: torch.device | None = None, prepare_model=lambda m: m) -> dict:
     """Everything one worker does: device, data share, model, method, optimiser, then the loop."""
     dist = dist or Dist()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = select_device(cfg.train.device, local_rank)
+    device = select_device(cfg.train.device, device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input sizes: let cuDNN pick its kernels
     memory_format = memory_format_for(device, cfg.train.memory_format)
     rebalanced = METHODS[cfg.method.name].uses_rebalanced_stream
     data = build_data(cfg, device, dist.rank, dist.world_size, memory_format, rebalanced=rebalanced)

@@ -136,3 +136,9 @@ def test_random_crop_flip_matches_explicit_crop():
         expected = padded[i, :, top:top + 32, left:left + 32]
         assert torch.equal(out[i], expected.flip(-1) if flips[i] else expected)
     assert torch.equal(out[3], images[3])
+
+
+def test_download_leaves_an_existing_layout_alone(cifar_root):
+    """No network here: an attempt to fetch (or to re-check torchvision's md5) would raise."""
+    cifar.download_cifar(cifar_root, "cifar10")
+    assert not (cifar_root / ".cifar10.download.lock").exists()

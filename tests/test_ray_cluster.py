@@ -15,8 +15,7 @@ def two_node_cluster():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    yield cluster
+    yield cluster  # not connected here: main() must find the running cluster itself, as on a `ray up` head node
     ray.shutdown()
     cluster.shutdown()
 
@@ -24,6 +23,7 @@ def two_node_cluster():
 def test_workers_on_two_nodes_complete_a_run(two_node_cluster, tmp_path):
     assert main(["--config", str(REPO / "configs/smoke.yaml"), "--nodes", "2", "--output", str(tmp_path),
                  "--set", "train.epochs=2"]) == 0
+    assert len(ray.nodes()) == 2  # main() joined the 2-node cluster instead of starting its own instance
     workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")])
     assert len({w.node_id for w in workers}) == 2
     run = next(p for p in tmp_path.iterdir() if p.is_dir())

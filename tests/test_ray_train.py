@@ -113,3 +113,10 @@ def test_multi_node_storage_must_be_shared():
         ray_train.check_shared_storage("/tmp", nodes=2, hosts=2)
     ray_train.check_shared_storage("s3://bucket/runs", nodes=4, hosts=4)
     ray_train.check_shared_storage("/tmp", nodes=2, hosts=1)  # simulated cluster: one disk
+
+
+def test_sync_batchnorm_on_cpu_workers_is_refused_before_training(tmp_path, capsys):
+    assert main(["--config", SMOKE, "--workers", "2", "--output", str(tmp_path),
+                 "--set", "dist.sync_batchnorm=true"]) == 2
+    assert "dist.sync_batchnorm" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before a run directory was made

@@ -129,3 +129,9 @@ def test_fit_evaluates_a_finished_run_without_training(tmp_path):
     state = rundir.load_checkpoint(run / "checkpoint.pt")
     final = run_worker(cfg, rundir.LocalReporter(run, cfg), state=state)
     assert final["last"]["test"]["top1"] == json.loads((run / "final.json").read_text())["last"]["test"]["top1"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_requested_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    assert main(["--config", SMOKE, "--output", str(tmp_path), "--set", "train.device=cuda"]) == 2
+    assert "train.device: 'cuda' requested, but this worker has no CUDA device" in capsys.readouterr().err

@@ -53,6 +53,8 @@ def _arrays(cfg) -> tuple[tuple, tuple, list[int], tuple]:
                                 cfg.subset_seed + 2)
         return train, test, counts, ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     num_classes, max_count = CIFAR_CLASSES[cfg.dataset]
+    if cfg.download:
+        cifar.download_cifar(cfg.root, cfg.dataset)
     images, labels = cifar.load_cifar(cfg.root, cfg.dataset, train=True)
     counts = cifar.long_tailed_counts(max_count, num_classes, cfg.imbalance_factor)
     index = cifar.long_tailed_subset(labels, counts, cfg.subset_protocol, cfg.subset_seed,

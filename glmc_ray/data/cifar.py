@@ -9,15 +9,34 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
+from torchvision import datasets
+from torchvision.datasets.utils import download_and_extract_archive
 
 LAYOUTS = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
 }
+DOWNLOADERS = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
 NORMALIZATION = {  # official get_transform values; CIFAR-100 uses CIFAR-10-like stats (reference D17)
     "cifar10": ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)),
     "cifar100": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
 }
+
+
+def download_cifar(root: str | Path, dataset: str) -> None:
+    """Fill `root` with the official archive through torchvision's downloader, only when the layout is absent.
+
+    An existing layout is never re-checked against torchvision's md5 (a re-pickled copy would fail it).
+    """
+    downloader, layout = DOWNLOADERS[dataset], Path(root) / LAYOUTS[dataset][0]
+    if layout.is_dir():  # checked before locking: the root may be read-only
+        return
+    Path(root).mkdir(parents=True, exist_ok=True)
+    with FileLock(Path(root) / f".{dataset}.download.lock"):  # Ray workers on one node download once
+        if not layout.is_dir():
+            download_and_extract_archive(downloader.url, str(root), filename=downloader.filename,
+                                         md5=downloader.tgz_md5)
 
 
 def load_cifar(root: str | Path, dataset: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -25,10 +44,12 @@ def load_cifar(root: str | Path, dataset: str, train: bool) -> tuple[np.ndarray,
     folder, train_files, test_files, label_key = LAYOUTS[dataset]
     base = Path(root) / folder
     if not Path(root).is_dir():
-        raise FileNotFoundError(f"data root {root} does not exist (data.root / --data-root)")
+        raise FileNotFoundError(f"data root {root} does not exist (data.root / --data-root; "
+                                f"data.download=true fetches {dataset} there)")
     if not base.is_dir():
         raise FileNotFoundError(f"{base} not found: data.root must contain {folder}/ "
-                                f"(the python-pickle layout: {', '.join(train_files + test_files)})")
+                                f"(the python-pickle layout: {', '.join(train_files + test_files)}); "
+                                f"data.download=true fetches it")
     images, labels = [], []
     for name in train_files if train else test_files:
         path = base / name
