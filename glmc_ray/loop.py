@@ -18,9 +18,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from glmc_ray.config import to_dict
 from glmc_ray.data import DataBundle
 from glmc_ray.data.batches import epoch_generator
 from glmc_ray.evaluation import evaluate
+from glmc_ray.methods import Method
 
 
 class Reporter(Protocol):
@@ -50,7 +52,7 @@ class Trainee:
 
     model: torch.nn.Module
     raw_model: torch.nn.Module
-    method: object
+    method: Method
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
@@ -137,8 +139,6 @@ def flatten(results: dict[str, dict]) -> dict:
 def fit(cfg, t: Trainee, data: DataBundle, reporter: Reporter, dist: Dist | None = None,
         state: dict | None = None) -> dict:
     """Train from `state` (or from scratch) to cfg.train.epochs; returns the final results."""
-    from glmc_ray.config import to_dict
-
     dist = dist or Dist()
     start_epoch = restore(t, state) if state is not None else 0
     config, epochs, last = to_dict(cfg), cfg.train.epochs, None

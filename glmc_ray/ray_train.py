@@ -190,14 +190,14 @@ def connect(address: str | None, workers: int) -> None:
     """Join a cluster (`--address`, RAY_ADDRESS, or one running on this node, such as a `ray up` head node),
     else start a local Ray instance in-process."""
     import ray
+    from ray._private.services import canonicalize_bootstrap_address
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    # Ray's own discovery (RAY_ADDRESS, then a cluster started on this node), resolved to host:port first:
+    # ray.init(address="auto") lost the Train controller on a simulated 2-node cluster in our tests.
+    address = address or canonicalize_bootstrap_address(None)
     if address:
         ray.init(address=address)
-        return
-    try:
-        ray.init(address="auto")
-    except ConnectionError:  # no cluster here: logical CPUs may exceed the cores, the workers then share them
+    else:  # no cluster here: logical CPUs may exceed the cores, the workers then share them
         ray.init(num_cpus=max(os.cpu_count() or 1, workers + 1), include_dashboard=None)
