@@ -157,8 +157,31 @@ def scaling_for(nodes: int | None, workers: int | None, gpus_per_node: int | Non
     return Scaling(workers or nodes, False, nodes)
 
 
-def launch(cfg, run: Path, storage: str, scaling: Scaling) -> dict:
-    """Run the loop under a TorchTrainer; the run's name and storage make it resumable."""
+def check_scaling(cfg, scaling: Scaling) -> None:
+    if cfg.dist.sync_batchnorm and not scaling.use_gpu and scaling.workers > 1:
+        raise config_lib.ConfigError("dist.sync_batchnorm: torch's SyncBatchNorm synchronises CUDA tensors only; "
+                                     "on CPU workers use model.norm=group (independent of the batch split)")
+
+
+def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | None = None,
+           storage: str | None = None) -> tuple[Path, dict]:
+    """Check the request, then make the run directory (or take `resume`'s) and run the loop under a
+    TorchTrainer; the run's name and storage make it resumable. Nothing is written when a check fails."""
+    check_scaling(cfg, scaling)
+    if resume is not None and (resume / rundir.CHECKPOINT).exists():
+        raise ValueError(f"{resume} was trained in-process; resume it without Ray options")
+    storage = storage or str(resume.parent if resume is not None else Path(output).resolve())
+    check_shared_storage(storage, scaling.nodes, cluster_hosts())
+    run = resume
+    if run is None:
+        run = rundir.new_run_dir(output, cfg.name)
+        config_lib.save(cfg, run / "config.yaml")
+    print(f"run directory: {run} ({scaling.workers} {'GPU' if scaling.use_gpu else 'CPU'} workers "
+          f"on {scaling.nodes} node(s))", flush=True)
+    return run, _fit(cfg, run, storage, scaling)
+
+
+def _fit(cfg, run: Path, storage: str, scaling: Scaling) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

@@ -81,20 +81,8 @@ def run_ray(cfg, args) -> dict:
 
     ray_train.connect(args.address, args.workers or 1)
     scaling = ray_train.scaling_for(args.nodes, args.workers, args.gpus_per_node)
-    if cfg.dist.sync_batchnorm and not scaling.use_gpu and scaling.workers > 1:
-        raise config_lib.ConfigError("dist.sync_batchnorm: torch's SyncBatchNorm synchronises CUDA tensors only; "
-                                     "on CPU workers use model.norm=group (independent of the batch split)")
-    run = Path(args.resume).resolve() if args.resume else None
-    if run is not None and (run / rundir.CHECKPOINT).exists():
-        raise ValueError(f"{run} was trained in-process; resume it without Ray options")
-    storage = args.storage or str(run.parent if run is not None else Path(args.output).resolve())
-    ray_train.check_shared_storage(storage, scaling.nodes, ray_train.cluster_hosts())
-    if run is None:
-        run = rundir.new_run_dir(args.output, cfg.name)
-        config_lib.save(cfg, run / "config.yaml")
-    print(f"run directory: {run} ({scaling.workers} {'GPU' if scaling.use_gpu else 'CPU'} workers "
-          f"on {scaling.nodes} node(s))", flush=True)
-    final = ray_train.launch(cfg, run, storage, scaling)
+    resume = Path(args.resume).resolve() if args.resume else None
+    run, final = ray_train.launch(cfg, scaling, args.output, resume, args.storage)
     print(f"done: {run}", flush=True)
     return final
 

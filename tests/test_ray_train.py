@@ -120,3 +120,7 @@ def test_sync_batchnorm_on_cpu_workers_is_refused_before_training(tmp_path, caps
                  "--set", "dist.sync_batchnorm=true"]) == 2
     assert "dist.sync_batchnorm" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # refused before a run directory was made
+    cfg = config_lib.load(SMOKE, ["dist.sync_batchnorm=true"])
+    with pytest.raises(config_lib.ConfigError, match="dist.sync_batchnorm"):  # any caller of launch (Tune too)
+        ray_train.launch(cfg, ray_train.Scaling(2, use_gpu=False), tmp_path)
+    assert not list(tmp_path.iterdir())
