@@ -1,13 +1,16 @@
 """Ray Train overhead: the same epochs through Ray Train and through the bare in-process loop.
 
 Variants, run one after the other in this process and repeated (--repeats) in alternating order:
+  inprocess_1x1  the in-process loop, 1 worker x 1 torch thread
+  ray_1x1        Ray Train, 1 worker x 1 thread (same work, same threads; Ray's processes keep a core)
   inprocess_1x2  the in-process loop, 1 worker x 2 torch threads
-  ray_1x2        Ray Train, 1 worker x 2 threads (same work, same threads)
+  ray_1x2        Ray Train, 1 worker x 2 threads (the worker shares both cores with Ray's processes)
   ray_2x1        Ray Train, 2 workers x 1 thread over gloo (what DDP costs per step on this machine)
 Steady-state throughput is the mean images/s of the epochs after the first (from metrics.jsonl); the
-remainder of the wall time (start-up, evaluation, reporting) is reported separately.
+remainder of the wall time (start-up, evaluation, reporting) is reported separately. Ratios are taken per
+repeat (the two runs of a pair are neighbours in time) and summarised by their median and range.
 
-    python bench/ray_overhead.py --data-root ../shared/data [--epochs 3] [--width 8] [--repeats 2]
+    python bench/ray_overhead.py --data-root ../shared/data [--epochs 2] [--width 8] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -23,7 +26,11 @@ from glmc_ray import config as config_lib
 from glmc_ray import ray_train, rundir
 from glmc_ray.worker import run_worker
 
-VARIANTS = {"inprocess_1x2": (None, 2), "ray_1x2": (1, 2), "ray_2x1": (2, 1)}
+VARIANTS = {"inprocess_1x1": (None, 1), "ray_1x1": (1, 1), "inprocess_1x2": (None, 2), "ray_1x2": (1, 2),
+            "ray_2x1": (2, 1)}
+RATIOS = {"ray_1x1_over_inprocess_1x1": ("ray_1x1", "inprocess_1x1"),
+          "ray_1x2_over_inprocess_1x2": ("ray_1x2", "inprocess_1x2"),
+          "ray_2x1_over_ray_1x2": ("ray_2x1", "ray_1x2")}
 
 
 def run_variant(name: str, args) -> dict:
@@ -32,13 +39,13 @@ def run_variant(name: str, args) -> dict:
         f"data.root={Path(args.data_root).resolve()}", f"model.width={args.width}", f"train.epochs={args.epochs}",
         f"train.threads={threads}", f"train.eval_every={args.epochs}", "train.progress_every=0",
         f"name=overhead_{name}"])
-    run = rundir.new_run_dir(args.output, cfg.name)
-    config_lib.save(cfg, run / "config.yaml")
     start = time.perf_counter()
     if workers is None:
+        run = rundir.new_run_dir(args.output, cfg.name)
+        config_lib.save(cfg, run / "config.yaml")
         run_worker(cfg, rundir.LocalReporter(run, cfg))
     else:
-        ray_train.launch(cfg, run, str(run.parent), ray_train.Scaling(workers, use_gpu=False))
+        run, _ = ray_train.launch(cfg, ray_train.Scaling(workers, use_gpu=False), args.output)
     wall = time.perf_counter() - start
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steady = [r["images_per_s"] for r in records[1:]] or [records[0]["images_per_s"]]
@@ -49,9 +56,9 @@ def run_variant(name: str, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", default="../shared/data")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--width", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--output", default="runs/bench")
     p.add_argument("--json", default="bench/results/ray_overhead.json")
     args = p.parse_args()
@@ -64,10 +71,11 @@ def main() -> None:
             print(f"repeat {repeat} {name}: {runs[name][-1]}", flush=True)
     ray.shutdown()
     mean = {n: {k: statistics.mean(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}
-    ips = {n: m["images_per_s"] for n, m in mean.items()}
+    per_repeat = {name: [a["images_per_s"] / b["images_per_s"] for a, b in zip(runs[num], runs[den], strict=True)]
+                  for name, (num, den) in RATIOS.items()}
     report = {"epochs": args.epochs, "width": args.width, "repeats": args.repeats, "mean": mean, "runs": runs,
-              "ray_1x2_over_inprocess_1x2": ips["ray_1x2"] / ips["inprocess_1x2"],
-              "ray_2x1_over_ray_1x2": ips["ray_2x1"] / ips["ray_1x2"],
+              "ratios_per_repeat": per_repeat,
+              "ratios_median": {name: statistics.median(r) for name, r in per_repeat.items()},
               "ray_startup_extra_seconds": mean["ray_1x2"]["outside_training_seconds"]
               - mean["inprocess_1x2"]["outside_training_seconds"]}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -75,8 +83,9 @@ def main() -> None:
     for name, m in mean.items():
         print(f"{name:14s} {m['images_per_s']:7.1f} img/s steady, wall {m['wall_seconds']:6.1f} s, "
               f"outside training {m['outside_training_seconds']:5.1f} s")
-    print(f"Ray 1x2 / in-process 1x2 throughput: {report['ray_1x2_over_inprocess_1x2']:.3f}")
-    print(f"Ray 2 workers x 1 thread / 1 worker x 2 threads: {report['ray_2x1_over_ray_1x2']:.3f}")
+    for name, ratios in per_repeat.items():
+        print(f"{name}: median {statistics.median(ratios):.3f} "
+              f"(repeats {', '.join(f'{r:.3f}' for r in ratios)})")
     print(f"Ray start-up and reporting, extra seconds per run: {report['ray_startup_extra_seconds']:.1f}")
 
 

@@ -11,7 +11,9 @@
   ce              the CE baseline step on our data path
 
 Rounds alternate the variants; per-step times are medians over rounds. Prints ratios and absolute figures and
-writes bench/results/step_throughput.json.
+writes bench/results/step_throughput.json. Also prints the compute floor: the FLOPs of one forward + backward pass
+(torch's FlopCounterMode) over this CPU's best fp32 matrix-multiply rate, i.e. the fastest any implementation of
+the two-pass step could be here.
 
     python bench/step_throughput.py --data-root ../shared/data [--width 16] [--steps 15] [--rounds 3]
 """
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms as T
 
 from glmc_ray import config as config_lib
@@ -105,6 +108,26 @@ def time_block(trainee, source, memory_format, epoch, steps, warmup=3):
     return times
 
 
+def pass_gflop(trainee, batch) -> float:
+    """GFLOP of one forward + backward pass of the model (all heads) on one batch."""
+    with FlopCounterMode(display=False) as counter:
+        outputs = trainee.model(batch.x1, all_heads=True)
+        sum(o.float().sum() for o in outputs).backward()
+    trainee.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 1e9
+
+
+def sgemm_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """This CPU's best fp32 matrix-multiply rate with the current torch threads (the practical peak)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", default="../shared/data")
@@ -128,12 +151,20 @@ def main() -> None:
             print(f"round {round_index} {name:16s} {samples[name][-1] * 1000:7.1f} ms/step", flush=True)
     per_step = {n: statistics.median(v) for n, v in samples.items()}
     batch = cfg.train.batch_size
+    glmc, source, memory_format = variants["glmc"]
+    gflop = pass_gflop(glmc, next(iter(source.epoch(0))).to("cpu", memory_format))
+    peak = sgemm_gflops()
+    floor = {"gflop_per_pass": gflop, "sgemm_gflops": peak, "glmc_step_floor_seconds": 2 * gflop / peak,
+             "glmc_achieved_gflops": 2 * gflop / per_step["glmc"],
+             "step_seconds_for_2x_official_style": per_step["official_style"] / 2}
+    floor["gflops_needed_for_2x"] = 2 * gflop / floor["step_seconds_for_2x_official_style"]
     report = {
         "width": args.width, "batch_size": batch, "steps_per_block": args.steps, "rounds": args.rounds,
         "threads": torch.get_num_threads(),
         "seconds_per_step": per_step,
         "images_per_s": {n: batch / s for n, s in per_step.items()},
         "speedup_vs_official_style": {n: per_step["official_style"] / s for n, s in per_step.items()},
+        "compute_floor": floor,
         "samples": samples,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +172,11 @@ def main() -> None:
     for name in names:
         print(f"{name:16s} {per_step[name] * 1000:7.1f} ms/step {batch / per_step[name]:6.1f} img/s "
               f"x{report['speedup_vs_official_style'][name]:.2f} vs official-style")
+    print(f"compute floor: 2 passes x {gflop:.1f} GFLOP at this CPU's sgemm peak {peak:.0f} GFLOP/s = "
+          f"{floor['glmc_step_floor_seconds'] * 1000:.0f} ms/step. GLMC runs at {floor['glmc_achieved_gflops']:.0f} "
+          f"GFLOP/s ({floor['glmc_achieved_gflops'] / peak:.0%} of peak); 2x the official-style step needs "
+          f"{floor['step_seconds_for_2x_official_style'] * 1000:.0f} ms/step = {floor['gflops_needed_for_2x']:.0f} "
+          f"GFLOP/s ({floor['gflops_needed_for_2x'] / peak:.0%} of peak)")
 
 
 if __name__ == "__main__":
