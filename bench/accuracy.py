@@ -29,8 +29,7 @@ def run_method(method: str, seed: int, args) -> dict:
         f"method.name={method}", f"name=bench_{method}_seed{seed}", "train.memory_format=channels_last",
         f"train.seed={seed}",
         f"train.progress_every={args.progress_every}", f"train.eval_every={args.eval_every or args.epochs}"])
-    run = rundir.new_run_dir(args.output, cfg.name)
-    config_lib.save(cfg, run / "config.yaml")
+    run = rundir.new_run_dir(args.output, cfg)
     print(f"[{method} seed {seed}] run directory {run}", flush=True)
     start = time.perf_counter()
     final = run_worker(cfg, rundir.LocalReporter(run, cfg))

@@ -41,8 +41,7 @@ def run_variant(name: str, args) -> dict:
         f"name=overhead_{name}"])
     start = time.perf_counter()
     if workers is None:
-        run = rundir.new_run_dir(args.output, cfg.name)
-        config_lib.save(cfg, run / "config.yaml")
+        run = rundir.new_run_dir(args.output, cfg)
         run_worker(cfg, rundir.LocalReporter(run, cfg))
     else:
         run, _ = ray_train.launch(cfg, ray_train.Scaling(workers, use_gpu=False), args.output)

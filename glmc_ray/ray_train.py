@@ -174,8 +174,7 @@ def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | No
     check_shared_storage(storage, scaling.nodes, cluster_hosts())
     run = resume
     if run is None:
-        run = rundir.new_run_dir(output, cfg.name)
-        config_lib.save(cfg, run / "config.yaml")
+        run = rundir.new_run_dir(output, cfg)
     print(f"run directory: {run} ({scaling.workers} {'GPU' if scaling.use_gpu else 'CPU'} workers "
           f"on {scaling.nodes} node(s))", flush=True)
     return run, _fit(cfg, run, storage, scaling)

@@ -45,14 +45,16 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def new_run_dir(output: str | Path, name: str) -> Path:
+def new_run_dir(output: str | Path, cfg) -> Path:
+    """A fresh `<output>/<cfg.name>-<timestamp>` holding the resolved config.yaml."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    run = Path(output).resolve() / f"{name}-{stamp}"
+    run = Path(output).resolve() / f"{cfg.name}-{stamp}"
     suffix = 1
     while run.exists():
-        run = Path(output).resolve() / f"{name}-{stamp}-{suffix}"
+        run = Path(output).resolve() / f"{cfg.name}-{stamp}-{suffix}"
         suffix += 1
     run.mkdir(parents=True)
+    config_lib.save(cfg, run / "config.yaml")
     return run
 
 

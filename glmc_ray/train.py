@@ -68,8 +68,7 @@ def run_local(cfg, args) -> dict:
         rundir.truncate_metrics(run, state["epoch"])
         print(f"resuming {run} at epoch {state['epoch']}", flush=True)
     else:
-        run = rundir.new_run_dir(args.output, cfg.name)
-        config_lib.save(cfg, run / "config.yaml")
+        run = rundir.new_run_dir(args.output, cfg)
         print(f"run directory: {run}", flush=True)
     final = run_worker(cfg, rundir.LocalReporter(run, cfg), state=state)
     print(f"done: {run}", flush=True)

@@ -59,8 +59,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     straight = rundir.load_checkpoint(_only_run(tmp_path / "straight") / "checkpoint.pt")
 
     cfg = config_lib.load(SMOKE, overrides)
-    run = rundir.new_run_dir(tmp_path / "interrupted", cfg.name)
-    config_lib.save(cfg, run / "config.yaml")
+    run = rundir.new_run_dir(tmp_path / "interrupted", cfg)
     with pytest.raises(_Interrupt):
         run_worker(cfg, _StopAfter(run, cfg, epochs=1))
     with open(run / "metrics.jsonl", "a") as f:  # a line written after the checkpoint, before a crash
@@ -86,8 +85,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_run(tmp_path, capsys):
 
 def test_resume_rejects_new_settings_and_missing_checkpoint(tmp_path, capsys):
     cfg = config_lib.load(SMOKE)
-    run = rundir.new_run_dir(tmp_path, "x")
-    config_lib.save(cfg, run / "config.yaml")
+    run = rundir.new_run_dir(tmp_path, cfg)
     assert main(["--resume", str(run), "--set", "optim.lr=1"]) == 2
     assert "--resume uses the run's saved config.yaml" in capsys.readouterr().err
     assert main(["--resume", str(run)]) == 2
@@ -124,7 +122,7 @@ def test_one_epoch_on_real_cifar10_lt(tmp_path, cifar_root):
 
 def test_fit_evaluates_a_finished_run_without_training(tmp_path):
     cfg = config_lib.load(SMOKE, ["train.epochs=1"])
-    run = rundir.new_run_dir(tmp_path, "x")
+    run = rundir.new_run_dir(tmp_path, cfg)
     run_worker(cfg, rundir.LocalReporter(run, cfg))
     state = rundir.load_checkpoint(run / "checkpoint.pt")
     final = run_worker(cfg, rundir.LocalReporter(run, cfg), state=state)
