@@ -74,7 +74,7 @@ def official_batches(cfg, data_bundle):
     images = source.padded[:, :, 4:-4, 4:-4].permute(0, 2, 3, 1).numpy()
     labels = source.labels.tolist()
     return LoaderBatches(ImageListDataset(list(images), labels, TwoViews(augment)), source.plan, num_workers=4,
-                         device=torch.device("cpu"))
+                         device=torch.device("cpu"), bad_images=data_bundle.bad_images)
 
 
 def make_variant(name, cfg, data_official, data_fast):

@@ -14,7 +14,14 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A config file, key or value is wrong; the message says which and what was expected."""
+    """A config file, key or value is wrong; the message says which and what was expected.
+
+    `key` is the dotted field the error is about, when there is one (so `load` can tell whether a
+    `--set` override or the file is to blame)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass
@@ -32,6 +39,7 @@ class DataConfig:
     test_split: str = ""
     val_split: str = ""
     num_workers: int = 4  # DataLoader workers for split-file datasets (decode + augment on CPU)
+    max_bad_images: int = 20  # unreadable images skipped per split per epoch and worker before the run stops
     synthetic_classes: int = 10  # synthetic data: classes, largest class size, test images per class
     synthetic_max_count: int = 200
     synthetic_test_per_class: int = 20
@@ -126,25 +134,25 @@ def _coerce(key: str, value, expected: type):
         except ValueError:
             pass
     if expected is bool and not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}", key)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {expected.__name__}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{key}: expected {expected.__name__}, got {value!r} ({type(value).__name__})", key)
     choices = CHOICES.get(key)
     if choices is not None and value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}", key)
     return value
 
 
 def _build(cls, values: dict, prefix: str):
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}", prefix.rstrip("."))
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         path = f"{prefix}{key}"
         if key not in known:
-            raise ConfigError(f"unknown key {path!r}; valid keys here: {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown key {path!r}; valid keys here: {', '.join(sorted(known))}", path)
         expected = hints[key]
         if dataclasses.is_dataclass(expected):
             kwargs[key] = _build(expected, value, f"{path}.")
@@ -170,7 +178,10 @@ def _set_path(values: dict, dotted: str, raw: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {dotted}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {dotted}={raw}: the value is not valid YAML ({err})") from None
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
@@ -183,24 +194,48 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
-def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Load a YAML recipe (or the defaults when `path` is None) and apply `--set` overrides."""
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {path}: expected a mapping at top level")
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
+    """A YAML file's top-level mapping; a missing, empty, binary or malformed file is an error naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory; expected a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
     try:
-        return from_dict(apply_overrides(values, list(overrides)))
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not a text file (not UTF-8); expected YAML") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML: {err}") from None
+    if values is None:
+        raise ConfigError(f"{what} {path} is empty; expected YAML sections such as train: and data: "
+                          f"(omit --config to use the defaults on purpose)")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what} {path}: expected a mapping at top level, got {type(values).__name__}")
+    return values
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML recipe (or the defaults when `path` is None) and apply `--set` overrides.
+
+    An error is blamed on the `--set` item that wrote the key it names, otherwise on the file."""
+    values = read_yaml_mapping(path) if path is not None else {}
+    overrides = list(overrides)
+    merged = apply_overrides(values, overrides)  # its errors name the --set item already
+    try:
+        return from_dict(merged)
     except ConfigError as err:
+        culprit = next((item for item in reversed(overrides) if _names_same_field(item, err.key)), None)
+        if culprit is not None:
+            raise ConfigError(f"--set {culprit}: {err}", err.key) from None
         where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{err}") from None
+        raise ConfigError(f"{where}{err}", err.key) from None
+
+
+def _names_same_field(item: str, key: str | None) -> bool:
+    """Whether the override `item` (a.b=value) set `key` or a section holding it (or a field inside `key`)."""
+    dotted = item.split("=", 1)[0].strip()
+    return key is not None and (dotted == key or key.startswith(dotted + ".") or dotted.startswith(key + "."))
 
 
 def save(cfg: Config, path: Path) -> None:
@@ -227,17 +262,21 @@ def validate(cfg: Config) -> None:
         (cfg.train.batch_size > 0, "train.batch_size", cfg.train.batch_size, "a positive integer"),
         (cfg.train.eval_every > 0, "train.eval_every", cfg.train.eval_every, "a positive integer"),
         (cfg.data.synthetic_classes >= 2, "data.synthetic_classes", cfg.data.synthetic_classes, ">= 2"),
+        (cfg.data.max_bad_images >= 0, "data.max_bad_images", cfg.data.max_bad_images, ">= 0 (0: any is fatal)"),
     ]
+    checks.sort(key=lambda check: check[1] != "train.epochs")  # warmup's bound is train.epochs: judge that first
     for ok, key, value, expected in checks:
         if not ok:
-            raise ConfigError(f"{key}: {value!r} is out of range; expected {expected}")
+            raise ConfigError(f"{key}: {value!r} is out of range; expected {expected}", key)
     if cfg.optim.schedule == "cosine" and cfg.optim.warmup_epochs:
-        raise ConfigError("optim.warmup_epochs: set but optim.schedule is 'cosine'; use 'warmup_cosine'")
+        raise ConfigError("optim.warmup_epochs: set but optim.schedule is 'cosine'; use 'warmup_cosine'",
+                          "optim.warmup_epochs")
     if cfg.data.dataset in ("imagenet_lt", "inat2018"):
         for key in ("train_split", "test_split"):
             if not getattr(cfg.data, key):
-                raise ConfigError(f"data.{key}: required for data.dataset={cfg.data.dataset}")
+                raise ConfigError(f"data.{key}: required for data.dataset={cfg.data.dataset}", f"data.{key}")
         if cfg.data.val_fraction:
-            raise ConfigError("data.val_fraction: split-file datasets take their validation set from data.val_split")
+            raise ConfigError("data.val_fraction: split-file datasets take their validation set from data.val_split",
+                              "data.val_fraction")
     if cfg.optim.schedule == "official_paco" and cfg.optim.warmup_epochs < 1:
-        raise ConfigError("optim.warmup_epochs: official_paco needs at least 1 warmup epoch")
+        raise ConfigError("optim.warmup_epochs: official_paco needs at least 1 warmup epoch", "optim.warmup_epochs")

@@ -59,6 +59,7 @@ class Trainee:
     autocast: Callable[[], contextlib.AbstractContextManager]
     memory_format: torch.memory_format = torch.contiguous_format
     best: dict = field(default_factory=lambda: {"val_balanced_top1": None, "epoch": None, "metrics": None})
+    history: list[dict] = field(default_factory=list)  # the epoch records so far, saved in every checkpoint
 
 
 def rng_state() -> dict:
@@ -78,7 +79,8 @@ def set_rng_state(state: dict) -> None:
 
 def training_state(t: Trainee, next_epoch: int, config: dict) -> dict:
     return {"epoch": next_epoch, "model": t.raw_model.state_dict(), "optimizer": t.optimizer.state_dict(),
-            "scheduler": t.scheduler.state_dict(), "best": t.best, "rng": rng_state(), "config": config}
+            "scheduler": t.scheduler.state_dict(), "best": t.best, "rng": rng_state(), "config": config,
+            "history": list(t.history)}
 
 
 def restore(t: Trainee, state: dict) -> int:
@@ -87,8 +89,29 @@ def restore(t: Trainee, state: dict) -> int:
     t.optimizer.load_state_dict(state["optimizer"])
     t.scheduler.load_state_dict(state["scheduler"])
     t.best = state["best"]
+    t.history = list(state["history"])
     set_rng_state(state["rng"])
     return state["epoch"]
+
+
+def kept_checkpoint(next_epoch: int) -> str:
+    """What a failure at `next_epoch` leaves to resume from, said truthfully."""
+    if next_epoch == 0:
+        return "no checkpoint was written (no epoch finished)"
+    return f"the checkpoint after epoch {next_epoch - 1} is kept; --resume continues from there"
+
+
+def non_finite_state(model: torch.nn.Module) -> list[str]:
+    """Names of parameters and buffers holding inf or NaN (e.g. BatchNorm variances after an exploding loss).
+
+    The MaxNorm radii buffer is NaN by design until the first step sets it, so NaN there is allowed."""
+    bad = []
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if not tensor.is_floating_point() or name.endswith("maxnorm_radii"):
+            continue
+        if not bool(torch.isfinite(tensor).all()):
+            bad.append(name)
+    return bad
 
 
 def train_epoch(t: Trainee, data: DataBundle, epoch: int, cfg, dist: Dist) -> dict:
@@ -105,7 +128,7 @@ def train_epoch(t: Trainee, data: DataBundle, epoch: int, cfg, dist: Dist) -> di
         if not torch.isfinite(out.loss):
             terms = {k: float(v.detach()) if torch.is_tensor(v) else v for k, v in out.terms.items()}
             raise FloatingPointError(f"non-finite loss {float(out.loss.detach())} at epoch {epoch} step {step} "
-                                     f"(terms {terms}, lr {lr}); the last checkpoint is intact")
+                                     f"(terms {terms}, lr {lr}); {kept_checkpoint(epoch)}")
         t.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         t.optimizer.step()
@@ -131,6 +154,13 @@ def evaluate_splits(t: Trainee, data: DataBundle, dist: Dist) -> dict[str, dict]
             for name, batches in data.evals.items()}
 
 
+def bad_image_counts(t: Trainee, data: DataBundle, dist: Dist, splits: list[str]) -> dict:
+    """`<split>_bad_images`: unreadable images skipped this epoch, summed over workers."""
+    counts = torch.tensor([float(data.bad_images.take(s)) for s in splits], device=t.device)
+    counts = dist.all_reduce(counts)
+    return {f"{split}_bad_images": int(n) for split, n in zip(splits, counts.tolist(), strict=True)}
+
+
 def flatten(results: dict[str, dict]) -> dict:
     """{"test": {"top1": ..}} -> {"test_top1": ..}, leaving per-class lists out of the epoch record."""
     return {f"{split}_{k}": v for split, m in results.items() for k, v in m.items() if k != "per_class"}
@@ -145,10 +175,18 @@ def fit(cfg, t: Trainee, data: DataBundle, reporter: Reporter, dist: Dist | None
     for epoch in range(start_epoch, epochs):
         record = train_epoch(t, data, epoch, cfg, dist)
         t.scheduler.step()
+        splits = ["train"]
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
             last = evaluate_splits(t, data, dist)
             record.update(flatten(last))
+            splits += list(data.evals)
+        record.update(bad_image_counts(t, data, dist, splits))
+        bad = non_finite_state(t.raw_model)
+        if bad:  # never checkpoint a state that cannot train on (the rank that finds it ends the run)
+            raise FloatingPointError(f"non-finite weights after epoch {epoch} (loss {record['loss']:.4g}) in "
+                                     f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; {kept_checkpoint(epoch)}")
         is_best = _update_best(t, last, epoch) if "val_top1" in record else False
+        t.history.append(record)
         if dist.is_main:
             print(_epoch_line(record), file=sys.stdout, flush=True)
         reporter.report(record, functools.partial(training_state, t, epoch + 1, config), is_best)

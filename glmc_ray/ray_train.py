@@ -6,10 +6,12 @@ The driver builds a TorchTrainer whose train function calls `worker.run_worker` 
   - a reporter that sends every epoch's metrics and rank 0's checkpoint through `ray.train.report`.
 The controller, which runs on the driver's node, appends rank 0's record to `<run>/metrics.jsonl`; the
 driver writes `final.json` and the plot from rank 0's return value. A restarted worker group (lost
-worker, `max_failures`) or `--resume RUN_DIR` continues from the latest reported checkpoint.
+worker, `max_failures`) or `--resume RUN_DIR` continues from the latest reported checkpoint; config, data
+and divergence errors end the run at once (`fail_fast_callback`).
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ import torch
 
 from glmc_ray import config as config_lib
 from glmc_ray import rundir
+from glmc_ray.errors import exit_code
 from glmc_ray.loop import Dist
 from glmc_ray.methods import METHODS
 
@@ -57,7 +60,10 @@ class RayReporter:
             ray.train.report(record)
             return
         with tempfile.TemporaryDirectory() as folder:
-            rundir.save_checkpoint(checkpoint(), Path(folder) / STATE_FILE)
+            state = checkpoint()
+            rundir.save_checkpoint(state, Path(folder) / STATE_FILE)
+            # the epochs this checkpoint holds: a resume rebuilds <run>/metrics.jsonl from them
+            rundir.write_metrics(Path(folder), state["history"])
             ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"checkpoint_epoch{record['epoch']:04d}")
 
@@ -109,6 +115,63 @@ def metrics_callback(run: Path):
             rundir.append_metrics(run, record)
 
     return MetricsFile()
+
+
+class NotRetried(Exception):
+    """Raised in the controller to end a run whose worker failed in a way no restart can fix."""
+
+    def __init__(self, rank: int, error: BaseException):
+        super().__init__(f"worker {rank}: {error}")
+        self.error = error
+
+
+def fail_fast_callback():
+    """Ends the run at the first config, data or divergence error of any worker instead of retrying it.
+
+    Ray Train 2.60 retries every worker error up to `max_failures`, and its failure policy is internal; an
+    exception raised from a UserCallback is a controller error, which it never retries."""
+    from ray.train import UserCallback
+
+    class FailFast(UserCallback):
+        def after_exception(self, run_context, worker_exceptions):
+            for rank, error in sorted(worker_exceptions.items()):
+                if exit_code(error) is not None:
+                    raise NotRetried(rank, error)
+
+    return FailFast()
+
+
+def restore_committed_epochs(run: Path, storage: str) -> None:
+    """Before a Ray resume: metrics.jsonl becomes the history of the checkpoint Ray will restore, and
+    checkpoint folders Ray no longer tracks are deleted.
+
+    Ray's checkpoint manager commits a checkpoint before the metrics callback appends its line, and deletes
+    dropped checkpoints after that; a driver killed in between left an epoch missing or a folder orphaned."""
+    from ray.train import Result
+
+    rundir.remove_partial_writes(run)
+    try:
+        result = Result.from_path(f"{storage.rstrip('/')}/{run.name}")
+    except RuntimeError:  # no checkpoint manager snapshot
+        result = None
+    if result is None or result.checkpoint is None:  # no epoch was committed
+        rundir.write_metrics(run, [])
+        return
+    latest = result.checkpoint
+    with latest.filesystem.open_input_stream(f"{latest.path}/{rundir.METRICS}") as stream:
+        history = [json.loads(line) for line in stream.read().decode().splitlines()]
+    rundir.write_metrics(run, history)
+    _delete_untracked_checkpoints(latest, {latest.path, *(c.path for c, _ in result.best_checkpoints)})
+
+
+def _delete_untracked_checkpoints(latest, tracked: set[str]) -> None:
+    import pyarrow.fs
+
+    folder = os.path.dirname(latest.path)
+    for info in latest.filesystem.get_file_info(pyarrow.fs.FileSelector(folder)):
+        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_") \
+                and info.path not in tracked:
+            latest.filesystem.delete_dir(info.path)
 
 
 def cluster_hosts() -> int:
@@ -172,16 +235,21 @@ def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | No
         raise ValueError(f"{resume} was trained in-process; resume it without Ray options")
     storage = storage or str(resume.parent if resume is not None else Path(output).resolve())
     check_shared_storage(storage, scaling.nodes, cluster_hosts())
-    run = resume
-    if run is None:
-        run = rundir.new_run_dir(output, cfg)
+    if resume is not None:
+        restore_committed_epochs(resume, storage)
+    run = resume or rundir.new_run_dir(output, cfg)
     print(f"run directory: {run} ({scaling.workers} {'GPU' if scaling.use_gpu else 'CPU'} workers "
           f"on {scaling.nodes} node(s))", flush=True)
-    return run, _fit(cfg, run, storage, scaling)
+    try:
+        return run, _fit(cfg, run, storage, scaling)
+    except BaseException:
+        if resume is None:
+            rundir.report_failed_start(run)
+        raise
 
 
 def _fit(cfg, run: Path, storage: str, scaling: Scaling) -> dict:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
@@ -197,10 +265,15 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling) -> dict:
                 num_to_keep=cfg.dist.keep_checkpoints,
                 checkpoint_score_attribute=SCORE, checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures, controller_failure_limit=3),
-            callbacks=[metrics_callback(run)],
+            callbacks=[metrics_callback(run), fail_fast_callback()],
             # Ray Train's print patch would show every rank-0 line twice on the driver.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}))
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ControllerError as err:
+        if isinstance(err.controller_failure, NotRetried):
+            raise err.controller_failure.error from None  # the worker's own error, as in-process
+        raise
     if result.error is not None:
         raise result.error
     final = result.return_value

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,18 +23,40 @@ import torch
 from glmc_ray import config as config_lib
 
 CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+PARTIAL_SUFFIX = ".partial"  # temp files of atomic_write; a kill can leave one, the next start removes it
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then rename over `path`: a crash leaves the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    """write(tmp_path) then rename over `path`: a crash leaves the old file or the new one, never half.
+
+    The file gets the mode a plain open() would give (mkstemp makes 0600, which other users of a shared
+    run folder could not read)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_partial_writes(run: Path) -> list[Path]:
+    """Delete temp files that a killed atomic_write left in `run`; returns what was removed."""
+    leftovers = sorted(run.glob(f".*{PARTIAL_SUFFIX}"))
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -42,7 +66,10 @@ def save_checkpoint(state: dict, path: Path) -> None:
 def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: nothing to resume (the run finished no epoch)")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"checkpoint {path} cannot be read ({err}); it is not a complete torch checkpoint") from err
 
 
 def new_run_dir(output: str | Path, cfg) -> Path:
@@ -58,20 +85,56 @@ def new_run_dir(output: str | Path, cfg) -> Path:
     return run
 
 
+def remove_failed_start(run: Path) -> bool:
+    """Delete a fresh run directory that holds no finished epoch (a failed start), so no half-made run is left.
+
+    A run with a checkpoint or a metrics line is kept: it can be resumed or read."""
+    finished = (run / CHECKPOINT).exists() or read_metrics(run) or any(run.glob("checkpoint_epoch*"))
+    if finished:
+        return False
+    shutil.rmtree(run, ignore_errors=True)
+    return True
+
+
+def report_failed_start(run: Path) -> None:
+    if remove_failed_start(run):
+        print(f"removed {run}: the run stopped before its first epoch was saved", file=sys.stderr, flush=True)
+
+
 def append_metrics(run: Path, record: dict) -> None:
-    with open(run / "metrics.jsonl", "a") as f:
+    with open(run / METRICS, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def truncate_metrics(run: Path, next_epoch: int) -> None:
-    """On resume, drop lines of epochs the checkpoint does not contain (written after it, before a crash)."""
-    path = run / "metrics.jsonl"
+def read_metrics(run: Path) -> list[dict]:
+    """The epoch records of `run/metrics.jsonl`; a cut-off last line (a kill mid-write) is dropped."""
+    path = run / METRICS
     if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] < next_epoch]
-    atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in keep)))
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break  # written partly when the process died: the epoch is not committed
+            raise ValueError(f"{path}:{number}: not a JSON epoch record ({err})") from None
+    return records
+
+
+def write_metrics(run: Path, records: list[dict]) -> None:
+    """Replace metrics.jsonl by `records`: on resume, the history saved in the checkpoint (exactly the
+    committed epochs, also when the process died between the checkpoint and its metrics line)."""
+    text = "".join(json.dumps(record) + "\n" for record in records)
+    atomic_write(run / METRICS, lambda tmp: tmp.write_text(text))
+
+
+def truncate_metrics(run: Path, next_epoch: int) -> None:
+    """Keep the records of epochs before `next_epoch` (a replayed epoch then replaces, never duplicates)."""
+    write_metrics(run, [r for r in read_metrics(run) if r["epoch"] < next_epoch])
 
 
 def write_final(run: Path, final: dict, cfg) -> None:
@@ -95,8 +158,7 @@ class LocalReporter:
         append_metrics(self.run, record)
         save_checkpoint(checkpoint(), self.run / CHECKPOINT)
         if is_best:
-            shutil.copyfile(self.run / CHECKPOINT, self.run / ".best.tmp")
-            os.replace(self.run / ".best.tmp", self.run / "best.pt")
+            atomic_write(self.run / "best.pt", lambda tmp: shutil.copyfile(self.run / CHECKPOINT, tmp))
 
     def finish(self, final: dict) -> None:
         write_final(self.run, final, self.cfg)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from glmc_ray import config as config_lib
 from glmc_ray import rundir
+from glmc_ray.errors import exit_code
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,12 +66,18 @@ def run_local(cfg, args) -> dict:
     if args.resume:
         run = Path(args.resume).resolve()
         state = rundir.load_checkpoint(run / rundir.CHECKPOINT)
-        rundir.truncate_metrics(run, state["epoch"])
+        rundir.remove_partial_writes(run)
+        rundir.write_metrics(run, state["history"])  # exactly the epochs the checkpoint holds
         print(f"resuming {run} at epoch {state['epoch']}", flush=True)
     else:
         run = rundir.new_run_dir(args.output, cfg)
         print(f"run directory: {run}", flush=True)
-    final = run_worker(cfg, rundir.LocalReporter(run, cfg), state=state)
+    try:
+        final = run_worker(cfg, rundir.LocalReporter(run, cfg), state=state)
+    except BaseException:
+        if state is None:
+            rundir.report_failed_start(run)
+        raise
     print(f"done: {run}", flush=True)
     return final
 
@@ -100,12 +107,12 @@ def main(argv=None) -> int:
             dry_run(cfg)
             return 0
         final = run_ray(cfg, args) if uses_ray(args) else run_local(cfg, args)
-    except (config_lib.ConfigError, FileNotFoundError, ValueError) as err:
+    except Exception as err:
+        code = exit_code(err)
+        if code is None:
+            raise
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except FloatingPointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return code
     print(summary(final))
     return 0
 

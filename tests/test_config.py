@@ -94,3 +94,40 @@ def test_cli_reports_config_errors(capsys, tmp_path):
     assert main(["--config", str(REPO / "configs/cifar10_lt.yaml"), "--data-root", str(tmp_path / "missing"),
                  "--output", str(tmp_path)]) == 2
     assert "missing does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", r"empty\.yaml is empty; expected YAML sections"),
+    (b"# only a comment\n", r"empty\.yaml is empty"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", r"empty\.yaml is not a text file"),
+    (b"- a\n- b\n", r"expected a mapping at top level, got list"),
+])
+def test_empty_binary_and_non_mapping_config_files_are_errors_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "empty.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        config_lib.load(path)
+
+
+def test_a_directory_given_as_config_is_named_as_a_directory(tmp_path):
+    with pytest.raises(ConfigError, match=r"is a directory; expected a YAML file"):
+        config_lib.load(tmp_path)
+
+
+def test_errors_blame_the_set_item_or_the_file_that_wrote_the_key(tmp_path):
+    smoke = REPO / "configs/smoke.yaml"
+    with pytest.raises(ConfigError) as err:  # warmup's range depends on epochs: the epochs must be blamed
+        config_lib.load(smoke, ["train.epochs=0"])
+    assert str(err.value).startswith("--set train.epochs=0: train.epochs: 0 is out of range")
+    with pytest.raises(ConfigError) as err:
+        config_lib.load(smoke, ["optim.lr=-1"])
+    assert "smoke.yaml" not in str(err.value) and str(err.value).startswith("--set optim.lr=-1: optim.lr")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  batch_size: 0\n")
+    with pytest.raises(ConfigError) as err:  # the file wrote the bad key; an unrelated --set is not blamed
+        config_lib.load(bad, ["optim.lr=0.1"])
+    assert str(err.value).startswith(f"{bad}: train.batch_size: 0 is out of range")
+    with pytest.raises(ConfigError, match=r"^--set train=3: train: expected a mapping"):
+        config_lib.load(smoke, ["train=3"])
+    with pytest.raises(ConfigError, match=r"^--set optim.lr=\[1: the value is not valid YAML"):
+        config_lib.load(smoke, ["optim.lr=[1"])

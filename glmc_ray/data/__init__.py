@@ -21,6 +21,7 @@ class DataBundle:
     train: InMemoryBatches | LoaderBatches  # .epoch(e) -> Iterator[Batch], len() = steps per epoch
     evals: dict[str, Iterable]  # split name ("val", "test") -> iterable of (x, y) for this rank
     class_counts: list[int]  # training images per class (after any validation hold-out)
+    bad_images: splitfile.BadImageLog  # unreadable images skipped this epoch, per split (none in memory)
 
     @property
     def num_classes(self) -> int:
@@ -101,7 +102,7 @@ def build_data(cfg, device, rank: int = 0, world_size: int = 1,
         return InMemoryEval(*arrays, mean, std, device, cfg.train.eval_batch_size, rank, world_size, memory_format)
     evals = {"val": make_eval(val)} if val is not None else {}
     evals["test"] = make_eval((test_images, test_labels))
-    return DataBundle(train, evals, counts)
+    return DataBundle(train, evals, counts, splitfile.BadImageLog(cfg.data.max_bad_images))
 
 
 def _build_split_files(cfg, device, rank, world_size, rebalanced) -> DataBundle:
@@ -114,7 +115,8 @@ def _build_split_files(cfg, device, rank, world_size, rebalanced) -> DataBundle:
     two_views = splitfile.TwoViews(splitfile.train_transform(mean, std, data.image_size))
     train_set = splitfile.ImageListDataset(paths, labels, two_views)
     pin = torch.device(device).type == "cuda"
-    train = LoaderBatches(train_set, plan, data.num_workers, device, pin_memory=pin)
+    bad_images = splitfile.BadImageLog(data.max_bad_images)
+    train = LoaderBatches(train_set, plan, data.num_workers, device, bad_images, pin_memory=pin)
     evals = {}
     for name, split in (("val", data.val_split), ("test", data.test_split)):
         if split:
@@ -122,6 +124,7 @@ def _build_split_files(cfg, device, rank, world_size, rebalanced) -> DataBundle:
             dataset = splitfile.ImageListDataset(eval_paths, eval_labels,
                                                  splitfile.test_transform(mean, std, data.image_size))
             shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
-            evals[name] = torch.utils.data.DataLoader(shard, batch_size=cfg.train.eval_batch_size,
-                                                      num_workers=data.num_workers, pin_memory=pin)
-    return DataBundle(train, evals, counts)
+            loader = torch.utils.data.DataLoader(shard, batch_size=cfg.train.eval_batch_size, pin_memory=pin,
+                                                 num_workers=data.num_workers, collate_fn=splitfile.collate_readable)
+            evals[name] = splitfile.ReadableBatches(loader, bad_images, name)
+    return DataBundle(train, evals, counts, bad_images)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from glmc_ray.data.splitfile import BadImageLog, ReadableBatches, collate_readable
 from glmc_ray.methods.base import Batch
 
 
@@ -141,16 +142,20 @@ class LoaderBatches:
 
     The dataset returns ((view1, view2), label); the uniform and rebalanced streams are two loaders over
     the same dataset following the same plan, zipped positionally as in the official code.
+
+    Unreadable images are dropped from their batch (named and counted in `bad_images` under "train"); the
+    two streams are then cut to the shorter one, since the method pairs them position by position.
     """
 
-    def __init__(self, dataset, plan: EpochPlan, num_workers: int, device, pin_memory: bool = False):
+    def __init__(self, dataset, plan: EpochPlan, num_workers: int, device, bad_images: BadImageLog,
+                 pin_memory: bool = False):
         self.plan = plan
         self.device = device
         streams = ["uniform"] + (["rebalanced"] if plan.sample_weights is not None else [])
         self.samplers = [_PlannedBatchSampler(plan, s) for s in streams]
-        self.loaders = [torch.utils.data.DataLoader(
-            dataset, batch_sampler=s, num_workers=num_workers, pin_memory=pin_memory,
-            persistent_workers=num_workers > 0) for s in self.samplers]
+        self.loaders = [ReadableBatches(torch.utils.data.DataLoader(
+            dataset, batch_sampler=s, num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_readable,
+            persistent_workers=num_workers > 0), bad_images, "train") for s in self.samplers]
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -163,4 +168,5 @@ class LoaderBatches:
                 yield Batch(x1, x2, y)
             return
         for ((x1, x2), y), ((rx1, rx2), ry) in zip(*self.loaders, strict=True):
-            yield Batch(x1, x2, y, rx1, rx2, ry)
+            n = min(len(y), len(ry))
+            yield Batch(x1[:n], x2[:n], y[:n], rx1[:n], rx2[:n], ry[:n])

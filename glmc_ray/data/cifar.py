@@ -55,13 +55,27 @@ def load_cifar(root: str | Path, dataset: str, train: bool) -> tuple[np.ndarray,
         path = base / name
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing from the {dataset} layout")
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-        if "data" not in entry or label_key not in entry:
-            raise ValueError(f"{path}: expected keys 'data' and {label_key!r}, found {sorted(entry)}")
-        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        entry = _read_pickle(path)
+        if not isinstance(entry, dict) or "data" not in entry or label_key not in entry:
+            found = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            raise ValueError(f"{path}: expected a dict with keys 'data' and {label_key!r}, found {found}")
+        try:
+            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        except ValueError as err:
+            raise ValueError(f"{path}: 'data' is not N x 3072 uint8 pixels ({err})") from None
         labels.append(np.asarray(entry[label_key], dtype=np.int64))
+        if len(labels[-1]) != len(images[-1]):
+            raise ValueError(f"{path}: {len(images[-1])} images but {len(labels[-1])} labels")
     return np.concatenate(images).transpose(0, 2, 3, 1).copy(), np.concatenate(labels)
+
+
+def _read_pickle(path: Path):
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError) as err:
+        raise ValueError(f"{path} is not a readable CIFAR pickle ({type(err).__name__}: {err}); "
+                         f"the file is truncated or corrupt: replace it from the official archive") from None
 
 
 def long_tailed_counts(max_count: int, num_classes: int, imbalance_factor: float) -> list[int]:

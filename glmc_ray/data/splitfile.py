@@ -1,11 +1,18 @@
 """ImageNet-LT / iNaturalist-2018 from split files (`relative/path label` per line) and an image root."""
 from __future__ import annotations
 
+import sys
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 from torchvision import transforms as T
+
+# What PIL raises for a missing, zero-length, truncated or corrupt file (UnidentifiedImageError is an OSError)
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 NORMALIZATION = {
     "imagenet_lt": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -71,6 +78,14 @@ class TwoViews:
         return self.transform(image), self.transform(image)
 
 
+@dataclass
+class Unreadable:
+    """Stands in a batch for an image that could not be decoded, so the DataLoader worker does not die."""
+
+    path: str
+    reason: str
+
+
 class ImageListDataset(torch.utils.data.Dataset):
     """Images read with PIL as RGB; used for split files and for the official-style CIFAR baseline."""
 
@@ -82,5 +97,57 @@ class ImageListDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image = self.images[index]
-        image = Image.open(image).convert("RGB") if isinstance(image, Path) else Image.fromarray(image)
-        return self.transform(image), self.labels[index]
+        if not isinstance(image, Path):
+            return self.transform(Image.fromarray(image)), self.labels[index]
+        try:
+            with Image.open(image) as opened:
+                decoded = opened.convert("RGB")  # decodes now: a truncated file fails here, not later
+        except UNREADABLE_IMAGE_ERRORS as err:
+            return Unreadable(str(image), f"{type(err).__name__}: {err}")
+        return self.transform(decoded), self.labels[index]
+
+
+def collate_readable(samples: list) -> tuple:
+    """(default_collate of the readable samples or None, the Unreadable ones)."""
+    bad = [s for s in samples if isinstance(s, Unreadable)]
+    good = [s for s in samples if not isinstance(s, Unreadable)]
+    return (default_collate(good) if good else None), bad
+
+
+class BadImageLog:
+    """Unreadable images met this epoch, per split: each is named once on stderr and counted; more than
+    `limit` in one split and epoch stop the run (a broken dataset should not train on silently)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.counts, self.named = limit, Counter(), set()
+
+    def add(self, split: str, bad: list[Unreadable]) -> None:
+        for item in bad:
+            self.counts[split] += 1
+            if item.path not in self.named:
+                self.named.add(item.path)
+                print(f"warning: skipped unreadable image {item.path} ({item.reason})", file=sys.stderr, flush=True)
+            if self.counts[split] > self.limit:
+                raise ValueError(f"{self.counts[split]} unreadable images in the {split} split this epoch, more than "
+                                 f"data.max_bad_images={self.limit}; the last: {item.path} ({item.reason})")
+
+    def take(self, split: str) -> int:
+        """This epoch's count for `split`, which starts again from zero."""
+        return self.counts.pop(split, 0)
+
+
+class ReadableBatches:
+    """Iterates a DataLoader built with `collate_readable`, logging what was skipped under `split`."""
+
+    def __init__(self, loader, log: BadImageLog, split: str):
+        self.loader, self.log, self.split = loader, log, split
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch, bad in self.loader:
+            self.log.add(self.split, bad)
+            if batch is None:
+                raise ValueError(f"every image of a {self.split} batch was unreadable (the last: {bad[-1].path})")
+            yield batch

@@ -1,0 +1,14 @@
+"""Failures that a restart cannot fix, and the exit code each ends the command line with.
+
+Bad config or data (a ValueError, ConfigError included, or a missing file) exits with 2, a diverged run
+(non-finite loss or weights) with 1. Under Ray Train these end the run at once instead of being retried:
+only lost workers and nodes are worth a restart.
+"""
+from __future__ import annotations
+
+EXIT_CODES = ((FloatingPointError, 1), (FileNotFoundError, 2), (ValueError, 2))
+
+
+def exit_code(error: BaseException) -> int | None:
+    """The exit code of a failure no restart can fix, or None for one that a restart may (a lost worker)."""
+    return next((code for kind, code in EXIT_CODES if isinstance(error, kind)), None)

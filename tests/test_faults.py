@@ -1,0 +1,140 @@
+"""Faults and bad input in-process: divergence, unreadable files, failed starts (docs/faults.md lists them)."""
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from glmc_ray import loop, rundir
+from glmc_ray.train import main
+from tests.conftest import REPO
+
+SMOKE = str(REPO / "configs/smoke.yaml")
+
+
+def _epochs(run):
+    return [r["epoch"] for r in rundir.read_metrics(run)]
+
+
+def test_nan_at_the_first_epoch_says_nothing_was_kept_and_leaves_no_run_directory(tmp_path, capsys):
+    assert main(["--config", SMOKE, "--output", str(tmp_path), "--set", "optim.lr=1e30"]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "epoch 0 step" in err and "no checkpoint was written" in err
+    assert "intact" not in err and not list(tmp_path.iterdir())
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, capsys, monkeypatch):
+    """An exploding but finite loss can leave inf BatchNorm variances: the epoch is refused, its predecessor kept."""
+    train_epoch = loop.train_epoch
+
+    def exploding(t, data, epoch, cfg, dist):
+        record = train_epoch(t, data, epoch, cfg, dist)
+        if epoch == 1:
+            batchnorm = next(m for m in t.raw_model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            batchnorm.running_var.fill_(math.inf)
+        return record
+
+    monkeypatch.setattr(loop, "train_epoch", exploding)
+    assert main(["--config", SMOKE, "--output", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite weights after epoch 1" in err and "running_var" in err
+    assert "the checkpoint after epoch 0 is kept" in err
+    run = next(tmp_path.iterdir())
+    state = rundir.load_checkpoint(run / "checkpoint.pt")
+    assert state["epoch"] == 1 and _epochs(run) == [0]
+    assert all(torch.isfinite(v).all() for k, v in state["model"].items() if k != "maxnorm_radii")
+
+
+def test_a_truncated_cifar_pickle_is_named_and_leaves_no_run_directory(tmp_path, capsys, cifar_root):
+    root = tmp_path / "data" / "cifar-10-batches-py"
+    root.mkdir(parents=True)
+    (root / "data_batch_1").write_bytes((cifar_root / "cifar-10-batches-py/data_batch_1").read_bytes()[:5000])
+    output = tmp_path / "runs"
+    assert main(["--config", str(REPO / "configs/cifar10_lt.yaml"), "--data-root", str(tmp_path / "data"),
+                 "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert f"{root / 'data_batch_1'} is not a readable CIFAR pickle" in err and "truncated or corrupt" in err
+    assert not list(output.iterdir())
+    (root / "data_batch_1").write_bytes(pickle.dumps([1, 2, 3]))
+    assert main(["--config", str(REPO / "configs/cifar10_lt.yaml"), "--data-root", str(tmp_path / "data"),
+                 "--output", str(output)]) == 2
+    assert "expected a dict with keys 'data' and 'labels'" in capsys.readouterr().err
+
+
+def test_failed_starts_leave_no_run_directory(tmp_path, capsys):
+    output = tmp_path / "runs"
+    assert main(["--config", str(REPO / "configs/cifar10_lt.yaml"), "--data-root", str(tmp_path / "missing"),
+                 "--output", str(output)]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["--config", str(REPO / "configs/cifar10_lt.yaml"), "--data-root", str(tmp_path / "empty"),
+                 "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert "missing does not exist" in err and "cifar-10-batches-py" in err
+    assert not list(output.iterdir())
+
+
+def _write_split(root, name, counts, rng, broken=()):
+    """JPEGs per class plus a split file; `broken` maps a file name to the bytes it gets instead."""
+    lines = []
+    for label, count in enumerate(counts):
+        folder = root / "images" / f"c{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            path = folder / f"{name}_{i}.jpg"
+            Image.fromarray((rng.random((36, 36, 3)) * 200 + label * 20).astype(np.uint8)).save(path, quality=90)
+            lines.append(f"{path.relative_to(root)} {label}")
+    for file_name, content in broken:
+        path = next(root.glob(f"images/*/{file_name}"))
+        path.write_bytes(content(path.read_bytes()))
+    (root / f"{name}.txt").write_text("\n".join(lines) + "\n")
+
+
+BROKEN = [("train_0.jpg", lambda b: b[: len(b) // 2]),  # truncated
+          ("train_1.jpg", lambda b: b""),  # zero-length
+          ("train_2.jpg", lambda b: b"not a jpeg at all" * 10)]  # corrupt
+
+
+def _split_run(root, output, *extra):
+    sets = ["model.arch=resnet32", "model.width=4", "data.image_size=32", "data.num_workers=1",
+            "train.batch_size=8", "train.epochs=2", "optim.warmup_epochs=1", "train.progress_every=0",
+            "data.train_split=train.txt", "data.test_split=test.txt", *extra]
+    return main(["--config", str(REPO / "configs/imagenet_lt.yaml"), "--data-root", str(root),
+                 "--output", str(output), *[a for s in sets for a in ("--set", s)]])
+
+
+def test_unreadable_images_are_skipped_named_and_counted(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imagenet"
+    _write_split(root, "train", [16, 8, 4], rng, BROKEN)
+    _write_split(root, "test", [3, 3, 3], rng, [("test_1.jpg", lambda b: b[:100])])
+    assert _split_run(root, tmp_path / "runs") == 0
+    err = capsys.readouterr().err
+    for name, _ in BROKEN:  # each named once, with the reason, over two epochs
+        assert err.count(f"{name} (") == 1, name
+    assert "image file is truncated" in err or "truncated" in err
+    records = rundir.read_metrics(next((tmp_path / "runs").iterdir()))
+    # 3 broken of 28 in the uniform stream every epoch, plus whatever the re-balanced draws hit
+    assert all(r["train_bad_images"] >= 3 for r in records)
+    assert [r["test_bad_images"] for r in records] == [1, 1]
+
+
+def test_more_unreadable_images_than_the_limit_stop_the_run_with_their_names(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imagenet"
+    _write_split(root, "train", [16, 8, 4], rng, BROKEN)
+    _write_split(root, "test", [3, 3, 3], rng)
+    assert _split_run(root, tmp_path / "runs", "data.max_bad_images=1") == 2
+    err = capsys.readouterr().err
+    assert "unreadable images in the train split this epoch, more than data.max_bad_images=1" in err
+    assert "train_" in err.splitlines()[-1]  # the last one is named
+    assert not list((tmp_path / "runs").iterdir())
+
+
+def test_a_partial_metrics_line_in_the_middle_is_an_error_naming_the_file(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 0}\n{"epo\n{"epoch": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON epoch record"):
+        rundir.read_metrics(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 0}\n{"epo')
+    assert rundir.read_metrics(tmp_path) == [{"epoch": 0}]  # cut off by a kill: that epoch is not committed
