@@ -121,8 +121,11 @@ class NotRetried(Exception):
     """Raised in the controller to end a run whose worker failed in a way no restart can fix."""
 
     def __init__(self, rank: int, error: BaseException):
-        super().__init__(f"worker {rank}: {error}")
-        self.error = error
+        super().__init__(rank, error)  # pickling rebuilds an exception from its args (Ray sends it to the driver)
+        self.rank, self.error = rank, error
+
+    def __str__(self) -> str:
+        return f"worker {self.rank}: {self.error}"
 
 
 def fail_fast_callback():
