@@ -1,7 +1,9 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR_ROOT = SHARED / "data"
@@ -15,3 +17,18 @@ def cifar_root():
     if not (CIFAR_ROOT / "cifar-10-batches-py").is_dir():
         pytest.fail(f"real CIFAR-10 expected at {CIFAR_ROOT} (../shared next to the checkout)")
     return CIFAR_ROOT
+
+
+def write_image_split(root: Path, name: str, counts, rng) -> None:
+    """`counts[c]` JPEGs of class c under root/images/ and `root/splits/<name>.txt` (`relative/path label`)."""
+    lines = []
+    for label, count in enumerate(counts):
+        folder = root / "images" / f"n{label:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            path = folder / f"{name}_{i}.JPEG"
+            pixels = (rng.random((40, 48, 3)) * 80 + label * 40).astype(np.uint8)
+            Image.fromarray(pixels).save(path, quality=90)
+            lines.append(f"{path.relative_to(root)} {label}")
+    (root / "splits").mkdir(exist_ok=True)
+    (root / "splits" / f"{name}.txt").write_text("\n".join(lines))  # no trailing newline, like the real files

@@ -5,11 +5,10 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from glmc_ray import loop, rundir
 from glmc_ray.train import main
-from tests.conftest import REPO
+from tests.conftest import REPO, write_image_split
 
 SMOKE = str(REPO / "configs/smoke.yaml")
 
@@ -75,31 +74,22 @@ def test_failed_starts_leave_no_run_directory(tmp_path, capsys):
     assert not list(output.iterdir())
 
 
-def _write_split(root, name, counts, rng, broken=()):
-    """JPEGs per class plus a split file; `broken` maps a file name to the bytes it gets instead."""
-    lines = []
-    for label, count in enumerate(counts):
-        folder = root / "images" / f"c{label}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            path = folder / f"{name}_{i}.jpg"
-            Image.fromarray((rng.random((36, 36, 3)) * 200 + label * 20).astype(np.uint8)).save(path, quality=90)
-            lines.append(f"{path.relative_to(root)} {label}")
-    for file_name, content in broken:
+def _break(root, broken):
+    """Replace the named JPEGs' bytes by what each function makes of them."""
+    for file_name, damage in broken:
         path = next(root.glob(f"images/*/{file_name}"))
-        path.write_bytes(content(path.read_bytes()))
-    (root / f"{name}.txt").write_text("\n".join(lines) + "\n")
+        path.write_bytes(damage(path.read_bytes()))
 
 
-BROKEN = [("train_0.jpg", lambda b: b[: len(b) // 2]),  # truncated
-          ("train_1.jpg", lambda b: b""),  # zero-length
-          ("train_2.jpg", lambda b: b"not a jpeg at all" * 10)]  # corrupt
+BROKEN = [("train_0.JPEG", lambda b: b[: len(b) // 2]),  # truncated
+          ("train_1.JPEG", lambda b: b""),  # zero-length
+          ("train_2.JPEG", lambda b: b"not a jpeg at all" * 10)]  # corrupt
 
 
 def _split_run(root, output, *extra):
     sets = ["model.arch=resnet32", "model.width=4", "data.image_size=32", "data.num_workers=1",
             "train.batch_size=8", "train.epochs=2", "optim.warmup_epochs=1", "train.progress_every=0",
-            "data.train_split=train.txt", "data.test_split=test.txt", *extra]
+            "data.train_split=splits/train.txt", "data.test_split=splits/test.txt", *extra]
     return main(["--config", str(REPO / "configs/imagenet_lt.yaml"), "--data-root", str(root),
                  "--output", str(output), *[a for s in sets for a in ("--set", s)]])
 
@@ -107,8 +97,9 @@ def _split_run(root, output, *extra):
 def test_unreadable_images_are_skipped_named_and_counted(tmp_path, capsys):
     rng = np.random.default_rng(0)
     root = tmp_path / "imagenet"
-    _write_split(root, "train", [16, 8, 4], rng, BROKEN)
-    _write_split(root, "test", [3, 3, 3], rng, [("test_1.jpg", lambda b: b[:100])])
+    write_image_split(root, "train", [16, 8, 4], rng)
+    write_image_split(root, "test", [3, 3, 3], rng)
+    _break(root, [*BROKEN, ("test_1.JPEG", lambda b: b[:100])])
     assert _split_run(root, tmp_path / "runs") == 0
     err = capsys.readouterr().err
     for name, _ in BROKEN:  # each named once, with the reason, over two epochs
@@ -123,8 +114,9 @@ def test_unreadable_images_are_skipped_named_and_counted(tmp_path, capsys):
 def test_more_unreadable_images_than_the_limit_stop_the_run_with_their_names(tmp_path, capsys):
     rng = np.random.default_rng(0)
     root = tmp_path / "imagenet"
-    _write_split(root, "train", [16, 8, 4], rng, BROKEN)
-    _write_split(root, "test", [3, 3, 3], rng)
+    write_image_split(root, "train", [16, 8, 4], rng)
+    write_image_split(root, "test", [3, 3, 3], rng)
+    _break(root, BROKEN)
     assert _split_run(root, tmp_path / "runs", "data.max_bad_images=1") == 2
     err = capsys.readouterr().err
     assert "unreadable images in the train split this epoch, more than data.max_bad_images=1" in err

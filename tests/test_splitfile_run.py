@@ -2,31 +2,16 @@
 import json
 
 import numpy as np
-from PIL import Image
 
 from glmc_ray.train import main
-from tests.conftest import REPO
-
-
-def _write_split(root, name, counts, rng):
-    lines = []
-    for label, count in enumerate(counts):
-        folder = root / "train" / f"n{label:08d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            path = folder / f"{name}_{i}.JPEG"
-            pixels = (rng.random((40, 48, 3)) * 80 + label * 40).astype(np.uint8)
-            Image.fromarray(pixels).save(path, quality=90)
-            lines.append(f"{path.relative_to(root)} {label}")
-    (root / "splits").mkdir(exist_ok=True)
-    (root / "splits" / f"{name}.txt").write_text("\n".join(lines))  # no trailing newline, like the real files
+from tests.conftest import REPO, write_image_split
 
 
 def test_imagenet_lt_style_split_files_train_and_evaluate(tmp_path):
     rng = np.random.default_rng(0)
     root = tmp_path / "imagenet"
-    _write_split(root, "train", [24, 8, 3], rng)
-    _write_split(root, "test", [4, 4, 4], rng)
+    write_image_split(root, "train", [24, 8, 3], rng)
+    write_image_split(root, "test", [4, 4, 4], rng)
     assert main(["--config", str(REPO / "configs/imagenet_lt.yaml"), "--data-root", str(root),
                  "--output", str(tmp_path / "runs"), "--set", "model.arch=resnet32", "--set", "model.width=4",
                  "--set", "data.image_size=32", "--set", "data.num_workers=1", "--set", "train.batch_size=8",
