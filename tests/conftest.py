@@ -1,4 +1,5 @@
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,3 +16,18 @@ def cifar_root():
     if not (CIFAR_ROOT / "cifar-10-batches-py").is_dir():
         pytest.fail(f"real CIFAR-10 expected at {CIFAR_ROOT} (../shared next to the checkout)")
     return CIFAR_ROOT
+
+
+def git_head() -> str:
+    """The commit checked out in this repository (the tests run from a checkout)."""
+    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def tensorboard_scalars(run: Path, tag: str) -> dict[int, float]:
+    """step -> value of one scalar tag in a run's TensorBoard event files, read by TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return {event.step: event.value for event in events.Scalars(tag)}
