@@ -26,8 +26,9 @@ from glmc_ray.methods import Method
 
 
 class Reporter(Protocol):
-    def report(self, record: dict, checkpoint: Callable[[], dict], is_best: bool) -> None:
-        """Called by every worker once per epoch; `checkpoint()` builds the full training state."""
+    def report(self, record: dict, checkpoint: Callable[[], dict], is_best: bool, per_class: list | None) -> None:
+        """Called by every worker once per epoch; `checkpoint()` builds the full training state; `per_class`
+        is the test accuracy of each class (%) on epochs with an evaluation, else None."""
 
     def finish(self, final: dict) -> None:
         """Called once at the end with the final results (last epoch, best-on-validation epoch)."""
@@ -179,17 +180,18 @@ def fit(cfg, t: Trainee, data: DataBundle, reporter: Reporter, dist: Dist | None
         if bad:  # never checkpoint a state that cannot train on (the rank that finds it ends the run)
             raise FloatingPointError(f"non-finite weights after epoch {epoch} (loss {record['loss']:.4g}) in "
                                      f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; {kept_checkpoint(epoch)}")
-        splits = ["train"]
+        splits, per_class = ["train"], None
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
             last = evaluate_splits(t, data, dist)
             record.update(flatten(last))
             splits += list(data.evals)
+            per_class = last.get("test", {}).get("per_class")
         record.update(bad_image_counts(t, data, dist, splits))
         is_best = _update_best(t, last, epoch) if "val_top1" in record else False
         t.history.append(record)
         if dist.is_main:
             print(_epoch_line(record), file=sys.stdout, flush=True)
-        reporter.report(record, functools.partial(training_state, t, epoch + 1, config), is_best)
+        reporter.report(record, functools.partial(training_state, t, epoch + 1, config), is_best, per_class)
     if last is None:  # resumed after the last epoch: evaluate the restored model
         last = evaluate_splits(t, data, dist)
     final = {"epochs": epochs, "last": last, "best_on_val": t.best, "class_counts": data.class_counts}

@@ -4,10 +4,10 @@ The driver builds a TorchTrainer whose train function calls `worker.run_worker` 
   - a `Dist` whose all-reduce is torch.distributed's (evaluation sums per-class hit counts, no gathering),
   - Ray's `prepare_model` for DDP (SyncBatchNorm optional), and
   - a reporter that sends every epoch's metrics and rank 0's checkpoint through `ray.train.report`.
-The controller, which runs on the driver's node, appends rank 0's record to `<run>/metrics.jsonl`; the
-driver writes `final.json` and the plot from rank 0's return value. A restarted worker group (lost
-worker, `max_failures`) or `--resume RUN_DIR` continues from the latest reported checkpoint; config, data
-and divergence errors end the run at once (`fail_fast_callback`).
+The controller, which runs on the driver's node, appends rank 0's record to `<run>/metrics.jsonl` and its
+TensorBoard events; the driver writes `final.json` and the plot from rank 0's return value. A restarted worker
+group (lost worker, `max_failures`) or `--resume RUN_DIR` continues from the latest reported checkpoint;
+config, data and divergence errors end the run at once (`fail_fast_callback`).
 """
 from __future__ import annotations
 
@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 
 from glmc_ray import config as config_lib
-from glmc_ray import rundir
+from glmc_ray import provenance, rundir
 from glmc_ray.errors import exit_code
 from glmc_ray.loop import Dist
 from glmc_ray.methods import METHODS
 
 STATE_FILE = "state.pt"
 SCORE = "checkpoint_score"
+PER_CLASS = "test_per_class"  # rank 0's per-class test accuracy travels with its metrics to the controller
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "9p")
 
 
@@ -49,13 +50,13 @@ class RayReporter:
     def __init__(self, dist: Dist, has_val: bool):
         self.dist, self.has_val = dist, has_val
 
-    def report(self, record: dict, checkpoint, is_best: bool) -> None:
+    def report(self, record: dict, checkpoint, is_best: bool, per_class: list | None) -> None:
         import ray.train
 
         # Ray keeps the best checkpoints by this score: validation accuracy (-1 on epochs without
         # evaluation), or the epoch when there is no validation split (the latest are kept).
         score = record.get("val_balanced_top1", -1.0) if self.has_val else record["epoch"]
-        record = {**record, SCORE: score}
+        record = {**record, SCORE: score, PER_CLASS: per_class}
         if not self.dist.is_main:
             ray.train.report(record)
             return
@@ -76,8 +77,10 @@ def train_fn(loop_config: dict) -> dict:
     import ray.train
     from ray.train.torch import get_device, prepare_model
 
+    from glmc_ray.ray_logging import route_train_context_logger
     from glmc_ray.worker import run_worker
 
+    route_train_context_logger()
     cfg = config_lib.from_dict(loop_config)
     context = ray.train.get_context()
     dist = Dist(context.get_world_rank(), context.get_world_size(), _all_reduce)
@@ -97,7 +100,9 @@ def train_fn(loop_config: dict) -> dict:
                              parallel_strategy_kwargs={"find_unused_parameters": find_unused})
     reporter = RayReporter(dist, has_validation(cfg))
     # get_device(): the GPU Ray assigned to this worker (not always cuda:<local rank>), or the CPU
-    return run_worker(cfg, reporter, dist, state, get_device(), prepare)
+    final = run_worker(cfg, reporter, dist, state, get_device(), prepare)
+    # version.json holds the driver's device; the workers' can differ (a CPU head node drives GPU nodes)
+    return {**final, "workers": {"count": dist.world_size, "rank0_device": provenance.device_description()}}
 
 
 def has_validation(cfg) -> bool:
@@ -105,14 +110,21 @@ def has_validation(cfg) -> bool:
 
 
 def metrics_callback(run: Path):
-    """A controller-side callback that keeps `<run>/metrics.jsonl` equal to the committed epochs."""
+    """A controller-side callback that keeps `<run>/metrics.jsonl` (and the TensorBoard events) equal to the
+    committed epochs."""
     from ray.train import UserCallback
 
+    from glmc_ray.tensorboard_events import EpochEvents
+
     class MetricsFile(UserCallback):
+        def __init__(self):
+            self.events = EpochEvents(run)
+
         def after_report(self, run_context, metrics, checkpoint):
-            record = {k: v for k, v in metrics[0].items() if k != SCORE}
+            record = {k: v for k, v in metrics[0].items() if k not in (SCORE, PER_CLASS)}
             rundir.truncate_metrics(run, record["epoch"])  # a replayed epoch replaces, never duplicates
             rundir.append_metrics(run, record)
+            self.events.write(record, metrics[0][PER_CLASS])
 
     return MetricsFile()
 
@@ -230,9 +242,10 @@ def check_scaling(cfg, scaling: Scaling) -> None:
 
 
 def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | None = None,
-           storage: str | None = None) -> tuple[Path, dict]:
+           storage: str | None = None, ray_verbose: bool = False) -> tuple[Path, dict]:
     """Check the request, then make the run directory (or take `resume`'s) and run the loop under a
-    TorchTrainer; the run's name and storage make it resumable. Nothing is written when a check fails."""
+    TorchTrainer; the run's name and storage make it resumable. Nothing is written when a check fails.
+    `ray_verbose` shows Ray Train's own INFO lines on the console (always in its log files)."""
     check_scaling(cfg, scaling)
     if resume is not None and (resume / rundir.CHECKPOINT).exists():
         raise ValueError(f"{resume} was trained in-process; resume it without Ray options")
@@ -240,19 +253,20 @@ def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | No
     check_shared_storage(storage, scaling.nodes, cluster_hosts())
     if resume is not None:
         restore_committed_epochs(resume, storage)
+        provenance.record_resume(resume)
     run = resume or rundir.new_run_dir(output, cfg)
     print(f"run directory: {run} ({scaling.workers} {'GPU' if scaling.use_gpu else 'CPU'} workers "
           f"on {scaling.nodes} node(s))", flush=True)
     try:
-        return run, _fit(cfg, run, storage, scaling)
+        return run, _fit(cfg, run, storage, scaling, ray_verbose)
     except BaseException:
         if resume is None:
             rundir.report_failed_start(run)
         raise
 
 
-def _fit(cfg, run: Path, storage: str, scaling: Scaling) -> dict:
-    from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
+def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool) -> dict:
+    from ray.train import CheckpointConfig, ControllerError, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
@@ -269,6 +283,10 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling) -> dict:
                 checkpoint_score_attribute=SCORE, checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures, controller_failure_limit=3),
             callbacks=[metrics_callback(run), fail_fast_callback()],
+            # Ray Train's INFO lines (each rank's "Reporting training result" dump every epoch, which
+            # train_fn's route_train_context_logger brings under this setting, the worker group's start)
+            # would bury the epoch lines; its system log files in <Ray session>/logs/train/ keep every level.
+            logging_config=LoggingConfig(log_level="INFO" if ray_verbose else "WARNING"),
             # Ray Train's print patch would show every rank-0 line twice on the driver.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}))
     try:
@@ -298,4 +316,8 @@ def connect(address: str | None, workers: int) -> None:
     if address:
         ray.init(address=address)
     else:  # no cluster here: logical CPUs may exceed the cores, the workers then share them
+        # Nothing drains the node of a Ray instance started here (no autoscaler, no preemptible machine), so
+        # Ray Train's preemption watcher would only add an actor and a console error about it. Read by
+        # TorchTrainer.fit from the driver's environment; a value set by the user wins.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(num_cpus=max(os.cpu_count() or 1, workers + 1), include_dashboard=None)

@@ -1,7 +1,9 @@
 """A run directory a person can read and resume: config, metrics.jsonl, checkpoints, final.json, plot.
 
     <run>/config.yaml      the resolved config
+    <run>/version.json     the code that made the run: commit, library versions, device, command (provenance.py)
     <run>/metrics.jsonl    one JSON line per epoch
+    <run>/events.out.tfevents.*  the same epochs for TensorBoard, with per-class test accuracy
     <run>/checkpoint.pt    latest full training state (written atomically)
     <run>/best.pt          state at the best validation epoch (only with a validation split)
     <run>/final.json       last-epoch and best-on-validation results, per-class accuracy
@@ -21,6 +23,8 @@ from pathlib import Path
 import torch
 
 from glmc_ray import config as config_lib
+from glmc_ray import provenance
+from glmc_ray.tensorboard_events import EpochEvents
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -73,7 +77,7 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def new_run_dir(output: str | Path, cfg) -> Path:
-    """A fresh `<output>/<cfg.name>-<timestamp>` holding the resolved config.yaml."""
+    """A fresh `<output>/<cfg.name>-<timestamp>` holding the resolved config.yaml and version.json."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run = Path(output).resolve() / f"{cfg.name}-{stamp}"
     suffix = 1
@@ -82,6 +86,7 @@ def new_run_dir(output: str | Path, cfg) -> Path:
         suffix += 1
     run.mkdir(parents=True)
     config_lib.save(cfg, run / "config.yaml")
+    provenance.write_version(run)
     return run
 
 
@@ -140,7 +145,7 @@ def truncate_metrics(run: Path, next_epoch: int) -> None:
 def write_final(run: Path, final: dict, cfg) -> None:
     from glmc_ray.plots import per_class_plot
 
-    document = {**final, "config": config_lib.to_dict(cfg)}
+    document = {**final, "config": config_lib.to_dict(cfg), "version": provenance.read_version(run)}
     atomic_write(run / "final.json", lambda tmp: tmp.write_text(json.dumps(document, indent=1)))
     test = final["last"].get("test")
     if test is not None:
@@ -149,16 +154,20 @@ def write_final(run: Path, final: dict, cfg) -> None:
 
 
 class LocalReporter:
-    """In-process reporting: every epoch a metrics line, then the checkpoint (and best.pt) atomically."""
+    """In-process reporting: every epoch a metrics line and TensorBoard events, then the checkpoint (and
+    best.pt) atomically."""
 
     def __init__(self, run: Path, cfg):
         self.run, self.cfg = run, cfg
+        self.events = EpochEvents(run)
 
-    def report(self, record: dict, checkpoint, is_best: bool) -> None:
+    def report(self, record: dict, checkpoint, is_best: bool, per_class: list | None) -> None:
         append_metrics(self.run, record)
+        self.events.write(record, per_class)
         save_checkpoint(checkpoint(), self.run / CHECKPOINT)
         if is_best:
             atomic_write(self.run / "best.pt", lambda tmp: shutil.copyfile(self.run / CHECKPOINT, tmp))
 
     def finish(self, final: dict) -> None:
+        self.events.close()
         write_final(self.run, final, self.cfg)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from glmc_ray import config as config_lib
-from glmc_ray import rundir
+from glmc_ray import provenance, rundir
 from glmc_ray.errors import exit_code
 
 
@@ -25,6 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", default="runs", help="parent folder of run directories (default runs/)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and class counts, exit")
+    p.add_argument("--ray-verbose", action="store_true",
+                   help="under Ray Train: also show its own log lines (each rank's reports, worker group start)")
     ray = p.add_argument_group("Ray Train (any of these runs the loop under Ray Train)")
     ray.add_argument("--nodes", type=int, help="nodes to train on: one worker per GPU on each")
     ray.add_argument("--gpus-per-node", type=int, help="GPUs used per node (default: what the nodes report)")
@@ -69,6 +71,7 @@ def run_local(cfg, args) -> dict:
         state = rundir.load_checkpoint(run / rundir.CHECKPOINT)
         rundir.remove_partial_writes(run)
         rundir.write_metrics(run, state["history"])  # exactly the epochs the checkpoint holds
+        provenance.record_resume(run)
         print(f"resuming {run} at epoch {state['epoch']}", flush=True)
     else:
         run = rundir.new_run_dir(args.output, cfg)
@@ -89,7 +92,7 @@ def run_ray(cfg, args) -> dict:
     ray_train.connect(args.address, args.workers or 1)
     scaling = ray_train.scaling_for(args.nodes, args.workers, args.gpus_per_node)
     resume = Path(args.resume).resolve() if args.resume else None
-    run, final = ray_train.launch(cfg, scaling, args.output, resume, args.storage)
+    run, final = ray_train.launch(cfg, scaling, args.output, resume, args.storage, args.ray_verbose)
     print(f"done: {run}", flush=True)
     return final
 

@@ -1,4 +1,5 @@
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -32,3 +33,16 @@ def write_image_split(root: Path, name: str, counts, rng) -> None:
             lines.append(f"{path.relative_to(root)} {label}")
     (root / "splits").mkdir(exist_ok=True)
     (root / "splits" / f"{name}.txt").write_text("\n".join(lines))  # no trailing newline, like the real files
+def git_head() -> str:
+    """The commit checked out in this repository (the tests run from a checkout)."""
+    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def tensorboard_scalars(run: Path, tag: str) -> dict[int, float]:
+    """step -> value of one scalar tag in a run's TensorBoard event files, read by TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return {event.step: event.value for event in events.Scalars(tag)}

@@ -13,7 +13,7 @@ from ray.util.state import list_actors
 from glmc_ray import config as config_lib
 from glmc_ray import ray_train, rundir
 from glmc_ray.train import main
-from tests.conftest import REPO
+from tests.conftest import REPO, tensorboard_scalars
 
 SMOKE = str(REPO / "configs/smoke.yaml")
 
@@ -33,6 +33,12 @@ def _only_run(output):
 
 def _epochs(run):
     return [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_events_match_metrics(run):
+    """TensorBoard's top-1 curve is metrics.jsonl's, also after replayed epochs (restart, resume)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert tensorboard_scalars(run, "test/top1") == {r["epoch"]: pytest.approx(r["test_top1"]) for r in records}
 
 
 def _train_workers():
@@ -96,6 +102,7 @@ def test_a_killed_worker_is_replaced_and_no_epoch_is_lost(tmp_path):
     created = [a for a in _train_workers() if a.actor_id not in before]
     assert len(created) >= 4  # the worker group was started again after the kill
     assert json.loads((run / "final.json").read_text())["epochs"] == 8
+    _assert_events_match_metrics(run)
 
 
 def test_resume_a_ray_run_continues_from_its_latest_checkpoint(tmp_path):
@@ -106,6 +113,7 @@ def test_resume_a_ray_run_continues_from_its_latest_checkpoint(tmp_path):
     config_lib.save(cfg, run / "config.yaml")
     assert main(["--resume", str(run), "--workers", "1"]) == 0
     assert _epochs(run) == [0, 1, 2, 3]
+    _assert_events_match_metrics(run)
 
 
 def test_multi_node_storage_must_be_shared():

@@ -2,15 +2,17 @@
 import json
 import os
 import stat
+import time
 
 import pytest
 import torch
 
 from glmc_ray import config as config_lib
 from glmc_ray import rundir
+from glmc_ray.tensorboard_events import EpochEvents
 from glmc_ray.train import main
 from glmc_ray.worker import run_worker
-from tests.conftest import REPO
+from tests.conftest import REPO, git_head, tensorboard_scalars
 
 SMOKE = str(REPO / "configs/smoke.yaml")
 
@@ -37,6 +39,13 @@ def test_smoke_run_leaves_a_readable_run_directory(tmp_path, capsys):
     assert final["last"]["test"]["top1"] > 15  # 10 classes: above chance after 3 epochs
     assert (run / "per_class.png").stat().st_size > 10_000 and (run / "best.pt").exists()
     assert config_lib.load(run / "config.yaml") == config_lib.load(SMOKE)
+    version = json.loads((run / "version.json").read_text())
+    assert version["git_commit"] == git_head() and final["version"] == version
+    top1 = tensorboard_scalars(run, "test/top1")
+    assert top1 == {r["epoch"]: pytest.approx(r["test_top1"]) for r in records}
+    per_class = [tensorboard_scalars(run, f"test_per_class/{c}")[2] for c in range(10)]
+    assert per_class == pytest.approx(final["last"]["test"]["per_class"])
+    assert "test_per_class" not in records[-1]  # metrics.jsonl stays one short line per epoch
 
 
 class _Interrupt(Exception):
@@ -48,8 +57,8 @@ class _StopAfter(rundir.LocalReporter):
         super().__init__(run, cfg)
         self.epochs = epochs
 
-    def report(self, record, checkpoint, is_best):
-        super().report(record, checkpoint, is_best)
+    def report(self, record, checkpoint, is_best, per_class):
+        super().report(record, checkpoint, is_best, per_class)
         if record["epoch"] + 1 == self.epochs:
             raise _Interrupt
 
@@ -68,6 +77,10 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
         f.write(json.dumps({"epoch": 1, "loss": 0.0}) + "\n" + '{"epoch": 2, "lo')
     leftover = run / ".checkpoint.pt.x1y2.partial"  # what a kill during a checkpoint write leaves
     leftover.write_bytes(b"half a checkpoint")
+    crashed = EpochEvents(run)  # and its TensorBoard point
+    crashed.write({"epoch": 1, "test_top1": -1.0})
+    crashed.close()
+    time.sleep(1)  # event files are read in name order, which starts with the second they were opened
     assert main(["--resume", str(run)]) == 0
     assert not leftover.exists()
     umask = os.umask(0)
@@ -81,8 +94,11 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values(),
                     strict=True):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
-    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [0, 1]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert tensorboard_scalars(run, "test/top1") == {r["epoch"]: pytest.approx(r["test_top1"]) for r in records}
+    version = json.loads((run / "version.json").read_text())
+    assert [v["git_commit"] for v in version["resumed"]] == [git_head()]
 
 
 def test_resume_rejects_new_settings_and_missing_checkpoint(tmp_path, capsys):

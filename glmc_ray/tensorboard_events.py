@@ -1,0 +1,69 @@
+"""TensorBoard event files of the epoch records, in the run directory: `tensorboard --logdir runs/`.
+
+Written with torch's SummaryWriter next to metrics.jsonl (by LocalReporter in-process, by the controller's
+metrics callback under Ray), flushed every epoch so a running run shows. Tags: `train/loss`, `train/lr`, ...,
+`test/top1`, `test/many`, ..., `val/balanced_top1`, ..., and per-class test accuracy.
+"""
+from __future__ import annotations
+
+from numbers import Real
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+
+
+def tag(key: str) -> str:
+    """An epoch record key as a TensorBoard tag: test_top1 -> test/top1, train_seconds -> train/seconds,
+    loss -> train/loss (the training terms carry no split prefix)."""
+    split, _, name = key.partition("_")
+    return f"{split}/{name}" if split in SPLITS and name else f"train/{key}"
+
+
+class EpochEvents:
+    """One writer per process; reopened when the epochs go back (a resumed run, a restarted Ray worker group)."""
+
+    def __init__(self, run: Path):
+        self.run = run
+        self._writer = None
+        self._next_epoch = 0
+
+    def write(self, record: dict, per_class: list | None = None) -> None:
+        """Scalars of the epoch record (None and non-numbers skipped) and, after an evaluation, the test
+        accuracy of each class (%, None for a class without test images)."""
+        epoch = record["epoch"]
+        if self._writer is None or epoch < self._next_epoch:
+            self._open(epoch)
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, Real):
+                self._writer.add_scalar(tag(key), value, epoch)
+        if per_class is not None:
+            self._write_per_class(per_class, epoch)
+        self._writer.flush()
+        self._next_epoch = epoch + 1
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _open(self, epoch: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.close()
+        # purge_step: TensorBoard hides the events that earlier files hold from this epoch on (written after
+        # the checkpoint this process continues from), so a replayed epoch shows once, with its new values.
+        self._writer = SummaryWriter(str(self.run), purge_step=epoch)
+
+    def _write_per_class(self, accuracies: list, epoch: int) -> None:
+        # Two views, for two questions: one scalar per class follows a tail class through training (the tag
+        # filter finds one among a thousand), and a histogram over classes shows at a glance how many
+        # classes are left behind, which stays readable for ImageNet-LT's 1000 classes.
+        digits = len(str(len(accuracies) - 1))
+        for label, accuracy in enumerate(accuracies):
+            if accuracy is not None:
+                self._writer.add_scalar(f"test_per_class/{label:0{digits}d}", accuracy, epoch)
+        seen = [a for a in accuracies if a is not None]
+        if seen:
+            self._writer.add_histogram("test/per_class", np.asarray(seen), epoch)
