@@ -230,9 +230,11 @@ def check_scaling(cfg, scaling: Scaling) -> None:
 
 
 def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | None = None,
-           storage: str | None = None) -> tuple[Path, dict]:
+           storage: str | None = None, callbacks: list = ()) -> tuple[Path, dict]:
     """Check the request, then make the run directory (or take `resume`'s) and run the loop under a
-    TorchTrainer; the run's name and storage make it resumable. Nothing is written when a check fails."""
+    TorchTrainer; the run's name and storage make it resumable. Nothing is written when a check fails.
+
+    `callbacks`: extra Ray Train UserCallbacks (the search forwards each epoch to Tune with one)."""
     check_scaling(cfg, scaling)
     if resume is not None and (resume / rundir.CHECKPOINT).exists():
         raise ValueError(f"{resume} was trained in-process; resume it without Ray options")
@@ -244,14 +246,14 @@ def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | No
     print(f"run directory: {run} ({scaling.workers} {'GPU' if scaling.use_gpu else 'CPU'} workers "
           f"on {scaling.nodes} node(s))", flush=True)
     try:
-        return run, _fit(cfg, run, storage, scaling)
+        return run, _fit(cfg, run, storage, scaling, callbacks)
     except BaseException:
         if resume is None:
             rundir.report_failed_start(run)
         raise
 
 
-def _fit(cfg, run: Path, storage: str, scaling: Scaling) -> dict:
+def _fit(cfg, run: Path, storage: str, scaling: Scaling, callbacks: list = ()) -> dict:
     from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -268,7 +270,7 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling) -> dict:
                 num_to_keep=cfg.dist.keep_checkpoints,
                 checkpoint_score_attribute=SCORE, checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures, controller_failure_limit=3),
-            callbacks=[metrics_callback(run), fail_fast_callback()],
+            callbacks=[metrics_callback(run), fail_fast_callback(), *callbacks],
             # Ray Train's print patch would show every rank-0 line twice on the driver.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}))
     try:
