@@ -27,6 +27,7 @@ import csv
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -449,10 +450,11 @@ def trial_rows(experiment: Path) -> tuple[list[dict], list[Param]]:
     _, params, _ = read_experiment(experiment)
     analysis = ExperimentAnalysis(str(experiment))
     rows = []
-    for trial in sorted(analysis.trials, key=lambda t: t.trial_id.rsplit("_", 1)[-1]):
+    for trial in sorted(analysis.trials, key=_creation_number):
         last = trial.last_result or {}
         ok = trial.status == "TERMINATED" and last.get(METRIC) is not None
-        rows.append({"trial_id": trial.trial_id, "status": "complete" if ok else trial.status.lower(),
+        rows.append({"number": _creation_number(trial), "trial_id": trial.trial_id,
+                     "status": "complete" if ok else trial.status.lower(),
                      **{p.key: trial.config.get(p.key) for p in params},
                      METRIC: last.get(METRIC) if ok else None, "test_top1": last.get("test_top1"),
                      "seconds": round(last["time_total_s"], 1) if "time_total_s" in last else None})
@@ -462,10 +464,17 @@ def trial_rows(experiment: Path) -> tuple[list[dict], list[Param]]:
     return rows, params
 
 
+def _creation_number(trial) -> int:
+    """Tune's 1-based creation index, from its trial folder `<trainable>_<id>_<n>_<values>_<date>` (the
+    order in which Optuna was asked: Optuna's trial number is this minus one)."""
+    match = re.search(rf"_{re.escape(trial.trial_id)}_(\d+)_", Path(trial.path).name)
+    return int(match.group(1)) if match else 0
+
+
 def write_outputs(experiment: Path) -> dict | None:
     """trials.csv, best_config.yaml (full schedule) and Optuna's plots; returns the best row."""
     rows, params = trial_rows(experiment)
-    columns = ["trial_id", "status", *[p.key for p in params], METRIC, "test_top1", "seconds"]
+    columns = ["number", "trial_id", "status", *[p.key for p in params], METRIC, "test_top1", "seconds"]
     with open(experiment / "trials.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
