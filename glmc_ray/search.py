@@ -102,7 +102,7 @@ def get_dotted(cfg: config_lib.Config, key: str):
 
 def _parse_param(where: str, key, spec, base: config_lib.Config) -> Param:
     if not isinstance(key, str) or "." not in key:
-        raise ConfigError(f"{where}: {key!r}: expected a dotted config field such as optim.lr", str(key))
+        raise ConfigError(f"{where}: {key}: expected a dotted config field such as optim.lr", str(key))
     if not isinstance(spec, dict) or len([k for k in spec if k in KINDS]) != 1:
         raise ConfigError(f"{where}: {key}: expected one of {{float: [low, high]}}, {{int: [low, high]}} "
                           f"or {{choice: [a, b, ...]}} (float/int may add log: true), got {spec!r}", key)
