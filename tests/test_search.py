@@ -11,7 +11,7 @@ import pytest
 import ray
 
 from glmc_ray import config as config_lib
-from glmc_ray import search
+from glmc_ray import rundir, search
 from tests.conftest import REPO
 from tuning.search import main
 
@@ -163,6 +163,16 @@ def test_a_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(tmp_path
         assert (experiment / "best_config.yaml").exists()
 
 
+def _mid_trial(output):
+    """The run directory of a trial that has finished some epochs but not all, once another finished."""
+    if not list(output.glob("*/trials/*/final.json")):
+        return None
+    for run in output.glob("*/trials/*"):
+        if not (run / "final.json").exists() and (run / "checkpoint.pt").exists() and rundir.read_metrics(run):
+            return run
+    return None
+
+
 KILLED = """
 import sys
 from tuning.search import main
@@ -176,28 +186,31 @@ def test_a_killed_search_resumes_with_every_trial_once(tmp_path, ray_session):
     output = tmp_path / "runs"
     address = ray.get_runtime_context().gcs_address
     argv = ["--config", SMOKE, *FAST, "--space", str(space), "--trials", "4", "--concurrent", "1",
-            "--trial-epochs", "2", "--output", str(output), "--address", address]
+            "--trial-epochs", "3", "--output", str(output), "--address", address]
     env = {**os.environ, "PYTHONPATH": str(REPO), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     driver = subprocess.Popen([sys.executable, "-c", KILLED, *argv], cwd=REPO, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while not list(output.glob("*/trials/*/final.json")) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        time.sleep(2)  # the second trial is under way
+        deadline = time.monotonic() + 240
+        while not _mid_trial(output) and time.monotonic() < deadline:  # trial 1 done, trial 2 has epoch 0
+            time.sleep(0.2)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     experiment = _only_experiment(output)
-    assert list(experiment.glob("trials/*/final.json")) and not (experiment / "trials.csv").exists()
-    finished_before = {p.parent.name for p in experiment.glob("trials/*/final.json")}
+    interrupted = _mid_trial(output)
+    assert interrupted is not None and not (experiment / "trials.csv").exists()
+    finished_before = {p.parent: p.stat().st_mtime_ns for p in experiment.glob("trials/*/final.json")}
     assert main(["--resume", str(experiment)]) == 0
     rows = _rows(experiment)
     assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4
     assert all(r["status"] == "complete" for r in rows)
     runs = sorted((experiment / "trials").iterdir())
     assert len(runs) == 4  # one run directory per trial: nothing trained twice in a second folder
-    assert finished_before <= {p.name for p in runs}
+    for run, mtime in finished_before.items():  # finished trials are not trained again
+        assert (run / "final.json").stat().st_mtime_ns == mtime
+    # the interrupted trial continued from its checkpoint: each epoch once
+    assert [r["epoch"] for r in rundir.read_metrics(interrupted)] == [0, 1, 2]
     study = _study(experiment)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 4
