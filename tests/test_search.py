@@ -214,3 +214,19 @@ def test_a_killed_search_resumes_with_every_trial_once(tmp_path, ray_session):
     study = _study(experiment)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 4
+
+
+def test_a_trial_can_be_a_two_worker_ray_train_run(tmp_path, ray_session):
+    space = _space(tmp_path, "optim.lr: {float: [0.003, 0.1], log: true}\n")
+    output = tmp_path / "runs"
+    assert main(["--config", SMOKE, *FAST, "--set", "model.norm=group", "--space", str(space), "--trials", "1",
+                 "--concurrent", "1", "--trial-epochs", "2", "--workers-per-trial", "2",
+                 "--output", str(output)]) == 0
+    experiment = _only_experiment(output)
+    rows = _rows(experiment)
+    assert len(rows) == 1 and rows[0]["status"] == "complete" and float(rows[0]["optim.lr"]) == 0.05
+    (run,) = (experiment / "trials").iterdir()  # a Ray Train run directory: its checkpoints, metrics, final
+    assert [r["epoch"] for r in rundir.read_metrics(run)] == [0, 1] and (run / "final.json").exists()
+    assert list(run.glob("checkpoint_epoch*"))
+    assert float(rows[0]["val_balanced_top1"]) == rundir.read_metrics(run)[-1]["val_balanced_top1"]
+    assert config_lib.load(experiment / "best_config.yaml").optim.lr == 0.05
