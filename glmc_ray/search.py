@@ -394,9 +394,23 @@ def new_experiment(output: str | Path, base) -> Path:
     return experiment
 
 
+def check_output(output: str | Path) -> None:
+    """Trials write their run directories wherever Tune places them: on a cluster of several machines the
+    experiment directory must be on storage every node sees."""
+    from glmc_ray import ray_train
+
+    hosts = ray_train.cluster_hosts()
+    try:
+        ray_train.check_shared_storage(str(Path(output).resolve()), hosts, hosts)
+    except ValueError:
+        raise ConfigError(f"--output {output} is on a node-local filesystem, but this cluster has {hosts} machines: "
+                          f"trials write their run directories there; use an NFS mount every node sees") from None
+
+
 def search(base, params: list[Param], opts: SearchOptions, output: str | Path) -> Path:
     """Start a search (Ray must be connected); returns the experiment directory with its outputs."""
     check_resources(opts)
+    check_output(output)
     experiment = new_experiment(output, base)
     config_lib.save(base, experiment / BASE_CONFIG)
     (experiment / SEARCH_FILE).write_text(json.dumps(
@@ -480,15 +494,19 @@ def write_outputs(experiment: Path) -> dict | None:
         writer.writeheader()
         writer.writerows(rows)
     done = [r for r in rows if r["status"] == "complete"]
-    failed = sum(r["status"] != "complete" for r in rows)
+    failed = sum(r["status"] == "failed" for r in rows)
+    unfinished = len(rows) - len(done) - failed
+    _, _, opts = read_experiment(experiment)
     best = max(done, key=lambda r: r[METRIC]) if done else None
     if best is not None:
         base, _, _ = read_experiment(experiment)  # train.epochs stays the base's: the full schedule
         cfg = apply_values(base, {p.key: best[p.key] for p in params})
         config_lib.save(cfg, experiment / "best_config.yaml")
     write_plots(experiment)
-    print(f"{len(rows)} trials ({len(done)} complete, {failed} failed or unfinished); "
+    print(f"{len(rows)} trials ({len(done)} complete, {failed} failed, {unfinished} unfinished); "
           f"trials.csv in {experiment}", flush=True)
+    if unfinished or len(rows) < opts.trials:
+        print(f"the search was interrupted; continue it: python tuning/search.py --resume {experiment}", flush=True)
     if best is not None:
         print(f"best trial {best['trial_id']}: {METRIC} {best[METRIC]:.2f} (test top-1 {best['test_top1']:.2f}, "
               f"not optimised on); train it: python -m glmc_ray.train --config {experiment / 'best_config.yaml'}",

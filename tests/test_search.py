@@ -12,6 +12,7 @@ import ray
 
 from glmc_ray import config as config_lib
 from glmc_ray import rundir, search
+from glmc_ray.train import main as train_main
 from tests.conftest import REPO
 from tuning.search import main
 
@@ -135,6 +136,7 @@ def test_search_runs_trials_and_writes_a_trainable_best_config(tmp_path, ray_ses
     assert best.method.cumulative_shape == best_row["method.cumulative_shape"]
     assert best.optim.lr == float(best_row["optim.lr"])
     assert best.train.epochs == base.train.epochs and best.data.synthetic_max_count == 64  # full schedule, --set kept
+    assert train_main(["--config", str(experiment / "best_config.yaml"), "--dry-run"]) == 0  # the trainer takes it
     study = _study(experiment)
     assert len(study.trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert study.trials[0].params["optim.lr"] == base.optim.lr
@@ -175,6 +177,7 @@ def _mid_trial(output):
 
 KILLED = """
 import sys
+from glmc_ray.train import main as train_main
 from tuning.search import main
 sys.exit(main(sys.argv[1:]))
 """
