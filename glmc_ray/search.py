@@ -5,7 +5,7 @@
       base_config.yaml                   the base config (the dataset's recipe) with --set applied
       study.db                           the Optuna study (SQLite; any SQLAlchemy URL via --storage-url)
       trials/<name>-<trial id>-<stamp>/  one normal run directory per trial (config, metrics, final.json)
-      trials.csv                         trial id, status, searched values, val_balanced_top1, test_top1, s
+      trials.csv                         id, status, searched values, val_balanced_top1, test_top1, s, error
       best_config.yaml                   the base config with the best values, full schedule: train it
       *.png                              Optuna's optimisation history, slice and importance plots
 
@@ -471,11 +471,21 @@ def trial_rows(experiment: Path) -> tuple[list[dict], list[Param]]:
                      "status": "complete" if ok else trial.status.lower(),
                      **{p.key: trial.config.get(p.key) for p in params},
                      METRIC: last.get(METRIC) if ok else None, "test_top1": last.get("test_top1"),
-                     "seconds": round(last["time_total_s"], 1) if "time_total_s" in last else None})
+                     "seconds": round(last["time_total_s"], 1) if "time_total_s" in last else None,
+                     "error": _error_line(trial)})
     for row in rows:
         if row["status"] == "error":
             row["status"] = "failed"
     return rows, params
+
+
+def _error_line(trial) -> str:
+    """The exception line of a failed trial (Tune's error.txt in its trial folder), e.g. the non-finite loss."""
+    path = Path(trial.path) / "error.txt"
+    if not path.is_file():
+        return ""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip()[:300] if lines else ""
 
 
 def _creation_number(trial) -> int:
@@ -488,7 +498,7 @@ def _creation_number(trial) -> int:
 def write_outputs(experiment: Path) -> dict | None:
     """trials.csv, best_config.yaml (full schedule) and Optuna's plots; returns the best row."""
     rows, params = trial_rows(experiment)
-    columns = ["number", "trial_id", "status", *[p.key for p in params], METRIC, "test_top1", "seconds"]
+    columns = ["number", "trial_id", "status", *[p.key for p in params], METRIC, "test_top1", "seconds", "error"]
     with open(experiment / "trials.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()

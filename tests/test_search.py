@@ -157,7 +157,7 @@ def test_a_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(tmp_path
     experiment = _only_experiment(output)
     rows = _rows(experiment)
     assert len(rows) == 3 and rows[0]["status"] == "failed" and rows[0]["val_balanced_top1"] == ""
-    assert float(rows[0]["optim.lr"]) == 1e6
+    assert float(rows[0]["optim.lr"]) == 1e6 and rows[0]["error"].startswith("FloatingPointError: non-finite")
     study = _study(experiment)
     assert len(study.trials) == 3 and study.trials[0].state == optuna.trial.TrialState.FAIL
     complete = [r for r in rows if r["status"] == "complete"]
