@@ -407,8 +407,9 @@ def check_output(output: str | Path) -> None:
                           f"trials write their run directories there; use an NFS mount every node sees") from None
 
 
-def search(base, params: list[Param], opts: SearchOptions, output: str | Path) -> Path:
-    """Start a search (Ray must be connected); returns the experiment directory with its outputs."""
+def search(base, params: list[Param], opts: SearchOptions, output: str | Path) -> tuple[Path, bool]:
+    """Start a search (Ray must be connected); returns the experiment directory with its outputs and whether
+    every trial ran (False after an interruption such as Ctrl-C: Tune saved its state, --resume continues)."""
     check_resources(opts)
     check_output(output)
     experiment = new_experiment(output, base)
@@ -425,8 +426,7 @@ def search(base, params: list[Param], opts: SearchOptions, output: str | Path) -
         run_config=tune.RunConfig(name=experiment.name, storage_path=str(experiment.parent),
                                   failure_config=tune.FailureConfig(max_failures=0)))
     tuner.fit()  # an errored trial (NaN: FloatingPointError) is recorded and the search goes on
-    write_outputs(experiment)
-    return experiment
+    return experiment, write_outputs(experiment)
 
 
 def read_experiment(experiment: Path) -> tuple[config_lib.Config, list[Param], SearchOptions]:
@@ -435,7 +435,7 @@ def read_experiment(experiment: Path) -> tuple[config_lib.Config, list[Param], S
     return config_lib.load(experiment / BASE_CONFIG), params, SearchOptions(**saved["options"])
 
 
-def resume(experiment: str | Path) -> Path:
+def resume(experiment: str | Path) -> tuple[Path, bool]:
     """Continue an interrupted search: finished trials are kept, unfinished ones continue from their run
     directory's checkpoint, errored ones stay errored."""
     from ray import tune
@@ -451,8 +451,7 @@ def resume(experiment: str | Path) -> Path:
     tuner = tune.Tuner.restore(str(experiment), trainable=_trainable(experiment, base, opts),
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
     tuner.fit()
-    write_outputs(experiment)
-    return experiment
+    return experiment, write_outputs(experiment)
 
 
 # ----------------------------------------------------------------------------------------------- outputs
@@ -495,8 +494,8 @@ def _creation_number(trial) -> int:
     return int(match.group(1)) if match else 0
 
 
-def write_outputs(experiment: Path) -> dict | None:
-    """trials.csv, best_config.yaml (full schedule) and Optuna's plots; returns the best row."""
+def write_outputs(experiment: Path) -> bool:
+    """trials.csv, best_config.yaml (full schedule) and Optuna's plots; returns whether every trial ran."""
     rows, params = trial_rows(experiment)
     columns = ["number", "trial_id", "status", *[p.key for p in params], METRIC, "test_top1", "seconds", "error"]
     with open(experiment / "trials.csv", "w", newline="") as f:
@@ -515,7 +514,8 @@ def write_outputs(experiment: Path) -> dict | None:
     write_plots(experiment)
     print(f"{len(rows)} trials ({len(done)} complete, {failed} failed, {unfinished} unfinished); "
           f"trials.csv in {experiment}", flush=True)
-    if unfinished or len(rows) < opts.trials:
+    interrupted = bool(unfinished or len(rows) < opts.trials)
+    if interrupted:
         print(f"the search was interrupted; continue it: python tuning/search.py --resume {experiment}", flush=True)
     if best is not None:
         print(f"best trial {best['trial_id']}: {METRIC} {best[METRIC]:.2f} (test top-1 {best['test_top1']:.2f}, "
@@ -523,7 +523,7 @@ def write_outputs(experiment: Path) -> dict | None:
               flush=True)
     else:
         print("no trial completed: no best_config.yaml", flush=True)
-    return best
+    return not interrupted
 
 
 def write_plots(experiment: Path) -> list[Path]:

@@ -58,7 +58,7 @@ def _default_gpus(opts: search.SearchOptions) -> None:
         opts.gpus_per_trial = float(opts.workers_per_trial) if has_gpus else 0.0
 
 
-def run(args) -> Path:
+def run(args) -> tuple[Path, bool]:
     from glmc_ray import ray_train
 
     search.set_environment()
@@ -84,14 +84,14 @@ def run(args) -> Path:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        run(args)
+        _, finished = run(args)
     except Exception as err:
         code = exit_code(err)
         if code is None:
             raise
         print(f"error: {err}", file=sys.stderr)
         return code
-    return 0
+    return 0 if finished else 130  # interrupted (Ctrl-C): the outputs so far are written, --resume continues
 
 
 if __name__ == "__main__":
