@@ -324,7 +324,12 @@ def _run_local_trial(cfg, parent: Path, existing: Path | None) -> None:
     else:
         run = rundir.new_run_dir(parent, cfg)
     print(f"trial run directory: {run}", flush=True)
-    run_worker(cfg, TuneReporter(run, cfg), state=state)
+    try:
+        run_worker(cfg, TuneReporter(run, cfg), state=state)
+    except BaseException:
+        if state is None:  # as the trainer: a trial that saved no epoch leaves no run directory
+            rundir.report_failed_start(run)  # (trials.csv and Tune's trial folder keep its values and error)
+        raise
 
 
 def _run_ray_trial(cfg, options: SearchOptions, parent: Path, existing: Path | None) -> None:

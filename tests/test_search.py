@@ -160,7 +160,10 @@ def test_a_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(tmp_path
     assert float(rows[0]["optim.lr"]) == 1e6 and rows[0]["error"].startswith("FloatingPointError: non-finite")
     study = _study(experiment)
     assert len(study.trials) == 3 and study.trials[0].state == optuna.trial.TrialState.FAIL
+    runs = {p.name.split("-")[1] for p in (experiment / "trials").iterdir()}
+    assert rows[0]["trial_id"] not in runs  # a trial that saved no epoch leaves no run directory, as the trainer
     complete = [r for r in rows if r["status"] == "complete"]
+    assert runs == {r["trial_id"] for r in complete}
     if complete:  # the sampled lr may diverge too; whatever completed gives the best config
         assert (experiment / "best_config.yaml").exists()
 
