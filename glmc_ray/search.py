@@ -242,6 +242,14 @@ def prepare(base, params: list[Param], opts: SearchOptions, source: str) -> None
         trial_config(base, {}, opts.trial_epochs)
     except ConfigError as err:
         raise ConfigError(f"--trial-epochs {opts.trial_epochs}: {err}", err.key) from None
+    if opts.storage_url:  # fail before anything is made; the default SQLite file is made in the experiment
+        import optuna
+
+        try:
+            optuna.storages.RDBStorage(opts.storage_url)
+        except Exception as err:
+            raise ConfigError(f"--storage-url {opts.storage_url}: cannot open it as an Optuna RDB storage "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
 
 
 def check_resources(opts: SearchOptions) -> None:
@@ -429,7 +437,8 @@ def search(base, params: list[Param], opts: SearchOptions, output: str | Path) -
         tune_config=tune.TuneConfig(search_alg=_searcher(experiment, base, params, opts), num_samples=opts.trials,
                                     max_concurrent_trials=opts.concurrent),
         run_config=tune.RunConfig(name=experiment.name, storage_path=str(experiment.parent),
-                                  failure_config=tune.FailureConfig(max_failures=0)))
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  verbose=1))  # status tables with the objective; the epochs are in trials/
     tuner.fit()  # an errored trial (NaN: FloatingPointError) is recorded and the search goes on
     return experiment, write_outputs(experiment)
 

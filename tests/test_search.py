@@ -97,6 +97,7 @@ def test_bad_input_is_one_error_line_before_any_trial(tmp_path, capsys):
         (["--config", SMOKE, "--space", space, "--trials", "0"], "--trials"),
         (["--config", SMOKE, "--space", space, "--set", "optim.schedule=warmup_cosine",
           "--set", "optim.warmup_epochs=2", "--trial-epochs", "2"], "--trial-epochs 2"),
+        (["--config", SMOKE, "--space", space, "--storage-url", "nosuch://db"], "--storage-url nosuch://db"),
     ]
     for argv, words in cases:
         assert main([*argv, "--output", str(tmp_path / "out")]) == 2, argv
