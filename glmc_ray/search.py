@@ -529,6 +529,8 @@ def write_outputs(experiment: Path) -> bool:
     print(f"{len(rows)} trials ({len(done)} complete, {failed} failed, {unfinished} unfinished); "
           f"trials.csv in {experiment}", flush=True)
     interrupted = bool(unfinished or len(rows) < opts.trials)
+    if not interrupted:
+        close_stale_trials(experiment, opts)
     if interrupted:
         print(f"the search was interrupted; continue it: python tuning/search.py --resume {experiment}", flush=True)
     if best is not None:
@@ -538,6 +540,19 @@ def write_outputs(experiment: Path) -> bool:
     else:
         print("no trial completed: no best_config.yaml", flush=True)
     return not interrupted
+
+
+def close_stale_trials(experiment: Path, opts: SearchOptions) -> int:
+    """Once every Tune trial has ended: Optuna trials still RUNNING were asked by a driver that was killed
+    before Tune saved them (no Tune trial ran them); mark them FAIL so the study says what happened."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=experiment.name, storage=storage_url(experiment, opts))
+    stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+    for trial in stale:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    return len(stale)
 
 
 def write_plots(experiment: Path) -> list[Path]:

@@ -219,8 +219,7 @@ def test_a_killed_search_resumes_with_every_trial_once(tmp_path, ray_session):
     # the interrupted trial continued from its checkpoint: each epoch once
     assert [r["epoch"] for r in rundir.read_metrics(interrupted)] == [0, 1, 2]
     study = _study(experiment)
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == 4
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
 
 
 def test_a_trial_can_be_a_two_worker_ray_train_run(tmp_path, ray_session):
