@@ -503,7 +503,7 @@ def _error_line(trial) -> str:
 
 def _creation_number(trial) -> int:
     """Tune's 1-based creation index, from its trial folder `<trainable>_<id>_<n>_<values>_<date>` (the
-    order in which Optuna was asked: Optuna's trial number is this minus one)."""
+    order in which Optuna was asked: normally Optuna's trial number is this minus one)."""
     match = re.search(rf"_{re.escape(trial.trial_id)}_(\d+)_", Path(trial.path).name)
     return int(match.group(1)) if match else 0
 
