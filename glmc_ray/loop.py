@@ -175,16 +175,16 @@ def fit(cfg, t: Trainee, data: DataBundle, reporter: Reporter, dist: Dist | None
     for epoch in range(start_epoch, epochs):
         record = train_epoch(t, data, epoch, cfg, dist)
         t.scheduler.step()
+        bad = non_finite_state(t.raw_model)
+        if bad:  # never checkpoint a state that cannot train on (the rank that finds it ends the run)
+            raise FloatingPointError(f"non-finite weights after epoch {epoch} (loss {record['loss']:.4g}) in "
+                                     f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; {kept_checkpoint(epoch)}")
         splits = ["train"]
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
             last = evaluate_splits(t, data, dist)
             record.update(flatten(last))
             splits += list(data.evals)
         record.update(bad_image_counts(t, data, dist, splits))
-        bad = non_finite_state(t.raw_model)
-        if bad:  # never checkpoint a state that cannot train on (the rank that finds it ends the run)
-            raise FloatingPointError(f"non-finite weights after epoch {epoch} (loss {record['loss']:.4g}) in "
-                                     f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; {kept_checkpoint(epoch)}")
         is_best = _update_best(t, last, epoch) if "val_top1" in record else False
         t.history.append(record)
         if dist.is_main:

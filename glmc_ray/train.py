@@ -30,7 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ray.add_argument("--gpus-per-node", type=int, help="GPUs used per node (default: what the nodes report)")
     ray.add_argument("--workers", type=int, help="number of CPU workers (gloo) when there is no GPU")
     ray.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
-    ray.add_argument("--storage", help="checkpoint storage (default: --output); shared (s3://, NFS) on clusters")
+    ray.add_argument("--storage", default=os.environ.get("GLMC_STORAGE"),
+                     help="checkpoint storage: shared (s3://, NFS) on clusters (default: GLMC_STORAGE, else --output)")
     return p.parse_args(argv)
 
 

@@ -1,0 +1,52 @@
+"""A real two-node cluster made with `ray start` (glmc_ray.local_cluster): a `--nodes 2` run through Ray's CLI
+path, and the loss of the second node in the middle of a run."""
+import subprocess
+import sys
+import time
+
+from glmc_ray import rundir
+from glmc_ray.local_cluster import LocalCluster, processes_under
+from tests.conftest import REPO
+
+SMOKE = str(REPO / "configs/smoke.yaml")
+
+
+def _train(output, storage, epochs):
+    return [sys.executable, "-m", "glmc_ray.train", "--config", SMOKE, "--nodes", "2", "--output", str(output),
+            "--storage", str(storage), "--set", f"train.epochs={epochs}"]
+
+
+def test_the_documented_command_trains_on_two_nodes_and_stops_only_its_processes(tmp_path):
+    before = subprocess.run(["pgrep", "-f", "glmc-cluster-"], capture_output=True, text=True).stdout.split()
+    done = subprocess.run([sys.executable, "-m", "glmc_ray.local_cluster", "--",
+                           *_train(tmp_path / "runs", tmp_path / "shared", 2)],
+                          cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "local cluster at 127.0.0.1:" in done.stdout and "2 CPU workers on 2 node(s)" in done.stdout
+    run = next((tmp_path / "runs").iterdir())
+    assert [r["epoch"] for r in rundir.read_metrics(run)] == [0, 1]
+    assert (tmp_path / "shared" / run.name / "checkpoint_epoch0001").is_dir()  # checkpoints on the shared path
+    after = subprocess.run(["pgrep", "-f", "glmc-cluster-"], capture_output=True, text=True).stdout.split()
+    assert set(after) <= set(before)  # every process it started is gone
+
+
+def test_a_lost_node_that_comes_back_ends_in_a_complete_run_with_each_epoch_once(tmp_path):
+    with LocalCluster(head_cpus=1, worker_cpus=1) as cluster:
+        training = subprocess.Popen(_train(tmp_path / "runs", tmp_path / "shared", 4), cwd=REPO, env=cluster.env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and training.poll() is None:
+            runs = list((tmp_path / "runs").glob("*"))
+            if runs and rundir.read_metrics(runs[0]):
+                break
+            time.sleep(0.5)
+        assert training.poll() is None, "the run ended before a node could be lost"
+        cluster.stop_node(cluster.worker)  # the machine vanishes: raylet, agents and the Train worker on it
+        assert not processes_under(cluster.worker.temp_dir)
+        time.sleep(5)
+        cluster.start_node(cluster.worker)  # the autoscaler's replacement node joins
+        output, _ = training.communicate(timeout=500)
+    assert training.returncode == 0, output[-4000:]
+    run = next((tmp_path / "runs").iterdir())
+    assert [r["epoch"] for r in rundir.read_metrics(run)] == [0, 1, 2, 3]
+    assert "restored checkpoint" in output  # the worker group restarted from the latest checkpoint
