@@ -21,11 +21,17 @@ from pathlib import Path
 import torch
 
 VERSION_FILE = "version.json"
+COMMAND_ENV = "GLMC_COMMAND"  # set in a Tune trial to the search's command line (its own is a Ray worker's)
 SOURCE = Path(__file__).resolve().parents[1]  # the checkout root when the package runs from one
 
 
-def code_version(command: list[str] | None = None) -> dict:
-    """This process's code, libraries, device and command line (`command`, default: how it was started)."""
+def code_version(command: list[str] | str | None = None) -> dict:
+    """This process's code, libraries, device and command line (`command`, default: GLMC_COMMAND if a
+    search set it, else how this process was started)."""
+    if command is None:
+        command = os.environ.get(COMMAND_ENV) or shlex.join(sys.orig_argv)
+    elif not isinstance(command, str):
+        command = shlex.join(command)
     return {
         "glmc_ray": _installed("glmc-ray"),
         **git_state(SOURCE),
@@ -34,7 +40,7 @@ def code_version(command: list[str] | None = None) -> dict:
         "torchvision": _installed("torchvision"),
         "ray": _installed("ray"),  # from the metadata: an in-process run need not import Ray
         "device": device_description(),
-        "command": shlex.join(sys.orig_argv if command is None else command),
+        "command": command,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

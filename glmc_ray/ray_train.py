@@ -242,10 +242,12 @@ def check_scaling(cfg, scaling: Scaling) -> None:
 
 
 def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | None = None,
-           storage: str | None = None, ray_verbose: bool = False) -> tuple[Path, dict]:
+           storage: str | None = None, ray_verbose: bool = False, callbacks: list = ()) -> tuple[Path, dict]:
     """Check the request, then make the run directory (or take `resume`'s) and run the loop under a
     TorchTrainer; the run's name and storage make it resumable. Nothing is written when a check fails.
-    `ray_verbose` shows Ray Train's own INFO lines on the console (always in its log files)."""
+
+    `ray_verbose` shows Ray Train's own INFO lines on the console (always in its log files); `callbacks`:
+    extra Ray Train UserCallbacks (the search forwards each epoch to Tune with one)."""
     check_scaling(cfg, scaling)
     if resume is not None and (resume / rundir.CHECKPOINT).exists():
         raise ValueError(f"{resume} was trained in-process; resume it without Ray options")
@@ -258,14 +260,14 @@ def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | No
     print(f"run directory: {run} ({scaling.workers} {'GPU' if scaling.use_gpu else 'CPU'} workers "
           f"on {scaling.nodes} node(s))", flush=True)
     try:
-        return run, _fit(cfg, run, storage, scaling, ray_verbose)
+        return run, _fit(cfg, run, storage, scaling, ray_verbose, callbacks)
     except BaseException:
         if resume is None:
             rundir.report_failed_start(run)
         raise
 
 
-def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool) -> dict:
+def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, callbacks: list = ()) -> dict:
     from ray.train import CheckpointConfig, ControllerError, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -282,7 +284,7 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool) -> d
                 num_to_keep=cfg.dist.keep_checkpoints,
                 checkpoint_score_attribute=SCORE, checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures, controller_failure_limit=3),
-            callbacks=[metrics_callback(run), fail_fast_callback()],
+            callbacks=[metrics_callback(run), fail_fast_callback(), *callbacks],
             # Ray Train's INFO lines (each rank's "Reporting training result" dump every epoch, which
             # train_fn's route_train_context_logger brings under this setting, the worker group's start)
             # would bury the epoch lines; its system log files in <Ray session>/logs/train/ keep every level.

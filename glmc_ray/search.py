@@ -1,0 +1,596 @@
+"""Hyper-parameter search: Ray Tune runs the trials, Optuna (TPE) proposes them, the study lives in an RDB.
+
+    <output>/<name>-search-<stamp>/      the experiment directory (Tune's state is kept here too)
+      search.json                        the search's own options (what --resume needs)
+      base_config.yaml                   the base config (the dataset's recipe) with --set applied
+      study.db                           the Optuna study (SQLite; any SQLAlchemy URL via --storage-url)
+      trials/<name>-<trial id>-<stamp>/  one normal run directory per trial (config, metrics, final.json)
+      trials.csv                         id, status, searched values, val_balanced_top1, test_top1, s, error
+      best_config.yaml                   the base config with the best values, full schedule: train it
+      *.png                              Optuna's optimisation history, slice and importance plots
+
+Fidelity: every trial trains a complete, shortened schedule of `trial_epochs` epochs (default: the
+config's own train.epochs), so GLMC's cumulative alpha and the lr schedule both finish inside the trial,
+and the objective is the last epoch's balanced top-1 on the validation split. There is no mid-run early
+stopping: alpha hands the loss to the re-balanced head late, so the mid-run accuracy of a long schedule
+says little about its end. How well the short schedule ranks configurations for the full one is not
+measured yet.
+
+The loop, methods and data know nothing of Tune: a trial wraps `worker.run_worker` (one worker, in the
+trial's own process) or `ray_train.launch` (K workers under Ray Train) with a reporter that also calls
+`ray.tune.report`.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import re
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from glmc_ray import config as config_lib
+from glmc_ray import provenance, rundir
+from glmc_ray.config import ConfigError
+
+METRIC = "val_balanced_top1"  # the objective: balanced top-1 on the validation split, never the test set
+MODE = "max"
+SEARCH_FILE = "search.json"
+BASE_CONFIG = "base_config.yaml"
+TRIALS_DIR = "trials"
+KINDS = ("float", "int", "choice")
+
+
+# ----------------------------------------------------------------------------------------------- space
+
+@dataclass(frozen=True)
+class Param:
+    """One searched field: `kind` float/int with `low`/`high` (and `log`), or choice with `choices`."""
+
+    key: str
+    kind: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    choices: tuple = ()
+
+    def distribution(self):
+        import optuna
+
+        if self.kind == "float":
+            return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log)
+        if self.kind == "int":
+            return optuna.distributions.IntDistribution(self.low, self.high, log=self.log)
+        return optuna.distributions.CategoricalDistribution(list(self.choices))
+
+    def contains(self, value) -> bool:
+        if self.kind == "choice":
+            return value in self.choices
+        return self.low <= value <= self.high
+
+
+def set_dotted(values: dict, key: str, value) -> dict:
+    """Set `a.b` in a nested dict (sections are created; the config builder judges the key)."""
+    node = values
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part!r} is not a section", key)
+    node[parts[-1]] = value
+    return values
+
+
+def apply_values(cfg: config_lib.Config, values: dict) -> config_lib.Config:
+    """A new config: `cfg` with each dotted key of `values` set, validated like any config."""
+    merged = config_lib.to_dict(cfg)
+    for key, value in values.items():
+        set_dotted(merged, key, copy.deepcopy(value))
+    return config_lib.from_dict(merged)
+
+
+def get_dotted(cfg: config_lib.Config, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _parse_param(where: str, key, spec, base: config_lib.Config) -> Param:
+    if not isinstance(key, str) or "." not in key:
+        raise ConfigError(f"{where}: {key}: expected a dotted config field such as optim.lr", str(key))
+    if not isinstance(spec, dict) or len([k for k in spec if k in KINDS]) != 1:
+        raise ConfigError(f"{where}: {key}: expected one of {{float: [low, high]}}, {{int: [low, high]}} "
+                          f"or {{choice: [a, b, ...]}} (float/int may add log: true), got {spec!r}", key)
+    kind = next(k for k in spec if k in KINDS)
+    extra = set(spec) - {kind, "log"} if kind != "choice" else set(spec) - {kind}
+    if extra:
+        raise ConfigError(f"{where}: {key}: unknown option(s) {', '.join(sorted(map(str, extra)))}", key)
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise ConfigError(f"{where}: {key}: log must be true or false, got {log!r}", key)
+    values = spec[kind]
+    if kind == "choice":
+        if not isinstance(values, list) or len(values) < 2 or len({repr(v) for v in values}) != len(values):
+            raise ConfigError(f"{where}: {key}: choice needs a list of at least two distinct values, "
+                              f"got {values!r} (empty range)", key)
+    elif not isinstance(values, list) or len(values) != 2:
+        raise ConfigError(f"{where}: {key}: {kind} needs [low, high], got {values!r}", key)
+    else:
+        for value in values:
+            number = value if kind == "int" else _as_float(value)
+            ok = isinstance(number, int) if kind == "int" else isinstance(number, float)
+            if not ok or isinstance(number, bool):
+                what = "an integer" if kind == "int" else "a number"
+                raise ConfigError(f"{where}: {key}: {kind} bound {value!r} is not {what}", key)
+        values = [v if kind == "int" else _as_float(v) for v in values]
+    # each value (each bound, each choice) must make a config the trainer accepts: the field exists,
+    # has the right type and is in range (config.validate's own checks)
+    for value in values:
+        try:
+            built = apply_values(base, {key: value})
+        except ConfigError as err:
+            reason = str(err).removeprefix(f"{key}: ")
+            raise ConfigError(f"{where}: {key}: value {value!r}: {reason}", key) from None
+        if dataclass_field(built, key):
+            raise ConfigError(f"{where}: {key}: is a section, not a field", key)
+    if kind == "choice":
+        return Param(key, kind, choices=tuple(values))
+    low, high = values
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ConfigError(f"{where}: {key}: bounds must be finite, got [{low}, {high}]", key)
+    if low >= high:
+        raise ConfigError(f"{where}: {key}: empty range [{low}, {high}] (low must be below high; "
+                          f"use --set for a fixed value)", key)
+    if log and low <= 0:
+        raise ConfigError(f"{where}: {key}: a log range needs low > 0, got {low}", key)
+    field_type = type(get_dotted(base, key))
+    if kind == "float" and field_type is int:
+        raise ConfigError(f"{where}: {key}: is an integer field; use {{int: [low, high]}}", key)
+    return Param(key, kind, low, high, log)
+
+
+def dataclass_field(cfg, key: str) -> bool:
+    import dataclasses
+
+    return dataclasses.is_dataclass(get_dotted(cfg, key))
+
+
+def _as_float(value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def load_space(path: str | Path, base: config_lib.Config) -> list[Param]:
+    """Read and validate a search-space YAML file against the base config; errors name the file and key."""
+    where = str(path)
+    values = config_lib.read_yaml_mapping(path, "search space file")
+    params = [_parse_param(where, key, spec, base) for key, spec in values.items()]
+    for param in params:
+        value = get_dotted(base, param.key)
+        if not param.contains(value):
+            raise ConfigError(f"{where}: {param.key}: the base config's value {value!r} is outside the space; "
+                              f"it is the first point evaluated, so widen the range or --set another base value",
+                              param.key)
+    return params
+
+
+# ----------------------------------------------------------------------------------------------- options
+
+@dataclass
+class SearchOptions:
+    space: str
+    trials: int = 64
+    concurrent: int = 4
+    gpus_per_trial: float | None = None  # None: decided once connected (1 per worker with GPUs, else 0)
+    cpus_per_trial: float = 1.0
+    workers_per_trial: int = 1
+    trial_epochs: int | None = None  # default: the base config's train.epochs
+    seed: int = 0
+    storage_url: str | None = None  # default: sqlite:///<experiment>/study.db
+
+    def check(self) -> None:
+        for name, value, ok in (("--trials", self.trials, self.trials >= 1),
+                                ("--concurrent", self.concurrent, self.concurrent >= 1),
+                                ("--workers-per-trial", self.workers_per_trial, self.workers_per_trial >= 1),
+                                ("--cpus-per-trial", self.cpus_per_trial, self.cpus_per_trial > 0),
+                                ("--gpus-per-trial", self.gpus_per_trial, (self.gpus_per_trial or 0) >= 0)):
+            if not ok:
+                raise ConfigError(f"{name}: {value} is out of range")
+        if self.trial_epochs is not None and self.trial_epochs < 1:
+            raise ConfigError(f"--trial-epochs: {self.trial_epochs} is out of range; expected >= 1")
+        if self.workers_per_trial > 1 and self.gpus_per_trial not in (None, 0, self.workers_per_trial):
+            raise ConfigError(f"--gpus-per-trial {self.gpus_per_trial}: with --workers-per-trial "
+                              f"{self.workers_per_trial} each worker takes one GPU; use 0 or {self.workers_per_trial}")
+
+
+def has_validation(cfg) -> bool:
+    return cfg.data.val_fraction > 0 or bool(cfg.data.val_split)
+
+
+def check_base(cfg, source: str) -> None:
+    if not has_validation(cfg):
+        raise ConfigError(f"{source}: no validation split; the search optimises {METRIC} on it and never the test "
+                          f"set: set data.val_fraction > 0 (CIFAR, synthetic) or data.val_split (split files)")
+
+
+def trial_config(base, values: dict, trial_epochs: int | None) -> config_lib.Config:
+    """The config a trial trains: base, the shortened schedule, then the sampled values."""
+    values = dict(values)
+    if trial_epochs is not None:
+        values = {"train.epochs": trial_epochs, **values}
+    return apply_values(base, values)
+
+
+def prepare(base, params: list[Param], opts: SearchOptions, source: str) -> None:
+    """Every check that needs no Ray: validation split, trial schedule, the options."""
+    opts.check()
+    check_base(base, source)
+    try:
+        trial_config(base, {}, opts.trial_epochs)
+    except ConfigError as err:
+        raise ConfigError(f"--trial-epochs {opts.trial_epochs}: {err}", err.key) from None
+    if opts.storage_url:  # fail before anything is made; the default SQLite file is made in the experiment
+        import optuna
+
+        try:
+            optuna.storages.RDBStorage(opts.storage_url)
+        except Exception as err:
+            raise ConfigError(f"--storage-url {opts.storage_url}: cannot open it as an Optuna RDB storage "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def check_resources(opts: SearchOptions) -> None:
+    """After connecting: a trial must fit on one node of this cluster."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    gpus = max((n.get("GPU", 0) for n in nodes), default=0)
+    cpus = max((n.get("CPU", 0) for n in nodes), default=0)
+    need_gpus = opts.gpus_per_trial
+    if need_gpus > gpus:
+        raise ConfigError(f"--gpus-per-trial {opts.gpus_per_trial}: no node of this cluster has that many GPUs "
+                          f"(largest: {gpus:g})")
+    if opts.cpus_per_trial > cpus:
+        raise ConfigError(f"--cpus-per-trial {opts.cpus_per_trial}: no node of this cluster has that many CPUs "
+                          f"(largest: {cpus:g})")
+
+
+# ----------------------------------------------------------------------------------------------- trials
+
+class TuneReporter(rundir.LocalReporter):
+    """The run directory as in-process (metrics.jsonl, checkpoint.pt, best.pt, final.json) plus one
+    `ray.tune.report` per evaluated epoch. Trial resume uses the run directory's checkpoint.pt, so no
+    Tune checkpoint is passed."""
+
+    def report(self, record: dict, checkpoint, is_best: bool, per_class: list | None) -> None:
+        super().report(record, checkpoint, is_best, per_class)
+        if METRIC in record:  # epochs without evaluation (train.eval_every > 1) carry no objective
+            from ray import tune
+
+            tune.report(dict(record))
+
+
+def _find_run(parent: Path, name: str) -> Path | None:
+    runs = sorted(parent.glob(f"{name}-*")) if parent.is_dir() else []
+    return runs[-1] if runs else None
+
+
+def run_trial(values: dict, base: dict, opts: dict, experiment: str, command: str) -> None:
+    """The Tune function trainable: one trial = one normal run directory under <experiment>/trials/."""
+    from ray import tune
+
+    os.environ[provenance.COMMAND_ENV] = command  # version.json names the search, not this Ray worker
+
+    options = SearchOptions(**opts)
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(config_lib.from_dict(base), values, options.trial_epochs)
+    cfg.name = f"{cfg.name}-{trial_id}"
+    if options.gpus_per_trial == 0 and cfg.train.threads == 0:  # CPU trials share the node's cores
+        cfg.train.threads = max(1, int(options.cpus_per_trial // options.workers_per_trial) or 1)
+    parent = Path(experiment) / TRIALS_DIR
+    existing = _find_run(parent, cfg.name)  # a restored trial continues its own run directory
+    if options.workers_per_trial > 1:
+        _run_ray_trial(cfg, options, parent, existing)
+    else:
+        _run_local_trial(cfg, parent, existing)
+
+
+def _run_local_trial(cfg, parent: Path, existing: Path | None) -> None:
+    from ray import tune
+
+    from glmc_ray.worker import run_worker
+
+    state = None
+    if existing is not None and (existing / "final.json").exists():  # finished before an interruption
+        for record in rundir.read_metrics(existing):
+            if METRIC in record:
+                tune.report(record)
+        return
+    if existing is not None and (existing / rundir.CHECKPOINT).exists():
+        state = rundir.load_checkpoint(existing / rundir.CHECKPOINT)
+        rundir.remove_partial_writes(existing)
+        rundir.write_metrics(existing, state["history"])
+        for record in state["history"]:  # Tune's view of the trial restarts with the restored epochs
+            if METRIC in record:
+                tune.report(record)
+        run = existing
+        print(f"resuming trial run {run} at epoch {state['epoch']}", flush=True)
+    elif existing is not None:
+        run = existing
+        rundir.write_metrics(run, [])
+    else:
+        run = rundir.new_run_dir(parent, cfg)
+    print(f"trial run directory: {run}", flush=True)
+    try:
+        run_worker(cfg, TuneReporter(run, cfg), state=state)
+    except BaseException:
+        if state is None:  # as the trainer: a trial that saved no epoch leaves no run directory
+            rundir.report_failed_start(run)  # (trials.csv and Tune's trial folder keep its values and error)
+        raise
+
+
+def _run_ray_trial(cfg, options: SearchOptions, parent: Path, existing: Path | None) -> None:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from glmc_ray import ray_train
+
+    class ForwardEvaluated(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            record = {k: v for k, v in metrics[0].items() if k not in (ray_train.SCORE, ray_train.PER_CLASS)}
+            if METRIC in record:
+                super().after_report(run_context, [record], None)
+
+    workers = options.workers_per_trial
+    scaling = ray_train.Scaling(workers, options.gpus_per_trial > 0, 1, options.cpus_per_trial / workers)
+    if existing is not None and (existing / "final.json").exists():
+        from ray import tune
+
+        for record in rundir.read_metrics(existing):
+            if METRIC in record:
+                tune.report(record)
+        return
+    ray_train.launch(cfg, scaling, parent, existing, callbacks=[ForwardEvaluated()])
+
+
+# ----------------------------------------------------------------------------------------------- tuner
+
+def _trainable(experiment: Path, base: config_lib.Config, opts: SearchOptions):
+    from ray import tune
+
+    fn = tune.with_parameters(run_trial, base=config_lib.to_dict(base), opts=asdict(opts),
+                              experiment=str(experiment), command=shlex.join(sys.orig_argv))
+    if opts.workers_per_trial > 1:  # the Train workers take the resources; the trial is their driver
+        resources = {"CPU": 0.01}
+    else:
+        resources = {"CPU": opts.cpus_per_trial, "GPU": opts.gpus_per_trial}
+    return tune.with_resources(fn, resources)
+
+
+def storage_url(experiment: Path, opts: SearchOptions) -> str:
+    return opts.storage_url or f"sqlite:///{experiment / 'study.db'}"
+
+
+def _searcher(experiment: Path, base, params: list[Param], opts: SearchOptions):
+    import warnings
+
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # multivariate TPE
+        sampler = optuna.samplers.TPESampler(seed=opts.seed, multivariate=True)
+    first = {p.key: get_dotted(base, p.key) for p in params}  # the recipe itself is trial 1
+    return OptunaSearch(space={p.key: p.distribution() for p in params}, metric=METRIC, mode=MODE,
+                        points_to_evaluate=[first], sampler=sampler, study_name=experiment.name,
+                        storage=optuna.storages.RDBStorage(storage_url(experiment, opts)))
+
+
+def new_experiment(output: str | Path, base) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    experiment = Path(output).resolve() / f"{base.name}-search-{stamp}"
+    suffix = 1
+    while experiment.exists():
+        experiment = Path(output).resolve() / f"{base.name}-search-{stamp}-{suffix}"
+        suffix += 1
+    experiment.mkdir(parents=True)
+    return experiment
+
+
+def check_output(output: str | Path) -> None:
+    """Trials write their run directories wherever Tune places them: on a cluster of several machines the
+    experiment directory must be on storage every node sees."""
+    from glmc_ray import ray_train
+
+    hosts = ray_train.cluster_hosts()
+    try:
+        ray_train.check_shared_storage(str(Path(output).resolve()), hosts, hosts)
+    except ValueError:
+        raise ConfigError(f"--output {output} is on a node-local filesystem, but this cluster has {hosts} machines: "
+                          f"trials write their run directories there; use an NFS mount every node sees") from None
+
+
+def search(base, params: list[Param], opts: SearchOptions, output: str | Path) -> tuple[Path, bool]:
+    """Start a search (Ray must be connected); returns the experiment directory with its outputs and whether
+    every trial ran (False after an interruption such as Ctrl-C: Tune saved its state, --resume continues)."""
+    check_resources(opts)
+    check_output(output)
+    experiment = new_experiment(output, base)
+    config_lib.save(base, experiment / BASE_CONFIG)
+    (experiment / SEARCH_FILE).write_text(json.dumps(
+        {"options": asdict(opts), "space": [asdict(p) for p in params]}, indent=1))
+    print(f"experiment directory: {experiment}", flush=True)
+    from ray import tune
+
+    tuner = tune.Tuner(
+        _trainable(experiment, base, opts),
+        tune_config=tune.TuneConfig(search_alg=_searcher(experiment, base, params, opts), num_samples=opts.trials,
+                                    max_concurrent_trials=opts.concurrent),
+        run_config=tune.RunConfig(name=experiment.name, storage_path=str(experiment.parent),
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  verbose=1))  # status tables with the objective; the epochs are in trials/
+    tuner.fit()  # an errored trial (NaN: FloatingPointError) is recorded and the search goes on
+    return experiment, write_outputs(experiment)
+
+
+def read_experiment(experiment: Path) -> tuple[config_lib.Config, list[Param], SearchOptions]:
+    saved = json.loads((experiment / SEARCH_FILE).read_text())
+    params = [Param(**{**p, "choices": tuple(p["choices"])}) for p in saved["space"]]
+    return config_lib.load(experiment / BASE_CONFIG), params, SearchOptions(**saved["options"])
+
+
+def resume(experiment: str | Path) -> tuple[Path, bool]:
+    """Continue an interrupted search: finished trials are kept, unfinished ones continue from their run
+    directory's checkpoint, errored ones stay errored."""
+    from ray import tune
+
+    experiment = Path(experiment).resolve()
+    if not (experiment / SEARCH_FILE).is_file():
+        raise ConfigError(f"--resume {experiment}: not a search experiment directory (no {SEARCH_FILE})")
+    if not tune.Tuner.can_restore(str(experiment)):
+        raise ConfigError(f"--resume {experiment}: Tune saved no experiment state there yet; start a new search")
+    base, _, opts = read_experiment(experiment)
+    check_resources(opts)
+    print(f"resuming experiment {experiment}", flush=True)
+    tuner = tune.Tuner.restore(str(experiment), trainable=_trainable(experiment, base, opts),
+                               resume_unfinished=True, resume_errored=False, restart_errored=False)
+    tuner.fit()
+    return experiment, write_outputs(experiment)
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+
+def trial_rows(experiment: Path) -> tuple[list[dict], list[Param]]:
+    """One row per Tune trial, in creation order: id, status, searched values, objective, test top-1, s."""
+    from ray.tune import ExperimentAnalysis
+
+    _, params, _ = read_experiment(experiment)
+    analysis = ExperimentAnalysis(str(experiment))
+    rows = []
+    for trial in sorted(analysis.trials, key=_creation_number):
+        last = trial.last_result or {}
+        ok = trial.status == "TERMINATED" and last.get(METRIC) is not None
+        rows.append({"number": _creation_number(trial), "trial_id": trial.trial_id,
+                     "status": "complete" if ok else trial.status.lower(),
+                     **{p.key: trial.config.get(p.key) for p in params},
+                     METRIC: last.get(METRIC) if ok else None, "test_top1": last.get("test_top1"),
+                     "seconds": round(last["time_total_s"], 1) if "time_total_s" in last else None,
+                     "error": _error_line(trial)})
+    for row in rows:
+        if row["status"] == "error":
+            row["status"] = "failed"
+    return rows, params
+
+
+def _error_line(trial) -> str:
+    """The exception line of a failed trial (Tune's error.txt in its trial folder), e.g. the non-finite loss."""
+    path = Path(trial.path) / "error.txt"
+    if not path.is_file():
+        return ""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip()[:300] if lines else ""
+
+
+def _creation_number(trial) -> int:
+    """Tune's 1-based creation index, from its trial folder `<trainable>_<id>_<n>_<values>_<date>` (the
+    order in which Optuna was asked: normally Optuna's trial number is this minus one)."""
+    match = re.search(rf"_{re.escape(trial.trial_id)}_(\d+)_", Path(trial.path).name)
+    return int(match.group(1)) if match else 0
+
+
+def write_outputs(experiment: Path) -> bool:
+    """trials.csv, best_config.yaml (full schedule) and Optuna's plots; returns whether every trial ran."""
+    rows, params = trial_rows(experiment)
+    columns = ["number", "trial_id", "status", *[p.key for p in params], METRIC, "test_top1", "seconds", "error"]
+    with open(experiment / "trials.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    done = [r for r in rows if r["status"] == "complete"]
+    failed = sum(r["status"] == "failed" for r in rows)
+    unfinished = len(rows) - len(done) - failed
+    _, _, opts = read_experiment(experiment)
+    best = max(done, key=lambda r: r[METRIC]) if done else None
+    if best is not None:
+        base, _, _ = read_experiment(experiment)  # train.epochs stays the base's: the full schedule
+        cfg = apply_values(base, {p.key: best[p.key] for p in params})
+        config_lib.save(cfg, experiment / "best_config.yaml")
+    write_plots(experiment)
+    print(f"{len(rows)} trials ({len(done)} complete, {failed} failed, {unfinished} unfinished); "
+          f"trials.csv in {experiment}", flush=True)
+    interrupted = bool(unfinished or len(rows) < opts.trials)
+    if not interrupted:
+        close_stale_trials(experiment, opts)
+    if interrupted:
+        print(f"the search was interrupted; continue it: python tuning/search.py --resume {experiment}", flush=True)
+    if best is not None:
+        print(f"best trial {best['trial_id']}: {METRIC} {best[METRIC]:.2f} (test top-1 {best['test_top1']:.2f}, "
+              f"not optimised on); train it: python -m glmc_ray.train --config {experiment / 'best_config.yaml'}",
+              flush=True)
+    else:
+        print("no trial completed: no best_config.yaml", flush=True)
+    return not interrupted
+
+
+def close_stale_trials(experiment: Path, opts: SearchOptions) -> int:
+    """Once every Tune trial has ended: Optuna trials still RUNNING were asked by a driver that was killed
+    before Tune saved them (no Tune trial ran them); mark them FAIL so the study says what happened."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=experiment.name, storage=storage_url(experiment, opts))
+    stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+    for trial in stale:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    return len(stale)
+
+
+def write_plots(experiment: Path) -> list[Path]:
+    """Optuna's matplotlib plots from the persisted study (what `optuna-dashboard` would read too)."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    _, _, opts = read_experiment(experiment)
+    study = optuna.load_study(study_name=experiment.name, storage=storage_url(experiment, opts))
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    plots = {"optimization_history.png": ovm.plot_optimization_history, "slice.png": ovm.plot_slice}
+    if len(complete) >= 2:
+        plots["param_importances.png"] = ovm.plot_param_importances
+    written = []
+    for name, plot in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # optuna's "experimental" warnings on every plot
+                axes = plot(study)
+            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
+            figure.set_size_inches(max(figure.get_size_inches()[0], 8), 6)
+            figure.savefig(experiment / name, dpi=100, bbox_inches="tight")
+            plt.close(figure)
+            written.append(experiment / name)
+        except Exception as err:  # a plot is a convenience; never lose trials.csv over one
+            print(f"note: {name} not written ({type(err).__name__}: {err})", file=sys.stderr, flush=True)
+    return written
+
+
+def set_environment() -> None:
+    """Before Tune is imported: no per-snapshot sync warnings (the experiment is on local disk)."""
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")

@@ -1,0 +1,238 @@
+"""The hyper-parameter search: space validation (no Ray), then real Ray Tune + real Optuna on CPU trials."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import ray
+
+from glmc_ray import config as config_lib
+from glmc_ray import rundir, search
+from glmc_ray.train import main as train_main
+from tests.conftest import REPO
+from tuning.search import main
+
+SMOKE = str(REPO / "configs/smoke.yaml")
+FAST = ["--set", "data.synthetic_max_count=64", "--set", "data.synthetic_test_per_class=10"]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
+    ray.init(num_cpus=4, object_store_memory=256 << 20)
+    yield
+    ray.shutdown()
+
+
+def _space(tmp_path, text, name="space.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _rows(experiment):
+    with open(experiment / "trials.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _only_experiment(output):
+    found = [p for p in output.iterdir() if p.is_dir() and "-search-" in p.name]
+    assert len(found) == 1
+    return found[0]
+
+
+def _study(experiment):
+    return optuna.load_study(study_name=experiment.name, storage=f"sqlite:///{experiment / 'study.db'}")
+
+
+# ------------------------------------------------------------------------------------- (a) no Ray
+
+@pytest.mark.parametrize("text, key, words", [
+    ("optim.lrr: {float: [0.01, 0.1]}", "optim.lrr", "unknown key"),
+    ("method.cumulative_exponent: {float: [1, two]}", "method.cumulative_exponent", "not a number"),
+    ("train.epochs: {float: [1, 3]}", "train.epochs", "expected int"),
+    ("method.area_corrected_cutmix: {choice: [0, 1]}", "method.area_corrected_cutmix", "true or false"),
+    ("optim.lr: {float: [-1, 0.1]}", "optim.lr", "out of range"),
+    ("optim.momentum: {float: [0.5, 1.5]}", "optim.momentum", "out of range"),
+    ("method.cumulative_shape: {choice: [power, square]}", "method.cumulative_shape", "not one of"),
+    ("optim.lr: {float: [0.1, 0.01]}", "optim.lr", "empty range"),
+    ("optim.lr: {float: [0.05, 0.05]}", "optim.lr", "empty range"),
+    ("method.cumulative_shape: {choice: []}", "method.cumulative_shape", "empty range"),
+    ("optim.lr: {float: [0.0, 0.1], log: true}", "optim.lr", "out of range"),
+    ("optim.lr: 0.1", "optim.lr", "expected one of"),
+    ("optim: {float: [0.1, 1]}", "optim", "dotted config field"),
+    ("optim.lr: {float: [0.1, 1]}", "optim.lr", "base config's value 0.05 is outside"),
+])
+def test_space_errors_name_the_file_and_the_key(tmp_path, text, key, words):
+    path = _space(tmp_path, text)
+    with pytest.raises(config_lib.ConfigError) as err:
+        search.load_space(path, config_lib.load(SMOKE))
+    message = str(err.value)
+    assert message.startswith(f"{path}: {key}") and words in message, message
+    assert err.value.key == key
+
+
+def test_glmc_space_fits_both_cifar_recipes_and_applies_to_a_config():
+    for recipe in ("smoke.yaml", "cifar100_lt.yaml", "cifar10_lt.yaml"):
+        base = config_lib.load(REPO / "configs" / recipe)
+        params = search.load_space(REPO / "configs/search/glmc.yaml", base)
+        assert {p.key for p in params} >= {"method.consistency_weight", "method.mix_beta", "optim.lr",
+                                           "method.area_corrected_cutmix", "method.label_weight_exponent",
+                                           "method.resample_exponent", "method.cumulative_shape",
+                                           "method.cumulative_exponent", "optim.weight_decay"}
+    cfg = search.apply_values(base, {"method.cumulative_shape": "cosine", "optim.lr": 0.02})
+    assert cfg.method.cumulative_shape == "cosine" and cfg.optim.lr == 0.02 and cfg.train.epochs == base.train.epochs
+
+
+def test_bad_input_is_one_error_line_before_any_trial(tmp_path, capsys):
+    space = str(_space(tmp_path, "optim.lr: {float: [0.01, 0.1], log: true}"))
+    cases = [
+        (["--config", SMOKE, "--set", "data.val_fraction=0", "--space", space], "no validation split"),
+        (["--config", SMOKE, "--set", "optim.lr=-1", "--space", space], "--set optim.lr=-1"),
+        (["--config", SMOKE, "--space", str(tmp_path / "missing.yaml")], "does not exist"),
+        (["--config", SMOKE, "--space", space, "--trials", "0"], "--trials"),
+        (["--config", SMOKE, "--space", space, "--set", "optim.schedule=warmup_cosine",
+          "--set", "optim.warmup_epochs=2", "--trial-epochs", "2"], "--trial-epochs 2"),
+        (["--config", SMOKE, "--space", space, "--storage-url", "nosuch://db"], "--storage-url nosuch://db"),
+    ]
+    for argv, words in cases:
+        assert main([*argv, "--output", str(tmp_path / "out")]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], (argv, err)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------- Ray Tune + Optuna
+
+def test_gpus_per_trial_beyond_the_cluster_is_refused(tmp_path, capsys, ray_session):
+    space = str(_space(tmp_path, "optim.lr: {float: [0.01, 0.1], log: true}"))
+    assert main(["--config", SMOKE, "--space", space, "--gpus-per-trial", "1", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "error: --gpus-per-trial 1" in err and "GPUs" in err
+    assert list(tmp_path.iterdir()) == [tmp_path / "space.yaml"]
+
+
+def test_search_runs_trials_and_writes_a_trainable_best_config(tmp_path, ray_session):
+    space = _space(tmp_path, "method.consistency_weight: {float: [0.1, 20], log: true}\n"
+                             "method.cumulative_shape: {choice: [power, cosine, linear]}\n"
+                             "optim.lr: {float: [0.003, 0.1], log: true}\n")
+    output = tmp_path / "runs"
+    assert main(["--config", SMOKE, *FAST, "--space", str(space), "--trials", "4", "--concurrent", "2",
+                 "--trial-epochs", "1", "--output", str(output), "--seed", "1"]) == 0
+    experiment = _only_experiment(output)
+    rows = _rows(experiment)
+    assert [int(r["number"]) for r in rows] == [1, 2, 3, 4] and all(r["status"] == "complete" for r in rows)
+    base = config_lib.load(SMOKE)  # trial 1 is the recipe itself
+    assert float(rows[0]["method.consistency_weight"]) == base.method.consistency_weight
+    assert rows[0]["method.cumulative_shape"] == base.method.cumulative_shape
+    assert float(rows[0]["optim.lr"]) == base.optim.lr
+    assert all(r["test_top1"] and float(r["seconds"]) > 0 for r in rows)
+    best_row = max(rows, key=lambda r: float(r["val_balanced_top1"]))
+    best = config_lib.load(experiment / "best_config.yaml")
+    assert best.method.consistency_weight == float(best_row["method.consistency_weight"])
+    assert best.method.cumulative_shape == best_row["method.cumulative_shape"]
+    assert best.optim.lr == float(best_row["optim.lr"])
+    assert best.train.epochs == base.train.epochs and best.data.synthetic_max_count == 64  # full schedule, --set kept
+    assert train_main(["--config", str(experiment / "best_config.yaml"), "--dry-run"]) == 0  # the trainer takes it
+    study = _study(experiment)
+    assert len(study.trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert study.trials[0].params["optim.lr"] == base.optim.lr
+    assert study.best_value == pytest.approx(float(best_row["val_balanced_top1"]))
+    for name in ("optimization_history.png", "slice.png", "param_importances.png"):
+        assert (experiment / name).stat().st_size > 5_000, name
+    runs = sorted((experiment / "trials").iterdir())  # every trial is a normal run directory
+    assert len(runs) == 4 and all((r / "final.json").exists() and (r / "metrics.jsonl").exists() for r in runs)
+    assert config_lib.load(runs[0] / "config.yaml").train.epochs == 1
+
+
+def test_a_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(tmp_path, ray_session):
+    # the base (first) point has an lr that makes the loss non-finite at once: FloatingPointError
+    space = _space(tmp_path, "optim.lr: {float: [0.001, 1.0e+6], log: true}\n")
+    output = tmp_path / "runs"
+    assert main(["--config", SMOKE, *FAST, "--set", "optim.lr=1e6", "--space", str(space), "--trials", "3",
+                 "--concurrent", "2", "--trial-epochs", "1", "--output", str(output)]) == 0
+    experiment = _only_experiment(output)
+    rows = _rows(experiment)
+    assert len(rows) == 3 and rows[0]["status"] == "failed" and rows[0]["val_balanced_top1"] == ""
+    assert float(rows[0]["optim.lr"]) == 1e6 and rows[0]["error"].startswith("FloatingPointError: non-finite")
+    study = _study(experiment)
+    assert len(study.trials) == 3 and study.trials[0].state == optuna.trial.TrialState.FAIL
+    runs = {p.name.split("-")[1] for p in (experiment / "trials").iterdir()}
+    assert rows[0]["trial_id"] not in runs  # a trial that saved no epoch leaves no run directory, as the trainer
+    complete = [r for r in rows if r["status"] == "complete"]
+    assert runs == {r["trial_id"] for r in complete}
+    if complete:  # the sampled lr may diverge too; whatever completed gives the best config
+        assert (experiment / "best_config.yaml").exists()
+
+
+def _mid_trial(output):
+    """The run directory of a trial that has finished some epochs but not all, once another finished."""
+    if not list(output.glob("*/trials/*/final.json")):
+        return None
+    for run in output.glob("*/trials/*"):
+        if not (run / "final.json").exists() and (run / "checkpoint.pt").exists() and rundir.read_metrics(run):
+            return run
+    return None
+
+
+KILLED = """
+import sys
+from glmc_ray.train import main as train_main
+from tuning.search import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_search_resumes_with_every_trial_once(tmp_path, ray_session):
+    space = _space(tmp_path, "optim.lr: {float: [0.003, 0.1], log: true}\n"
+                             "method.consistency_weight: {float: [0.1, 20], log: true}\n")
+    output = tmp_path / "runs"
+    address = ray.get_runtime_context().gcs_address
+    argv = ["--config", SMOKE, *FAST, "--space", str(space), "--trials", "4", "--concurrent", "1",
+            "--trial-epochs", "3", "--output", str(output), "--address", address]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    driver = subprocess.Popen([sys.executable, "-c", KILLED, *argv], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not _mid_trial(output) and time.monotonic() < deadline:  # trial 1 done, trial 2 has epoch 0
+            time.sleep(0.2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    experiment = _only_experiment(output)
+    interrupted = _mid_trial(output)
+    assert interrupted is not None and not (experiment / "trials.csv").exists()
+    finished_before = {p.parent: p.stat().st_mtime_ns for p in experiment.glob("trials/*/final.json")}
+    assert main(["--resume", str(experiment)]) == 0
+    rows = _rows(experiment)
+    assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4
+    assert all(r["status"] == "complete" for r in rows)
+    runs = sorted((experiment / "trials").iterdir())
+    assert len(runs) == 4  # one run directory per trial: nothing trained twice in a second folder
+    for run, mtime in finished_before.items():  # finished trials are not trained again
+        assert (run / "final.json").stat().st_mtime_ns == mtime
+    # the interrupted trial continued from its checkpoint: each epoch once
+    assert [r["epoch"] for r in rundir.read_metrics(interrupted)] == [0, 1, 2]
+    study = _study(experiment)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+
+
+def test_a_trial_can_be_a_two_worker_ray_train_run(tmp_path, ray_session):
+    space = _space(tmp_path, "optim.lr: {float: [0.003, 0.1], log: true}\n")
+    output = tmp_path / "runs"
+    assert main(["--config", SMOKE, *FAST, "--set", "model.norm=group", "--space", str(space), "--trials", "1",
+                 "--concurrent", "1", "--trial-epochs", "2", "--workers-per-trial", "2",
+                 "--output", str(output)]) == 0
+    experiment = _only_experiment(output)
+    rows = _rows(experiment)
+    assert len(rows) == 1 and rows[0]["status"] == "complete" and float(rows[0]["optim.lr"]) == 0.05
+    (run,) = (experiment / "trials").iterdir()  # a Ray Train run directory: its checkpoints, metrics, final
+    assert [r["epoch"] for r in rundir.read_metrics(run)] == [0, 1] and (run / "final.json").exists()
+    assert list(run.glob("checkpoint_epoch*"))
+    assert float(rows[0]["val_balanced_top1"]) == rundir.read_metrics(run)[-1]["val_balanced_top1"]
+    assert config_lib.load(experiment / "best_config.yaml").optim.lr == 0.05

@@ -1,0 +1,98 @@
+"""Hyper-parameter search for GLMC: Ray Tune runs the trials, Optuna (TPE) proposes them.
+
+    python tuning/search.py --config configs/cifar100_lt.yaml --space configs/search/glmc.yaml \\
+        --trials 64 --concurrent 4 --gpus-per-trial 0.25
+
+Optimises balanced top-1 on the validation split (never the test set); every trial trains a complete,
+shortened schedule (--trial-epochs). Outputs (trials.csv, best_config.yaml, plots, the Optuna study) go to
+<output>/<name>-search-<stamp>/; `--resume` that directory after an interruption. See glmc_ray/search.py.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from glmc_ray import config as config_lib
+from glmc_ray import search
+from glmc_ray.errors import exit_code
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python tuning/search.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="base YAML recipe (its values are the first trial); needs a validation split")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base config field, e.g. --set data.val_fraction=0.1 (repeatable)")
+    p.add_argument("--space", help="search space YAML, e.g. configs/search/glmc.yaml")
+    p.add_argument("--trials", type=int, default=64, help="number of trials (default 64)")
+    p.add_argument("--concurrent", type=int, default=4, help="trials running at once (default 4)")
+    p.add_argument("--gpus-per-trial", type=float,
+                   help="GPUs per trial, fractions allowed (default: 1 if the cluster has GPUs, else 0: CPU trials)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
+    p.add_argument("--workers-per-trial", type=int, default=1,
+                   help="K > 1: each trial is a K-worker Ray Train run (default 1: the loop in the trial's process)")
+    p.add_argument("--trial-epochs", type=int,
+                   help="epochs of each trial's complete, shortened schedule (default: the config's train.epochs)")
+    p.add_argument("--output", default="runs", help="parent folder of the experiment directory (default runs/)")
+    p.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue an interrupted search")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, a cluster on this node, "
+                                     "else a local Ray instance)")
+    p.add_argument("--seed", type=int, default=0, help="seed of Optuna's TPE sampler (default 0)")
+    p.add_argument("--storage-url", help="SQLAlchemy URL of the Optuna study (default: sqlite in the experiment)")
+    return p.parse_args(argv)
+
+
+def _options(args) -> search.SearchOptions:
+    return search.SearchOptions(
+        space=str(Path(args.space).resolve()), trials=args.trials, concurrent=args.concurrent,
+        gpus_per_trial=args.gpus_per_trial,
+        cpus_per_trial=args.cpus_per_trial, workers_per_trial=args.workers_per_trial,
+        trial_epochs=args.trial_epochs, seed=args.seed, storage_url=args.storage_url)
+
+
+def _default_gpus(opts: search.SearchOptions) -> None:
+    import ray
+
+    if opts.gpus_per_trial is None:  # not given: one GPU per worker where there are GPUs
+        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        opts.gpus_per_trial = float(opts.workers_per_trial) if has_gpus else 0.0
+
+
+def run(args) -> tuple[Path, bool]:
+    from glmc_ray import ray_train
+
+    search.set_environment()
+    if args.resume:
+        if args.config or args.space or args.overrides:
+            raise config_lib.ConfigError("--resume uses the experiment's saved base config and space; "
+                                         "drop --config/--set/--space")
+        ray_train.connect(args.address, 1)
+        return search.resume(args.resume)
+    if not args.space:
+        raise config_lib.ConfigError("--space is required (e.g. configs/search/glmc.yaml)")
+    base = config_lib.load(args.config, args.overrides)
+    if base.data.root:  # trials run in other working directories
+        base.data.root = str(Path(base.data.root).resolve())
+    params = search.load_space(args.space, base)
+    opts = _options(args)
+    search.prepare(base, params, opts, args.config or "the default config")
+    ray_train.connect(args.address, max(1, int(opts.concurrent * opts.cpus_per_trial)))
+    _default_gpus(opts)
+    return search.search(base, params, opts, args.output)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        _, finished = run(args)
+    except Exception as err:
+        code = exit_code(err)
+        if code is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return code
+    return 0 if finished else 130  # interrupted (Ctrl-C): the outputs so far are written, --resume continues
+
+
+if __name__ == "__main__":
+    sys.exit(main())
