@@ -1,6 +1,8 @@
 """The hyper-parameter search: space validation (no Ray), then real Ray Tune + real Optuna on CPU trials."""
 import csv
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import ray
 from glmc_ray import config as config_lib
 from glmc_ray import rundir, search
 from glmc_ray.train import main as train_main
-from tests.conftest import REPO
+from tests.conftest import REPO, git_head
 from tuning.search import main
 
 SMOKE = str(REPO / "configs/smoke.yaml")
@@ -147,6 +149,8 @@ def test_search_runs_trials_and_writes_a_trainable_best_config(tmp_path, ray_ses
     runs = sorted((experiment / "trials").iterdir())  # every trial is a normal run directory
     assert len(runs) == 4 and all((r / "final.json").exists() and (r / "metrics.jsonl").exists() for r in runs)
     assert config_lib.load(runs[0] / "config.yaml").train.epochs == 1
+    version = json.loads((runs[0] / "version.json").read_text())  # the search's command, not a Ray worker's
+    assert version["command"] == shlex.join(sys.orig_argv) and version["git_commit"] == git_head()
 
 
 def test_a_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(tmp_path, ray_session):
