@@ -175,8 +175,23 @@ def restore_committed_epochs(run: Path, storage: str) -> None:
     latest = result.checkpoint
     with latest.filesystem.open_input_stream(f"{latest.path}/{rundir.METRICS}") as stream:
         history = [json.loads(line) for line in stream.read().decode().splitlines()]
+    _write_missing_events(run, history)
     rundir.write_metrics(run, history)
     _delete_untracked_checkpoints(latest, {latest.path, *(c.path for c, _ in result.best_checkpoints)})
+
+
+def _write_missing_events(run: Path, history: list[dict]) -> None:
+    """TensorBoard points of committed epochs whose metrics line was never written (their per-class
+    accuracy is not in the history, only the scalars)."""
+    from glmc_ray.tensorboard_events import EpochEvents
+
+    written = {record["epoch"] for record in rundir.read_metrics(run)}
+    missing = [record for record in history if record["epoch"] not in written]
+    if missing:
+        events = EpochEvents(run)
+        for record in missing:
+            events.write(record)
+        events.close()
 
 
 def _delete_untracked_checkpoints(latest, tracked: set[str]) -> None:

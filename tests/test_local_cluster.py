@@ -1,5 +1,7 @@
-"""A real two-node cluster made with `ray start` (glmc_ray.local_cluster): a `--nodes 2` run through Ray's CLI
-path, and the loss of the second node in the middle of a run."""
+"""A real two-node cluster made with `ray start` (glmc_ray.local_cluster): a `--nodes 2` run and a 2-trial
+search through Ray's CLI path, and the loss of the second node in the middle of a run."""
+import csv
+import shlex
 import subprocess
 import sys
 import time
@@ -16,16 +18,22 @@ def _train(output, storage, epochs):
             "--storage", str(storage), "--set", f"train.epochs={epochs}"]
 
 
-def test_the_documented_command_trains_on_two_nodes_and_stops_only_its_processes(tmp_path):
+def test_the_documented_command_trains_and_searches_on_two_nodes_and_stops_only_its_processes(tmp_path):
     before = subprocess.run(["pgrep", "-f", "glmc-cluster-"], capture_output=True, text=True).stdout.split()
-    done = subprocess.run([sys.executable, "-m", "glmc_ray.local_cluster", "--",
-                           *_train(tmp_path / "runs", tmp_path / "shared", 2)],
-                          cwd=REPO, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
+    search = [sys.executable, "tuning/search.py", "--config", SMOKE, "--set", "data.synthetic_max_count=64",
+              "--space", "configs/search/glmc.yaml", "--trials", "2", "--concurrent", "2", "--trial-epochs", "1",
+              "--output", str(tmp_path / "shared" / "search")]  # one CPU trial on each node
+    both = " && ".join(shlex.join(command) for command in (_train(tmp_path / "runs", tmp_path / "shared", 2), search))
+    done = subprocess.run([sys.executable, "-m", "glmc_ray.local_cluster", "--", "bash", "-c", both],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "local cluster at 127.0.0.1:" in done.stdout and "2 CPU workers on 2 node(s)" in done.stdout
     run = next((tmp_path / "runs").iterdir())
     assert [r["epoch"] for r in rundir.read_metrics(run)] == [0, 1]
     assert (tmp_path / "shared" / run.name / "checkpoint_epoch0001").is_dir()  # checkpoints on the shared path
+    experiment = next((tmp_path / "shared" / "search").iterdir())
+    with open(experiment / "trials.csv") as f:
+        assert [row["status"] for row in csv.DictReader(f)] == ["complete", "complete"]
     after = subprocess.run(["pgrep", "-f", "glmc-cluster-"], capture_output=True, text=True).stdout.split()
     assert set(after) <= set(before)  # every process it started is gone
 

@@ -12,7 +12,7 @@ from ray.util.state import list_actors
 
 from glmc_ray import rundir
 from glmc_ray.train import main
-from tests.conftest import REPO
+from tests.conftest import REPO, tensorboard_scalars
 
 SMOKE = str(REPO / "configs/smoke.yaml")
 
@@ -68,7 +68,9 @@ def test_a_driver_killed_after_the_commit_loses_no_epoch_and_leaves_no_orphan(tm
     (run / "checkpoint_epoch0099").mkdir()  # a folder Ray's snapshot does not track (a clean-up cut short)
 
     assert main(["--resume", str(run), "--workers", "2"]) == 0
-    assert [r["epoch"] for r in rundir.read_metrics(run)] == [0, 1, 2, 3, 4]
+    records = rundir.read_metrics(run)
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3, 4]
+    assert tensorboard_scalars(run, "test/top1") == {r["epoch"]: pytest.approx(r["test_top1"]) for r in records}
     result = Result.from_path(str(run))
     tracked = {os.path.basename(c.path) for c, _ in result.best_checkpoints}
     assert _checkpoint_folders(run) == tracked and "checkpoint_epoch0004" in tracked
