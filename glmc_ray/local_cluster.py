@@ -75,15 +75,20 @@ class LocalCluster:
         subprocess.run(command, env=self.env, check=True, capture_output=True, text=True)
         node.pids |= processes_under(node.temp_dir)
 
-    def stop_node(self, node: Node) -> None:
-        """SIGKILL every process of `node` and their children, as a lost machine would vanish."""
+    def stop_node(self, node: Node, timeout: float = 10.0) -> None:
+        """SIGKILL every process of `node` and their children, as a lost machine would vanish; returns once
+        none is left (a killed process stays visible until it has exited, and a raylet may have just
+        started a worker)."""
+        deadline = time.monotonic() + timeout
         pids = node.pids | processes_under(node.temp_dir)
-        pids |= descendants(pids)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        while pids and time.monotonic() < deadline:
+            for pid in pids | descendants(pids):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+            pids = processes_under(node.temp_dir) | {pid for pid in node.pids if _running(pid)}
         node.pids = set()
 
     def stop(self) -> None:
@@ -101,6 +106,14 @@ def _cmdlines() -> dict[int, str]:
             except OSError:
                 continue
     return lines
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an exited child its parent has not collected yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def processes_under(temp_dir: Path) -> set[int]:
