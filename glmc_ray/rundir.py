@@ -76,15 +76,21 @@ def load_checkpoint(path: Path) -> dict:
         raise ValueError(f"checkpoint {path} cannot be read ({err}); it is not a complete torch checkpoint") from err
 
 
+def new_stamped_folder(parent: str | Path, name: str) -> Path:
+    """Make `<parent>/<name>-<timestamp>` (with a suffix when two start in the same second)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = Path(parent).resolve() / f"{name}-{stamp}"
+    suffix = 1
+    while folder.exists():
+        folder = Path(parent).resolve() / f"{name}-{stamp}-{suffix}"
+        suffix += 1
+    folder.mkdir(parents=True)
+    return folder
+
+
 def new_run_dir(output: str | Path, cfg) -> Path:
     """A fresh `<output>/<cfg.name>-<timestamp>` holding the resolved config.yaml and version.json."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run = Path(output).resolve() / f"{cfg.name}-{stamp}"
-    suffix = 1
-    while run.exists():
-        run = Path(output).resolve() / f"{cfg.name}-{stamp}-{suffix}"
-        suffix += 1
-    run.mkdir(parents=True)
+    run = new_stamped_folder(output, cfg.name)
     config_lib.save(cfg, run / "config.yaml")
     provenance.write_version(run)
     return run

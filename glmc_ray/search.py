@@ -30,7 +30,6 @@ import os
 import re
 import shlex
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -400,14 +399,7 @@ def _searcher(experiment: Path, base, params: list[Param], opts: SearchOptions):
 
 
 def new_experiment(output: str | Path, base) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    experiment = Path(output).resolve() / f"{base.name}-search-{stamp}"
-    suffix = 1
-    while experiment.exists():
-        experiment = Path(output).resolve() / f"{base.name}-search-{stamp}-{suffix}"
-        suffix += 1
-    experiment.mkdir(parents=True)
-    return experiment
+    return rundir.new_stamped_folder(output, f"{base.name}-search")
 
 
 def check_output(output: str | Path) -> None:
