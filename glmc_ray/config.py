@@ -232,6 +232,21 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"{where}{err}", err.key) from None
 
 
+def load_for_workers(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """`load`, with data.root made absolute: Ray workers and Tune trials run in other working directories."""
+    cfg = load(path, overrides)
+    if cfg.data.root:
+        cfg.data.root = str(Path(cfg.data.root).resolve())
+    return cfg
+
+
+def add_recipe_arguments(parser, config_help: str, set_example: str) -> None:
+    """The command-line options every entry point shares: --config FILE and repeatable --set KEY=VALUE."""
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config field, e.g. --set {set_example} (repeatable)")
+
+
 def _names_same_field(item: str, key: str | None) -> bool:
     """Whether the override `item` (a.b=value) set `key` or a section holding it (or a field inside `key`)."""
     dotted = item.split("=", 1)[0].strip()

@@ -6,9 +6,24 @@ only lost workers and nodes are worth a restart.
 """
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 EXIT_CODES = ((FloatingPointError, 1), (FileNotFoundError, 2), (ValueError, 2))
 
 
 def exit_code(error: BaseException) -> int | None:
     """The exit code of a failure no restart can fix, or None for one that a restart may (a lost worker)."""
     return next((code for kind, code in EXIT_CODES if isinstance(error, kind)), None)
+
+
+def run_command(command: Callable[[], int]) -> int:
+    """command(); a failure no restart can fix ends as one `error:` line on stderr and its exit code."""
+    try:
+        return command()
+    except Exception as err:
+        code = exit_code(err)
+        if code is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return code

@@ -274,12 +274,8 @@ def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | No
     run = resume or rundir.new_run_dir(output, cfg)
     print(f"run directory: {run} ({scaling.workers} {'GPU' if scaling.use_gpu else 'CPU'} workers "
           f"on {scaling.nodes} node(s))", flush=True)
-    try:
+    with rundir.removed_if_failed_start(run, fresh=resume is None):
         return run, _fit(cfg, run, storage, scaling, ray_verbose, callbacks)
-    except BaseException:
-        if resume is None:
-            rundir.report_failed_start(run)
-        raise
 
 
 def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, callbacks: list = ()) -> dict:

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -107,9 +108,25 @@ def remove_failed_start(run: Path) -> bool:
     return True
 
 
-def report_failed_start(run: Path) -> None:
-    if remove_failed_start(run):
-        print(f"removed {run}: the run stopped before its first epoch was saved", file=sys.stderr, flush=True)
+@contextlib.contextmanager
+def removed_if_failed_start(run: Path, fresh: bool):
+    """Around the training of `run`: if it fails and `fresh` (not a resume) and no epoch was saved, the run
+    directory is deleted and the user told so; the error goes on."""
+    try:
+        yield
+    except BaseException:
+        if fresh and remove_failed_start(run):
+            print(f"removed {run}: the run stopped before its first epoch was saved", file=sys.stderr, flush=True)
+        raise
+
+
+def restore_run(run: Path) -> dict:
+    """Before an in-process resume: the checkpoint's state; temp files of a killed write are deleted and
+    metrics.jsonl becomes exactly the epochs the checkpoint holds."""
+    state = load_checkpoint(run / CHECKPOINT)
+    remove_partial_writes(run)
+    write_metrics(run, state["history"])
+    return state
 
 
 def append_metrics(run: Path, record: dict) -> None:

@@ -277,9 +277,16 @@ class TuneReporter(rundir.LocalReporter):
 
     def report(self, record: dict, checkpoint, is_best: bool, per_class: list | None) -> None:
         super().report(record, checkpoint, is_best, per_class)
-        if METRIC in record:  # epochs without evaluation (train.eval_every > 1) carry no objective
-            from ray import tune
+        report_evaluated([record])
 
+
+def report_evaluated(records: list[dict]) -> None:
+    """`ray.tune.report` each record that carries the objective (epochs without evaluation, with
+    train.eval_every > 1, have none)."""
+    from ray import tune
+
+    for record in records:
+        if METRIC in record:
             tune.report(dict(record))
 
 
@@ -302,6 +309,9 @@ def run_trial(values: dict, base: dict, opts: dict, experiment: str, command: st
         cfg.train.threads = max(1, int(options.cpus_per_trial // options.workers_per_trial) or 1)
     parent = Path(experiment) / TRIALS_DIR
     existing = _find_run(parent, cfg.name)  # a restored trial continues its own run directory
+    if existing is not None and (existing / "final.json").exists():  # finished before an interruption
+        report_evaluated(rundir.read_metrics(existing))
+        return
     if options.workers_per_trial > 1:
         _run_ray_trial(cfg, options, parent, existing)
     else:
@@ -309,23 +319,12 @@ def run_trial(values: dict, base: dict, opts: dict, experiment: str, command: st
 
 
 def _run_local_trial(cfg, parent: Path, existing: Path | None) -> None:
-    from ray import tune
-
     from glmc_ray.worker import run_worker
 
     state = None
-    if existing is not None and (existing / "final.json").exists():  # finished before an interruption
-        for record in rundir.read_metrics(existing):
-            if METRIC in record:
-                tune.report(record)
-        return
     if existing is not None and (existing / rundir.CHECKPOINT).exists():
-        state = rundir.load_checkpoint(existing / rundir.CHECKPOINT)
-        rundir.remove_partial_writes(existing)
-        rundir.write_metrics(existing, state["history"])
-        for record in state["history"]:  # Tune's view of the trial restarts with the restored epochs
-            if METRIC in record:
-                tune.report(record)
+        state = rundir.restore_run(existing)
+        report_evaluated(state["history"])  # Tune's view of the trial restarts with the restored epochs
         run = existing
         print(f"resuming trial run {run} at epoch {state['epoch']}", flush=True)
     elif existing is not None:
@@ -334,12 +333,10 @@ def _run_local_trial(cfg, parent: Path, existing: Path | None) -> None:
     else:
         run = rundir.new_run_dir(parent, cfg)
     print(f"trial run directory: {run}", flush=True)
-    try:
+    # as the trainer: a trial that saved no epoch leaves no run directory (trials.csv and Tune's trial
+    # folder keep its values and error)
+    with rundir.removed_if_failed_start(run, fresh=state is None):
         run_worker(cfg, TuneReporter(run, cfg), state=state)
-    except BaseException:
-        if state is None:  # as the trainer: a trial that saved no epoch leaves no run directory
-            rundir.report_failed_start(run)  # (trials.csv and Tune's trial folder keep its values and error)
-        raise
 
 
 def _run_ray_trial(cfg, options: SearchOptions, parent: Path, existing: Path | None) -> None:
@@ -355,13 +352,6 @@ def _run_ray_trial(cfg, options: SearchOptions, parent: Path, existing: Path | N
 
     workers = options.workers_per_trial
     scaling = ray_train.Scaling(workers, options.gpus_per_trial > 0, 1, options.cpus_per_trial / workers)
-    if existing is not None and (existing / "final.json").exists():
-        from ray import tune
-
-        for record in rundir.read_metrics(existing):
-            if METRIC in record:
-                tune.report(record)
-        return
     ray_train.launch(cfg, scaling, parent, existing, callbacks=[ForwardEvaluated()])
 
 

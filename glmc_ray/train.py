@@ -6,6 +6,7 @@ RAY_ADDRESS set) it runs under Ray Train: on a cluster, or on a Ray instance sta
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -13,14 +14,12 @@ from pathlib import Path
 
 from glmc_ray import config as config_lib
 from glmc_ray import provenance, rundir
-from glmc_ray.errors import exit_code
+from glmc_ray.errors import run_command
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m glmc_ray.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="YAML recipe from configs/ (defaults when omitted)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set optim.lr=0.02 (repeatable)")
+    config_lib.add_recipe_arguments(p, "YAML recipe from configs/ (defaults when omitted)", "optim.lr=0.02")
     p.add_argument("--data-root", help="shorthand for --set data.root=DIR")
     p.add_argument("--output", default="runs", help="parent folder of run directories (default runs/)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
@@ -50,10 +49,7 @@ def resolve_config(args) -> config_lib.Config:
         if args.config or overrides:
             raise config_lib.ConfigError("--resume uses the run's saved config.yaml; drop --config/--set/--data-root")
         return config_lib.load(Path(args.resume) / "config.yaml")
-    cfg = config_lib.load(args.config, overrides)
-    if cfg.data.root:  # Ray workers run in another working directory
-        cfg.data.root = str(Path(cfg.data.root).resolve())
-    return cfg
+    return config_lib.load_for_workers(args.config, overrides)
 
 
 def dry_run(cfg) -> None:
@@ -68,20 +64,14 @@ def run_local(cfg, args) -> dict:
     state = None
     if args.resume:
         run = Path(args.resume).resolve()
-        state = rundir.load_checkpoint(run / rundir.CHECKPOINT)
-        rundir.remove_partial_writes(run)
-        rundir.write_metrics(run, state["history"])  # exactly the epochs the checkpoint holds
+        state = rundir.restore_run(run)
         provenance.record_resume(run)
         print(f"resuming {run} at epoch {state['epoch']}", flush=True)
     else:
         run = rundir.new_run_dir(args.output, cfg)
         print(f"run directory: {run}", flush=True)
-    try:
+    with rundir.removed_if_failed_start(run, fresh=state is None):
         final = run_worker(cfg, rundir.LocalReporter(run, cfg), state=state)
-    except BaseException:
-        if state is None:
-            rundir.report_failed_start(run)
-        raise
     print(f"done: {run}", flush=True)
     return final
 
@@ -104,19 +94,15 @@ def summary(final: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = resolve_config(args)
-        if args.dry_run:
-            dry_run(cfg)
-            return 0
-        final = run_ray(cfg, args) if uses_ray(args) else run_local(cfg, args)
-    except Exception as err:
-        code = exit_code(err)
-        if code is None:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return code
+    return run_command(functools.partial(_train, parse_args(argv)))
+
+
+def _train(args) -> int:
+    cfg = resolve_config(args)
+    if args.dry_run:
+        dry_run(cfg)
+        return 0
+    final = run_ray(cfg, args) if uses_ray(args) else run_local(cfg, args)
     print(summary(final))
     return 0
 

@@ -10,19 +10,19 @@ shortened schedule (--trial-epochs). Outputs (trials.csv, best_config.yaml, plot
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
 from glmc_ray import config as config_lib
 from glmc_ray import search
-from glmc_ray.errors import exit_code
+from glmc_ray.errors import run_command
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python tuning/search.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="base YAML recipe (its values are the first trial); needs a validation split")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a base config field, e.g. --set data.val_fraction=0.1 (repeatable)")
+    config_lib.add_recipe_arguments(p, "base YAML recipe (its values are the first trial); needs a validation split",
+                                    "data.val_fraction=0.1")
     p.add_argument("--space", help="search space YAML, e.g. configs/search/glmc.yaml")
     p.add_argument("--trials", type=int, default=64, help="number of trials (default 64)")
     p.add_argument("--concurrent", type=int, default=4, help="trials running at once (default 4)")
@@ -70,9 +70,7 @@ def run(args) -> tuple[Path, bool]:
         return search.resume(args.resume)
     if not args.space:
         raise config_lib.ConfigError("--space is required (e.g. configs/search/glmc.yaml)")
-    base = config_lib.load(args.config, args.overrides)
-    if base.data.root:  # trials run in other working directories
-        base.data.root = str(Path(base.data.root).resolve())
+    base = config_lib.load_for_workers(args.config, args.overrides)
     params = search.load_space(args.space, base)
     opts = _options(args)
     search.prepare(base, params, opts, args.config or "the default config")
@@ -82,15 +80,11 @@ def run(args) -> tuple[Path, bool]:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        _, finished = run(args)
-    except Exception as err:
-        code = exit_code(err)
-        if code is None:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return code
+    return run_command(functools.partial(_search, parse_args(argv)))
+
+
+def _search(args) -> int:
+    _, finished = run(args)
     return 0 if finished else 130  # interrupted (Ctrl-C): the outputs so far are written, --resume continues
 
 
