@@ -31,9 +31,9 @@ from torchvision import transforms as T
 
 from glmc_ray import config as config_lib
 from glmc_ray.data import build_data
-from glmc_ray.data.batches import LoaderBatches
 from glmc_ray.data.cifar import NORMALIZATION
-from glmc_ray.data.splitfile import ImageListDataset, TwoViews
+from glmc_ray.data.files import ImageListDataset, LoaderBatches
+from glmc_ray.data.images import TwoViews
 from glmc_ray.methods import StepOutput, build_method
 from glmc_ray.methods.glmc import (
     GLMC,
@@ -74,7 +74,7 @@ def official_batches(cfg, data_bundle):
     images = source.padded[:, :, 4:-4, 4:-4].permute(0, 2, 3, 1).numpy()
     labels = source.labels.tolist()
     return LoaderBatches(ImageListDataset(list(images), labels, TwoViews(augment)), source.plan, num_workers=4,
-                         device=torch.device("cpu"), bad_images=data_bundle.bad_images)
+                         normalizer=lambda x: x, bad_images=data_bundle.bad_images)  # normalised in the workers
 
 
 def make_variant(name, cfg, data_official, data_fast):

@@ -26,24 +26,43 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "cifar10"  # cifar10 | cifar100 | imagenet_lt | inat2018 | synthetic
-    root: str = ""  # folder holding cifar-10-batches-py/, cifar-100-python/ or the image tree
+    # Where images come from (glmc_ray/data/<kind>.py, one module each):
+    #   cifar10 | cifar100 | synthetic: in-memory uint8 arrays, crop+flip batched on the training device;
+    #   files: a split file (`relative/path label` lines) and an image root, decoded in DataLoader workers;
+    #   shards: Parquet shards (`python -m glmc_ray.shards build`) streamed by Ray Data, decoded on CPU actors.
+    source: str = "cifar10"
+    root: str = ""  # cifar-10-batches-py/ or cifar-100-python/'s parent, the image root, or the shards' parent
     download: bool = False  # CIFAR: fetch the official archive into root when its layout is missing
     imbalance_factor: float = 100.0  # n_max / n_min for CIFAR-LT and synthetic data (>= 1)
     subset_protocol: str = "glmc"  # glmc (official GLMC subset) | ldam (LDAM-DRW community subset)
     subset_seed: int = 3407  # seed of the long-tailed subset draw, separate from train.seed
     sample_with_replacement: bool = False  # the pre-2023-05-23 GLMC bug, kept only as an ablation
-    val_fraction: float = 0.0  # stratified validation split carved from the training subset
+    val_fraction: float = 0.0  # in-memory sources: stratified validation split carved from the training subset
     val_seed: int = 0
-    train_split: str = ""  # split files (`relative/path label`) for imagenet_lt / inat2018, relative to root
+    # files: split files; shards: shard folders or URIs (s3://...). Relative to root unless absolute or a URI.
+    train_split: str = ""
     test_split: str = ""
     val_split: str = ""
-    num_workers: int = 4  # DataLoader workers for split-file datasets (decode + augment on CPU)
+    # Normalisation per channel (its length is the channel count: 1 for grayscale). Empty: the in-memory
+    # dataset's own statistics; files and shards must give it.
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    image_size: int = 32  # training crop side (test: resized and centre-cropped to it); synthetic image side
+    augmentation: str = "crop_flip"  # crop_flip: pad by side/8, random crop, flip (CIFAR) | simclr (ImageNet-LT)
+    num_workers: int = 4  # files: DataLoader worker processes per training worker (decode + augment)
+    decode_actors: int = 0  # shards: Ray Data decode actors per stream (0: autoscale from 1 to what the CPUs allow)
+    decode_cpus: float = 1.0  # shards: CPUs each decode actor reserves (fractions over-commit small machines)
+    # shards: decoded rows each worker mixes across shards (~0.3 MB a row at 224 px), on top of a new shard
+    # order and a new row order inside each shard every epoch
+    shuffle_buffer: int = 1024
     max_bad_images: int = 20  # unreadable images skipped per split per epoch and worker before the run stops
     synthetic_classes: int = 10  # synthetic data: classes, largest class size, test images per class
     synthetic_max_count: int = 200
     synthetic_test_per_class: int = 20
-    image_size: int = 32  # synthetic image side; crop size of split-file datasets (224 for ImageNet-LT/iNat)
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean) or 3  # in-memory datasets are RGB
 
 
 @dataclass
@@ -111,7 +130,8 @@ class Config:
 
 
 CHOICES = {
-    "data.dataset": ("cifar10", "cifar100", "imagenet_lt", "inat2018", "synthetic"),
+    "data.source": ("cifar10", "cifar100", "synthetic", "files", "shards"),
+    "data.augmentation": ("crop_flip", "simclr"),
     "data.subset_protocol": ("glmc", "ldam"),
     "model.arch": ("resnet32", "resnet50", "resnext50_32x4d"),
     "model.norm": ("batch", "group"),
@@ -126,6 +146,11 @@ CHOICES = {
 
 def _coerce(key: str, value, expected: type):
     """Return `value` as `expected` or raise a ConfigError naming the key."""
+    if typing.get_origin(expected) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__})", key)
+        (item_type,) = typing.get_args(expected)
+        return [_coerce(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected is float and isinstance(value, str):
@@ -278,6 +303,11 @@ def validate(cfg: Config) -> None:
         (cfg.train.eval_every > 0, "train.eval_every", cfg.train.eval_every, "a positive integer"),
         (cfg.data.synthetic_classes >= 2, "data.synthetic_classes", cfg.data.synthetic_classes, ">= 2"),
         (cfg.data.max_bad_images >= 0, "data.max_bad_images", cfg.data.max_bad_images, ">= 0 (0: any is fatal)"),
+        (cfg.data.image_size >= 8, "data.image_size", cfg.data.image_size, "a side of at least 8 pixels"),
+        (cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, ">= 0 (0: decode in the trainer)"),
+        (cfg.data.decode_actors >= 0, "data.decode_actors", cfg.data.decode_actors, ">= 0 (0: autoscale)"),
+        (cfg.data.decode_cpus > 0, "data.decode_cpus", cfg.data.decode_cpus, "> 0"),
+        (cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", cfg.data.shuffle_buffer, ">= 0 (0: no mixing)"),
     ]
     checks.sort(key=lambda check: check[1] != "train.epochs")  # warmup's bound is train.epochs: judge that first
     for ok, key, value, expected in checks:
@@ -286,12 +316,29 @@ def validate(cfg: Config) -> None:
     if cfg.optim.schedule == "cosine" and cfg.optim.warmup_epochs:
         raise ConfigError("optim.warmup_epochs: set but optim.schedule is 'cosine'; use 'warmup_cosine'",
                           "optim.warmup_epochs")
-    if cfg.data.dataset in ("imagenet_lt", "inat2018"):
-        for key in ("train_split", "test_split"):
-            if not getattr(cfg.data, key):
-                raise ConfigError(f"data.{key}: required for data.dataset={cfg.data.dataset}", f"data.{key}")
-        if cfg.data.val_fraction:
-            raise ConfigError("data.val_fraction: split-file datasets take their validation set from data.val_split",
-                              "data.val_fraction")
+    _validate_data(cfg.data)
     if cfg.optim.schedule == "official_paco" and cfg.optim.warmup_epochs < 1:
         raise ConfigError("optim.warmup_epochs: official_paco needs at least 1 warmup epoch", "optim.warmup_epochs")
+
+
+IN_MEMORY_SOURCES = ("cifar10", "cifar100", "synthetic")
+
+
+def _validate_data(data: DataConfig) -> None:
+    if data.source in IN_MEMORY_SOURCES:
+        if data.augmentation != "crop_flip":
+            raise ConfigError(f"data.augmentation: in-memory sources (data.source={data.source}) augment on the "
+                              f"device with crop_flip only; use data.source=files or shards for "
+                              f"{data.augmentation}", "data.augmentation")
+    else:
+        for key in ("train_split", "test_split", "mean", "std"):
+            if not getattr(data, key):
+                raise ConfigError(f"data.{key}: required for data.source={data.source}", f"data.{key}")
+        if data.val_fraction:
+            raise ConfigError(f"data.val_fraction: data.source={data.source} takes its validation set from "
+                              f"data.val_split", "data.val_fraction")
+    if len(data.mean) != len(data.std) or len(data.mean) not in (0, 1, 3):
+        raise ConfigError(f"data.mean, data.std: {data.mean} and {data.std}; expected one value per channel, "
+                          f"1 (grayscale) or 3 (RGB), the same number in both", "data.mean")
+    if any(s <= 0 for s in data.std):
+        raise ConfigError(f"data.std: {data.std}; every value must be > 0", "data.std")

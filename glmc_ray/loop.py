@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from glmc_ray.config import to_dict
-from glmc_ray.data import DataBundle
-from glmc_ray.data.batches import epoch_generator
+from glmc_ray.data.batches import DataBundle, epoch_generator
 from glmc_ray.evaluation import evaluate
 from glmc_ray.methods import Method
 

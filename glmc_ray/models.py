@@ -39,9 +39,9 @@ class BasicBlockA(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-6n+2 for 32x32 inputs; widths width/2width/4width (width 16 = He et al., 64 = GLMC's x4)."""
 
-    def __init__(self, blocks_per_stage: int = 5, width: int = 16, norm=nn.BatchNorm2d):
+    def __init__(self, blocks_per_stage: int = 5, width: int = 16, norm=nn.BatchNorm2d, in_channels: int = 3):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), norm(width), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), norm(width), nn.ReLU())
         layers, in_planes = [], width
         for stage, planes in enumerate((width, 2 * width, 4 * width)):
             for block in range(blocks_per_stage):
@@ -83,21 +83,26 @@ def norm_layer(kind: str):
     return {"batch": nn.BatchNorm2d, "group": _group_norm}[kind]
 
 
-def _torchvision_backbone(arch: str, norm) -> tuple[nn.Module, int]:
+def _torchvision_backbone(arch: str, norm, in_channels: int) -> tuple[nn.Module, int]:
     net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm)  # from scratch, as in the paper
+    if in_channels != 3:
+        stem = net.conv1
+        net.conv1 = nn.Conv2d(in_channels, stem.out_channels, stem.kernel_size, stem.stride, stem.padding,
+                              bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
     feature_dim = net.fc.in_features
     net.fc = nn.Identity()
     return net, feature_dim
 
 
-def build_model(cfg, num_classes: int) -> GLMCNet:
-    """cfg: ModelConfig."""
+def build_model(cfg, num_classes: int, in_channels: int = 3) -> GLMCNet:
+    """cfg: ModelConfig; in_channels: 3 for RGB, 1 for grayscale data."""
     if cfg.arch == "resnet32":
-        backbone = CifarResNet(blocks_per_stage=5, width=cfg.width, norm=norm_layer(cfg.norm))
+        backbone = CifarResNet(blocks_per_stage=5, width=cfg.width, norm=norm_layer(cfg.norm), in_channels=in_channels)
         model = GLMCNet(backbone, backbone.out_dim, num_classes, cfg.projection_dim)
         for module in model.modules():  # official: kaiming_normal_ on every conv and linear weight
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(module.weight)
         return model
-    backbone, feature_dim = _torchvision_backbone(cfg.arch, norm_layer(cfg.norm))
+    backbone, feature_dim = _torchvision_backbone(cfg.arch, norm_layer(cfg.norm), in_channels)
     return GLMCNet(backbone, feature_dim, num_classes, cfg.projection_dim)

@@ -12,6 +12,7 @@ config, data and divergence errors end the run at once (`fail_fast_callback`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -100,7 +101,7 @@ def train_fn(loop_config: dict) -> dict:
                              parallel_strategy_kwargs={"find_unused_parameters": find_unused})
     reporter = RayReporter(dist, has_validation(cfg))
     # get_device(): the GPU Ray assigned to this worker (not always cuda:<local rank>), or the CPU
-    final = run_worker(cfg, reporter, dist, state, get_device(), prepare)
+    final = run_worker(cfg, reporter, dist, state, get_device(), prepare, ray.train.get_dataset_shard)
     # version.json holds the driver's device; the workers' can differ (a CPU head node drives GPU nodes)
     return {**final, "workers": {"count": dist.world_size, "rank0_device": provenance.device_description()}}
 
@@ -282,10 +283,13 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, call
     from ray.train import CheckpointConfig, ControllerError, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from glmc_ray.data import ray_datasets
+
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=config_lib.to_dict(cfg),
+        datasets=ray_datasets(cfg, METHODS[cfg.method.name].uses_rebalanced_stream) or None,  # split per worker
         scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy="SPREAD" if scaling.nodes > 1 else "PACK"),
@@ -315,9 +319,9 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, call
     return final
 
 
-def connect(address: str | None, workers: int) -> None:
+def connect(address: str | None, workers: int, data_cpus: float = 0.0) -> None:
     """Join a cluster (`--address`, RAY_ADDRESS, or one running on this node, such as a `ray up` head node),
-    else start a local Ray instance in-process."""
+    else start a local Ray instance in-process, with `data_cpus` more logical CPUs for Ray Data streams."""
     import ray
     from ray._private.services import canonicalize_bootstrap_address
 
@@ -333,4 +337,4 @@ def connect(address: str | None, workers: int) -> None:
         # Ray Train's preemption watcher would only add an actor and a console error about it. Read by
         # TorchTrainer.fit from the driver's environment; a value set by the user wins.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(num_cpus=max(os.cpu_count() or 1, workers + 1), include_dashboard=None)
+        ray.init(num_cpus=max(os.cpu_count() or 1, workers + 1) + math.ceil(data_cpus), include_dashboard=None)

@@ -59,8 +59,13 @@ def dry_run(cfg) -> None:
 
 
 def run_local(cfg, args) -> dict:
+    from glmc_ray.data import ray_cpus
     from glmc_ray.worker import run_worker
 
+    if ray_cpus(cfg):  # the loop runs here, its data streams through Ray Data
+        from glmc_ray import ray_train
+
+        ray_train.connect(None, 0, ray_cpus(cfg))
     state = None
     if args.resume:
         run = Path(args.resume).resolve()
@@ -78,8 +83,9 @@ def run_local(cfg, args) -> dict:
 
 def run_ray(cfg, args) -> dict:
     from glmc_ray import ray_train
+    from glmc_ray.data import ray_cpus
 
-    ray_train.connect(args.address, args.workers or 1)
+    ray_train.connect(args.address, args.workers or 1, ray_cpus(cfg))
     scaling = ray_train.scaling_for(args.nodes, args.workers, args.gpus_per_node)
     resume = Path(args.resume).resolve() if args.resume else None
     run, final = ray_train.launch(cfg, scaling, args.output, resume, args.storage, args.ray_verbose)

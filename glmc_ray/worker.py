@@ -44,7 +44,7 @@ def seed_everything(seed: int) -> None:
 
 def build_trainee(cfg, class_counts, device, memory_format, prepare_model=lambda m: m) -> Trainee:
     seed_everything(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    raw = build_model(cfg.model, len(class_counts))
+    raw = build_model(cfg.model, len(class_counts), cfg.data.channels)
     if cfg.dist.sync_batchnorm:
         raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
     raw = raw.to(device, memory_format=memory_format)
@@ -59,8 +59,10 @@ def build_trainee(cfg, class_counts, device, memory_format, prepare_model=lambda
 
 
 def run_worker(cfg, reporter: Reporter, dist: Dist | None = None, state: dict | None = None,
-               device: torch.device | None = None, prepare_model=lambda m: m) -> dict:
-    """Everything one worker does: device, data share, model, method, optimiser, then the loop."""
+               device: torch.device | None = None, prepare_model=lambda m: m, dataset_shard=None) -> dict:
+    """Everything one worker does: device, data share, model, method, optimiser, then the loop.
+
+    `dataset_shard`: Ray Train's get_dataset_shard, for sources streamed by Ray Data."""
     dist = dist or Dist()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -68,6 +70,6 @@ def run_worker(cfg, reporter: Reporter, dist: Dist | None = None, state: dict | 
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input sizes: let cuDNN pick its kernels
     memory_format = memory_format_for(device, cfg.train.memory_format)
     rebalanced = METHODS[cfg.method.name].uses_rebalanced_stream
-    data = build_data(cfg, device, dist.rank, dist.world_size, memory_format, rebalanced=rebalanced)
+    data = build_data(cfg, device, dist.rank, dist.world_size, memory_format, rebalanced, dataset_shard)
     trainee = build_trainee(cfg, data.class_counts, device, memory_format, prepare_model)
     return fit(cfg, trainee, data, reporter, dist, state)

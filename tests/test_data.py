@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from glmc_ray.data import cifar, splitfile
-from glmc_ray.data.batches import EpochPlan, random_crop_flip
+from glmc_ray.data import cifar, files
+from glmc_ray.data.arrays import random_crop_flip
+from glmc_ray.data.batches import EpochPlan
 from glmc_ray.evaluation import accuracy_metrics, shot_groups
 from tests.conftest import SHARED
 
@@ -74,9 +75,9 @@ def test_stratified_split_keeps_every_class():
 
 
 def test_real_imagenet_lt_test_split_parses():
-    paths, labels = splitfile.read_split_file(SHARED / "data/splits/ImageNet_LT_test.txt", "/imagenet",
+    paths, labels = files.read_split_file(SHARED / "data/splits/ImageNet_LT_test.txt", "/imagenet",
                                               check_images=False)
-    assert len(labels) == 50000 and splitfile.class_counts(labels, "x") == [50] * 1000
+    assert len(labels) == 50000 and files.class_counts(labels, "x") == [50] * 1000
     assert str(paths[0]).startswith("/imagenet/val/n")
 
 
@@ -85,13 +86,13 @@ def test_split_file_errors_name_file_and_line(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_text("a.jpg 0\nb.jpg\n")
     with pytest.raises(ValueError, match=r"bad.txt:2: expected"):
-        splitfile.read_split_file(bad, tmp_path)
+        files.read_split_file(bad, tmp_path)
     missing = tmp_path / "missing.txt"
     missing.write_text("a.jpg 0\nb.jpg 1\n")
     with pytest.raises(FileNotFoundError, match=r"missing.txt:2: image .*b.jpg does not exist"):
-        splitfile.read_split_file(missing, tmp_path)
+        files.read_split_file(missing, tmp_path)
     with pytest.raises(ValueError, match=r"classes \[1\] have no sample"):
-        splitfile.class_counts([0, 2, 2], "gap.txt")
+        files.class_counts([0, 2, 2], "gap.txt")
 
 
 @pytest.mark.parametrize("world", [2, 3])

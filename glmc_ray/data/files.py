@@ -1,0 +1,180 @@
+"""Image files named by split files (`relative/path label` per line, the ImageNet-LT / iNaturalist format) under
+an image root, decoded and augmented in DataLoader worker processes."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import default_collate
+
+from glmc_ray.data.batches import DataBundle, EpochPlan, per_sample_weights
+from glmc_ray.data.images import BadImageLog, Normalizer, TwoViews, Unreadable, decode, test_transform, train_transform
+from glmc_ray.methods.base import Batch
+
+
+def parse_split_line(line: str, where: str) -> tuple[str, int] | None:
+    """(relative path, label) of one split-file line, None for a blank line; `where` is `file:line`."""
+    if not line.strip():
+        return None
+    parts = line.split()
+    if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or int(parts[1]) < 0:
+        raise ValueError(f"{where}: expected 'relative/path label' with a label >= 0, got {line!r}")
+    return parts[0], int(parts[1])
+
+
+def read_split_file(path: str | Path, root: str | Path, check_images: bool = True) -> tuple[list[Path], list[int]]:
+    """Parse a split file; a malformed line or a missing image raises an error naming file and line."""
+    path, root = Path(path), Path(root)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file {path} does not exist")
+    paths, labels = [], []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        sample = parse_split_line(line, f"{path}:{number}")
+        if sample is None:
+            continue
+        image = root / sample[0]
+        if check_images and not image.is_file():
+            raise FileNotFoundError(f"{path}:{number}: image {image} does not exist (data.root = {root})")
+        paths.append(image)
+        labels.append(sample[1])
+    if not labels:
+        raise ValueError(f"split file {path} holds no samples")
+    return paths, labels
+
+
+def class_counts(labels: list[int], path) -> list[int]:
+    """Per-class counts; labels must be 0..C-1 with no class missing (the official code assumes it)."""
+    counts = torch.bincount(torch.as_tensor(labels)).tolist()
+    empty = [c for c, n in enumerate(counts) if n == 0]
+    if empty:
+        raise ValueError(f"split file {path}: classes {empty[:10]} have no sample (labels must be contiguous)")
+    return counts
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """Image files (or in-memory uint8 arrays, for the official-style CIFAR baseline) with their labels."""
+
+    def __init__(self, images, labels, transform, channels: int = 3):
+        self.images, self.labels, self.transform, self.channels = images, labels, transform, channels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        image = self.images[index]
+        decoded = decode(image, self.channels) if isinstance(image, Path) else Image.fromarray(image)
+        if isinstance(decoded, Unreadable):
+            return decoded
+        return self.transform(decoded), self.labels[index]
+
+
+def collate_readable(samples: list) -> tuple:
+    """(default_collate of the readable samples or None, the Unreadable ones)."""
+    bad = [s for s in samples if isinstance(s, Unreadable)]
+    good = [s for s in samples if not isinstance(s, Unreadable)]
+    return (default_collate(good) if good else None), bad
+
+
+class ReadableBatches:
+    """Iterates a DataLoader built with `collate_readable`, logging what was skipped under `split`; images are
+    normalised on the device when a `normalizer` is given."""
+
+    def __init__(self, loader, log: BadImageLog, split: str, normalizer: Normalizer | None = None):
+        self.loader, self.log, self.split, self.normalizer = loader, log, split, normalizer
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch, bad in self.loader:
+            self.log.add(self.split, bad)
+            if batch is None:
+                raise ValueError(f"every image of a {self.split} batch was unreadable (the last: {bad[-1].path})")
+            images, labels = batch
+            yield (self.normalizer(images) if self.normalizer else images), labels
+
+
+class _PlannedBatchSampler(torch.utils.data.Sampler):
+    """Feeds a DataLoader the index lists of one stream of the current epoch's plan."""
+
+    def __init__(self, plan: EpochPlan, stream: str):
+        self.plan, self.stream, self.epoch = plan, stream, 0
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __iter__(self):
+        for step in self.plan.steps(self.epoch):
+            yield getattr(step, self.stream).tolist()
+
+
+class LoaderBatches:
+    """Per-image decode + augmentation in DataLoader workers (split-file datasets, official-style CIFAR).
+
+    The dataset returns ((view1, view2), label) as uint8; the uniform and rebalanced streams are two loaders
+    over the same dataset following the same plan, zipped positionally as in the official code, and
+    normalised on the device by `normalizer`.
+
+    Unreadable images are dropped from their batch (named and counted in `bad_images` under "train"); the
+    two streams are then cut to the shorter one, since the method pairs them position by position.
+    """
+
+    def __init__(self, dataset, plan: EpochPlan, num_workers: int, normalizer: Normalizer, bad_images: BadImageLog,
+                 pin_memory: bool = False):
+        self.plan, self.normalizer = plan, normalizer
+        streams = ["uniform"] + (["rebalanced"] if plan.sample_weights is not None else [])
+        self.samplers = [_PlannedBatchSampler(plan, s) for s in streams]
+        self.loaders = [ReadableBatches(torch.utils.data.DataLoader(
+            dataset, batch_sampler=s, num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_readable,
+            persistent_workers=num_workers > 0), bad_images, "train") for s in self.samplers]
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        for sampler in self.samplers:
+            sampler.epoch = epoch
+        n = self.normalizer
+        if len(self.loaders) == 1:
+            for (x1, x2), y in self.loaders[0]:
+                yield Batch(n(x1), n(x2), y)
+            return
+        for ((x1, x2), y), ((rx1, rx2), ry) in zip(*self.loaders, strict=True):
+            k = min(len(y), len(ry))
+            yield Batch(n(x1[:k]), n(x2[:k]), y[:k], n(rx1[:k]), n(rx2[:k]), ry[:k])
+
+
+def split_path(data, split: str) -> Path:
+    return Path(data.root) / split
+
+
+def training_class_counts(cfg) -> list[int]:
+    _, labels = read_split_file(split_path(cfg.data, cfg.data.train_split), cfg.data.root)
+    return class_counts(labels, cfg.data.train_split)
+
+
+def build(cfg, device, rank: int, world_size: int, memory_format, rebalanced: bool, dataset_shard=None) -> DataBundle:
+    data = cfg.data
+    paths, labels = read_split_file(split_path(data, data.train_split), data.root)
+    counts = class_counts(labels, data.train_split)
+    weights = per_sample_weights(labels, counts, cfg.method.resample_exponent) if rebalanced else None
+    plan = EpochPlan(len(labels), cfg.train.batch_size, weights, cfg.train.seed, rank, world_size)
+    two_views = TwoViews(train_transform(data.augmentation, data.image_size))
+    train_set = ImageListDataset(paths, labels, two_views, data.channels)
+    pin = torch.device(device).type == "cuda"
+    bad_images = BadImageLog(data.max_bad_images)
+    normalizer = Normalizer(data.mean, data.std, device, memory_format)
+    train = LoaderBatches(train_set, plan, data.num_workers, normalizer, bad_images, pin_memory=pin)
+    evals = {}
+    for name, split in (("val", data.val_split), ("test", data.test_split)):
+        if split:
+            eval_paths, eval_labels = read_split_file(split_path(data, split), data.root)
+            dataset = ImageListDataset(eval_paths, eval_labels, test_transform(data.augmentation, data.image_size),
+                                       data.channels)
+            share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+            loader = torch.utils.data.DataLoader(share, batch_size=cfg.train.eval_batch_size, pin_memory=pin,
+                                                 num_workers=data.num_workers, collate_fn=collate_readable)
+            evals[name] = ReadableBatches(loader, bad_images, name, normalizer)
+    return DataBundle(train, evals, counts, bad_images)

@@ -1,0 +1,103 @@
+"""What every image source shares: decoding, the augmentation presets, device-side normalisation, and the
+log of unreadable images.
+
+Augmentations end in uint8 tensors: normalisation happens on the training device (`Normalizer`), so decode
+workers, Ray's object store and host-to-device copies move a quarter of the bytes float32 would.
+"""
+from __future__ import annotations
+
+import io
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+# What PIL raises for a missing, zero-length, truncated or corrupt file (UnidentifiedImageError is an OSError)
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@dataclass
+class Unreadable:
+    """Stands in a batch for an image that could not be decoded, so a decode worker does not die."""
+
+    path: str
+    reason: str
+
+
+def decode(source: Path | bytes, channels: int, name: str = "") -> Image.Image | Unreadable:
+    """A file or encoded bytes as an RGB (3 channels) or L (1) image, decoded now: a truncated file fails
+    here, not in the middle of an augmentation."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
+            return opened.convert("L" if channels == 1 else "RGB")
+    except UNREADABLE_IMAGE_ERRORS as err:
+        return Unreadable(name or str(source), f"{type(err).__name__}: {err}")
+
+
+def train_transform(augmentation: str, size: int) -> T.Compose:
+    """PIL image -> uint8 (C, size, size) tensor.
+
+    simclr: the official (post-2023-05-28) ImageNet-LT list; GaussianBlur uses torchvision's kernel, sigma 0.1-2.
+    crop_flip: the CIFAR recipe (pad by a side/8, random crop, flip) for small images, brought to `size` first.
+    """
+    if augmentation == "simclr":
+        steps = [T.RandomResizedCrop(size), T.ColorJitter(0.4, 0.4, 0.4, 0.0), T.RandomGrayscale(p=0.2),
+                 T.RandomApply([T.GaussianBlur(kernel_size=23, sigma=(0.1, 2.0))], p=0.5), T.RandomHorizontalFlip()]
+    else:
+        steps = [T.Resize(size), T.CenterCrop(size), T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip()]
+    return T.Compose([*steps, T.PILToTensor()])
+
+
+def test_transform(augmentation: str, size: int) -> T.Compose:
+    """Resize (by 256/224 for the ImageNet recipe) and centre-crop, as uint8."""
+    resize = int(size * 256 / 224) if augmentation == "simclr" else size
+    return T.Compose([T.Resize(resize), T.CenterCrop(size), T.PILToTensor()])
+
+
+class TwoViews:
+    """Two independent draws of the same stochastic pipeline (the official TwoCropTransform)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image):
+        return self.transform(image), self.transform(image)
+
+
+class Normalizer:
+    """uint8 (B, C, H, W) on any device -> normalised float on the training device, in its memory format."""
+
+    def __init__(self, mean, std, device, memory_format=torch.contiguous_format):
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+        self.device, self.memory_format = device, memory_format
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.to(self.device, non_blocking=True).float() - self.mean) / self.std
+        return x.contiguous(memory_format=self.memory_format)
+
+
+class BadImageLog:
+    """Unreadable images met this epoch, per split: each is named once on stderr and counted; more than
+    `limit` in one split and epoch stop the run (a broken dataset should not train on silently)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.counts, self.named = limit, Counter(), set()
+
+    def add(self, split: str, bad: list[Unreadable]) -> None:
+        for item in bad:
+            self.counts[split] += 1
+            if item.path not in self.named:
+                self.named.add(item.path)
+                print(f"warning: skipped unreadable image {item.path} ({item.reason})", file=sys.stderr, flush=True)
+            if self.counts[split] > self.limit:
+                raise ValueError(f"{self.counts[split]} unreadable images in the {split} split this epoch, more than "
+                                 f"data.max_bad_images={self.limit}; the last: {item.path} ({item.reason})")
+
+    def take(self, split: str) -> int:
+        """This epoch's count for `split`, which starts again from zero."""
+        return self.counts.pop(split, 0)

@@ -1,0 +1,229 @@
+"""Parquet shards (`python -m glmc_ray.shards build`) streamed by Ray Data from any filesystem Ray reads.
+
+Each stream is `read_parquet` (a new shard order every epoch) -> `Decode` on an autoscaling pool of CPU actors
+(decode, augment, two uint8 views per row) -> Ray Train's `streaming_split(equal=True)` across the workers ->
+`iter_torch_batches` with a local shuffle buffer; views are normalised on the training device.
+
+The class-re-balanced second stream reads the same shards. Ray Data has no weighted sampler, so each row of
+class c is emitted k ~ Poisson(lambda_c) times, lambda_c ∝ n_c^-q: the Poissonised form of the official
+`WeightedRandomSampler(replacement=True)` (row i is drawn with probability ∝ n_c^-q, independently per draw).
+It is row-local, so it streams and scales to any number of classes, and q is an argument of the stream, not of
+the shards: every run (every search trial) chooses its own. The expected length is set a few standard
+deviations above the uniform stream's so that the uniform stream, read exactly once per epoch, ends the epoch.
+
+`streaming_split(equal=True)` gives every rank the same number of rows of each stream, so every rank takes
+the same number of steps; it leaves out the `rows % workers` rows (fewer than the workers) that cannot be
+shared equally, a different few each epoch since the order is new.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from glmc_ray import shards as shard_format
+from glmc_ray.data.batches import DataBundle
+from glmc_ray.data.images import BadImageLog, Normalizer, Unreadable, decode, test_transform, train_transform
+from glmc_ray.methods.base import Batch
+from glmc_ray.methods.glmc import class_balanced_weights
+
+COLUMNS = ["image", "label", "path", "index"]
+STREAMS = {"uniform": "train", "rebalanced": "train_rebalanced"}  # stream -> Ray Train dataset name
+MARGIN_SIGMAS = 5.0  # the re-balanced stream runs short of the uniform one with probability ~3e-7 an epoch
+DECODE_BATCH = 32  # rows per Decode call (per-row work dominates; small batches keep the actors' memory low)
+
+
+def location(data, split: str) -> str:
+    """A shard set's URI or path: absolute paths and URIs as given, others under data.root."""
+    if "://" in split or split.startswith("/"):
+        return split
+    return f"{data.root.rstrip('/')}/{split}"
+
+
+def open_split(data, split: str) -> tuple[dict, list[str]]:
+    """The manifest of a shard set, checked against its shards' footers, and the shard paths."""
+    uri = location(data, split)
+    manifest = shard_format.read_manifest(uri)
+    shard_format.check_shards(uri, manifest)
+    return manifest, shard_format.shard_paths(uri, manifest)
+
+
+def poisson_rates(class_counts, exponent: float, margin_sigmas: float = MARGIN_SIGMAS) -> np.ndarray:
+    """lambda_c per class: rows of class c are repeated Poisson(lambda_c) times, so class c's expected share is
+    n_c^(1-q) / sum n^(1-q) (the official sampler's) and the expected total is N + margin_sigmas * sqrt(N)."""
+    counts = torch.as_tensor(class_counts, dtype=torch.float64)
+    weights = class_balanced_weights(counts, exponent).double()
+    total = counts.sum()
+    target = total + margin_sigmas * total.sqrt()
+    return (target * weights / (counts * weights).sum()).numpy()
+
+
+class Decode:
+    """Ray Data actor: decode and augment encoded images into uint8 views (duplicates, if `rates` repeats rows,
+    get their own augmentations), optionally keeping only this rank's share of an evaluation set.
+
+    Unreadable images become rows with `ok` False and zero pixels, so the worker can name and count them."""
+
+    def __init__(self, augmentation: str, size: int, channels: int, train: bool, rates=None,
+                 share: tuple[int, int] | None = None):
+        transform = train_transform(augmentation, size) if train else test_transform(augmentation, size)
+        self.transform, self.views, self.channels = transform, 2 if train else 1, channels
+        self.size, self.rates, self.share = size, rates, share
+        self.rng = np.random.default_rng()
+
+    def _rows(self, batch: dict) -> np.ndarray:
+        if self.share is not None:
+            rank, world = self.share
+            return np.flatnonzero(batch["index"] % world == rank)
+        rows = np.arange(len(batch["label"]))
+        if self.rates is not None:
+            rows = np.repeat(rows, self.rng.poisson(self.rates[batch["label"]]))
+        return self.rng.permutation(rows)  # new order inside each block every epoch; spreads duplicates
+
+    def __call__(self, batch: dict) -> dict:
+        rows = self._rows(batch)
+        views = np.zeros((self.views, len(rows), self.channels, self.size, self.size), dtype=np.uint8)
+        ok, reasons = np.ones(len(rows), dtype=bool), [""] * len(rows)
+        for i, row in enumerate(rows):
+            image = decode(bytes(batch["image"][row]), self.channels, str(batch["path"][row]))
+            if isinstance(image, Unreadable):
+                ok[i], reasons[i] = False, image.reason
+                continue
+            for v in range(self.views):
+                views[v, i] = self.transform(image).numpy()
+        out = {f"x{v + 1}": views[v] for v in range(self.views)}
+        return {**out, "label": batch["label"][rows].astype(np.int64), "index": batch["index"][rows],
+                "path": batch["path"][rows], "ok": ok, "reason": np.array(reasons, dtype=object)}
+
+
+def stream(data, paths: list[str], seed: int, train: bool, rates=None, share=None):
+    """A Ray Dataset of decoded rows of the shards at `paths` (lazy: each iteration is a new execution)."""
+    import ray.data
+
+    shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if train else None
+    dataset = ray.data.read_parquet(paths, columns=COLUMNS, shuffle=shuffle)
+    pool = ray.data.ActorPoolStrategy(min_size=1, max_size=data.decode_actors or None)
+    return dataset.map_batches(
+        Decode, fn_constructor_kwargs={"augmentation": data.augmentation, "size": data.image_size,
+                                       "channels": data.channels, "train": train, "rates": rates, "share": share},
+        batch_size=DECODE_BATCH, compute=pool, num_cpus=data.decode_cpus)
+
+
+def ray_datasets(cfg, rebalanced: bool = True) -> dict:
+    """The training streams, as callables Ray Train calls when a worker group starts (also after a restart)."""
+    data, (manifest, paths) = cfg.data, open_split(cfg.data, cfg.data.train_split)
+    datasets = {STREAMS["uniform"]: lambda: stream(data, paths, cfg.train.seed, train=True)}
+    if rebalanced:
+        rates = poisson_rates(manifest["class_counts"], cfg.method.resample_exponent)
+        datasets[STREAMS["rebalanced"]] = lambda: stream(data, paths, cfg.train.seed + 1, train=True, rates=rates)
+    return datasets
+
+
+def ray_cpus(cfg) -> float:
+    """Per stream (two training streams and one evaluation): its decode actor, the read task and the
+    ListFiles task, which takes 1 CPU whatever it is given."""
+    return 3 * (cfg.data.decode_cpus + 2)
+
+
+class RowBatches:
+    """One stream's decoded rows as torch batches of this rank, unreadable rows logged and dropped."""
+
+    def __init__(self, shard, batch_size: int, shuffle_buffer: int, num_classes: int, bad_images: BadImageLog,
+                 split: str):
+        self.shard, self.batch_size, self.shuffle_buffer = shard, batch_size, shuffle_buffer
+        self.num_classes, self.bad_images, self.split = num_classes, bad_images, split
+
+    def _collate(self, rows: dict) -> dict:
+        ok = rows["ok"]
+        self.bad_images.add(self.split, [Unreadable(str(p), str(r)) for p, r in
+                                         zip(rows["path"][~ok], rows["reason"][~ok], strict=True)])
+        labels = torch.from_numpy(rows["label"][ok])
+        if len(labels) and int(labels.max()) >= self.num_classes:
+            bad = rows["path"][ok][int(labels.argmax())]
+            raise ValueError(f"{bad}: label {int(labels.max())} is outside the training manifest's "
+                             f"{self.num_classes} classes")
+        views = {k: torch.from_numpy(rows[k][ok]) for k in ("x1", "x2", "index") if k in rows}
+        return {**views, "label": labels}
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.shard.iter_torch_batches(
+            batch_size=self.batch_size, collate_fn=self._collate, prefetch_batches=2,
+            local_shuffle_buffer_size=self.shuffle_buffer or None))
+
+
+def _repeating(batches: RowBatches) -> Iterator[dict]:
+    """The re-balanced stream, restarted in the (rare) case it ends before the uniform one; every rank holds
+    as many of its rows as the others, so all ranks restart at the same step."""
+    while True:
+        yield from batches
+
+
+class ShardBatches:
+    """The training batch source: the uniform stream read once per epoch, zipped with the re-balanced one."""
+
+    def __init__(self, uniform: RowBatches, rebalanced: RowBatches | None, steps: int, normalizer: Normalizer):
+        self.uniform, self.rebalanced, self.steps, self.normalizer = uniform, rebalanced, steps, normalizer
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        n = self.normalizer
+        second = _repeating(self.rebalanced) if self.rebalanced is not None else None
+        for rows in self.uniform:
+            if second is None:
+                yield Batch(n(rows["x1"]), n(rows["x2"]), rows["label"])
+                continue
+            other = next(second)
+            k = min(len(rows["label"]), len(other["label"]))  # bad images dropped: the method pairs by position
+            yield Batch(n(rows["x1"][:k]), n(rows["x2"][:k]), rows["label"][:k], n(other["x1"][:k]),
+                        n(other["x2"][:k]), other["label"][:k])
+
+
+class EvalBatches:
+    """This rank's share of an evaluation shard set, decoded anew each evaluation, as (normalised x, y)."""
+
+    def __init__(self, rows: RowBatches, normalizer: Normalizer):
+        self.rows, self.normalizer = rows, normalizer
+
+    def __iter__(self):
+        for batch in self.rows:
+            yield self.normalizer(batch["x1"]), batch["label"]
+
+
+def training_class_counts(cfg) -> list[int]:
+    return shard_format.read_manifest(location(cfg.data, cfg.data.train_split))["class_counts"]
+
+
+def build(cfg, device, rank: int, world_size: int, memory_format, rebalanced: bool, dataset_shard=None) -> DataBundle:
+    """`dataset_shard` (Ray Train's get_dataset_shard) gives this rank's split of the training streams; without
+    it (one process, in-process run) the streams are made here."""
+    data, train = cfg.data, cfg.train
+    manifest, _ = open_split(data, data.train_split)
+    counts, rows = manifest["class_counts"], manifest["num_rows"]
+    if train.batch_size < world_size:
+        raise ValueError(f"train.batch_size {train.batch_size} is smaller than the {world_size} workers")
+    per_rank_batch = train.batch_size // world_size
+    steps = math.ceil(rows // world_size / per_rank_batch)
+    if dataset_shard is None:
+        dataset_shard = {name: make().iterator() for name, make in ray_datasets(cfg, rebalanced).items()}.__getitem__
+    bad_images = BadImageLog(data.max_bad_images)
+
+    def rows_of(shard, batch_size, split, buffer=0):
+        return RowBatches(shard, batch_size, buffer, len(counts), bad_images, split)
+    uniform = rows_of(dataset_shard(STREAMS["uniform"]), per_rank_batch, "train", data.shuffle_buffer)
+    second = rows_of(dataset_shard(STREAMS["rebalanced"]), per_rank_batch, "train", data.shuffle_buffer) \
+        if rebalanced else None
+    normalizer = Normalizer(data.mean, data.std, device, memory_format)
+    evals = {}
+    for name, split in (("val", data.val_split), ("test", data.test_split)):
+        if split:
+            eval_manifest, paths = open_split(data, split)
+            if eval_manifest["num_classes"] > len(counts):
+                raise ValueError(f"data.{name}_split {location(data, split)}: {eval_manifest['num_classes']} "
+                                 f"classes, more than the training manifest's {len(counts)}")
+            dataset = stream(data, paths, train.seed, train=False, share=(rank, world_size))
+            evals[name] = EvalBatches(rows_of(dataset, train.eval_batch_size, name), normalizer)
+    return DataBundle(ShardBatches(uniform, second, steps, normalizer), evals, counts, bad_images)
