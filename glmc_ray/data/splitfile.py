@@ -20,25 +20,45 @@ NORMALIZATION = {
 }
 
 
-def read_split_file(path: str | Path, root: str | Path, check_images: bool = True) -> tuple[list[Path], list[int]]:
-    """Parse a split file; a malformed line or a missing image raises an error naming file and line."""
-    path, root = Path(path), Path(root)
+@dataclass(frozen=True)
+class SplitLine:
+    """One sample of a split file: its 1-based line number, relative path as written, and label."""
+
+    line: int
+    path: str
+    label: int
+
+
+def parse_split_lines(path: str | Path) -> list[SplitLine]:
+    """The samples of a split file, blank lines left out; a malformed line raises an error naming file and line.
+
+    Images are not looked at (the shard builder lists a missing one and goes on)."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"split file {path} does not exist")
-    paths, labels = [], []
+    samples = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.split()
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or int(parts[1]) < 0:
             raise ValueError(f"{path}:{number}: expected 'relative/path label' with a label >= 0, got {line!r}")
-        image = root / parts[0]
-        if check_images and not image.is_file():
-            raise FileNotFoundError(f"{path}:{number}: image {image} does not exist (data.root = {root})")
-        paths.append(image)
-        labels.append(int(parts[1]))
-    if not labels:
+        samples.append(SplitLine(number, parts[0], int(parts[1])))
+    if not samples:
         raise ValueError(f"split file {path} holds no samples")
+    return samples
+
+
+def read_split_file(path: str | Path, root: str | Path, check_images: bool = True) -> tuple[list[Path], list[int]]:
+    """Parse a split file; a malformed line or a missing image raises an error naming file and line."""
+    path, root = Path(path), Path(root)
+    paths, labels = [], []
+    for sample in parse_split_lines(path):
+        image = root / sample.path
+        if check_images and not image.is_file():
+            raise FileNotFoundError(f"{path}:{sample.line}: image {image} does not exist (data.root = {root})")
+        paths.append(image)
+        labels.append(sample.label)
     return paths, labels
 
 
