@@ -57,7 +57,8 @@ ATOMIC_PUT_FILESYSTEMS = (pafs.S3FileSystem, pafs.GcsFileSystem, pafs.AzureFileS
 def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path in it) of a local folder (relative or absolute) or a URI such as s3://bucket/prefix."""
     if "://" in str(uri):
-        return pafs.FileSystem.from_uri(str(uri))
+        fs, path = pafs.FileSystem.from_uri(str(uri))
+        return fs, path.rstrip("/")  # s3://bucket/prefix/ and s3://bucket/prefix name the same set
     return pafs.LocalFileSystem(), str(Path(uri).resolve())
 
 
@@ -335,7 +336,8 @@ def build(args) -> int:
         print(f"{args.out} is complete: {MANIFEST} is there for this plan; nothing to do")
         return 0
     if isinstance(fs, pafs.LocalFileSystem):
-        remove_partial_writes(Path(base))  # temp shards of a killed build
+        for folder in (Path(base), Path(base) / PROGRESS):
+            remove_partial_writes(folder)  # temp files of a killed build
     finished = _finished_shards(fs, base, plan["shards"])
     jobs = _jobs(samples, plan, args.out, args.on_error == "fail", set(range(plan["shards"])) - set(finished))
     records = [*finished.values(), *_run_jobs(jobs, args.workers, plan["shards"], len(finished))]
