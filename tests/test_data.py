@@ -7,7 +7,6 @@ from glmc_ray.data import cifar, files
 from glmc_ray.data.arrays import random_crop_flip
 from glmc_ray.data.batches import EpochPlan
 from glmc_ray.evaluation import accuracy_metrics, shot_groups
-from tests.conftest import SHARED
 
 
 @pytest.mark.parametrize("max_count,classes,factor,total", [
@@ -72,13 +71,6 @@ def test_stratified_split_keeps_every_class():
     assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == len(labels)
     assert np.bincount(labels[val]).tolist() == [10, 3, 1, 1]
     assert np.bincount(labels[train]).min() >= 1
-
-
-def test_real_imagenet_lt_test_split_parses():
-    paths, labels = files.read_split_file(SHARED / "data/splits/ImageNet_LT_test.txt", "/imagenet",
-                                              check_images=False)
-    assert len(labels) == 50000 and files.class_counts(labels, "x") == [50] * 1000
-    assert str(paths[0]).startswith("/imagenet/val/n")
 
 
 def test_split_file_errors_name_file_and_line(tmp_path):

@@ -3,6 +3,7 @@ an image root, decoded and augmented in DataLoader worker processes."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,33 +15,45 @@ from glmc_ray.data.images import BadImageLog, Normalizer, TwoViews, Unreadable, 
 from glmc_ray.methods.base import Batch
 
 
-def parse_split_line(line: str, where: str) -> tuple[str, int] | None:
-    """(relative path, label) of one split-file line, None for a blank line; `where` is `file:line`."""
-    if not line.strip():
-        return None
-    parts = line.split()
-    if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or int(parts[1]) < 0:
-        raise ValueError(f"{where}: expected 'relative/path label' with a label >= 0, got {line!r}")
-    return parts[0], int(parts[1])
+@dataclass(frozen=True)
+class SplitLine:
+    """One sample of a split file: its 1-based line number, relative path as written, and label."""
+
+    line: int
+    path: str
+    label: int
+
+
+def parse_split_lines(path: str | Path) -> list[SplitLine]:
+    """The samples of a split file, blank lines left out; a malformed line raises an error naming file and line.
+
+    Images are not looked at (the shard builder lists a missing one and goes on)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file {path} does not exist")
+    samples = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or int(parts[1]) < 0:
+            raise ValueError(f"{path}:{number}: expected 'relative/path label' with a label >= 0, got {line!r}")
+        samples.append(SplitLine(number, parts[0], int(parts[1])))
+    if not samples:
+        raise ValueError(f"split file {path} holds no samples")
+    return samples
 
 
 def read_split_file(path: str | Path, root: str | Path, check_images: bool = True) -> tuple[list[Path], list[int]]:
     """Parse a split file; a malformed line or a missing image raises an error naming file and line."""
     path, root = Path(path), Path(root)
-    if not path.is_file():
-        raise FileNotFoundError(f"split file {path} does not exist")
     paths, labels = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        sample = parse_split_line(line, f"{path}:{number}")
-        if sample is None:
-            continue
-        image = root / sample[0]
+    for sample in parse_split_lines(path):
+        image = root / sample.path
         if check_images and not image.is_file():
-            raise FileNotFoundError(f"{path}:{number}: image {image} does not exist (data.root = {root})")
+            raise FileNotFoundError(f"{path}:{sample.line}: image {image} does not exist (data.root = {root})")
         paths.append(image)
-        labels.append(sample[1])
-    if not labels:
-        raise ValueError(f"split file {path} holds no samples")
+        labels.append(sample.label)
     return paths, labels
 
 

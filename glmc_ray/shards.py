@@ -1,0 +1,400 @@
+"""A long-tailed image split as Parquet shards, for Ray Data to stream: `python -m glmc_ray.shards build`.
+
+    <out>/part-00000.parquet, ...  columns image (the file's bytes), label (int32), path (the split file's
+                                   relative path), index (int64: position among the split file's samples);
+                                   rows in a seeded random order, so every shard holds many classes
+    <out>/manifest.json            rows, per-class counts, shards with rows and bytes, skipped images;
+                                   written last: a shard set without one is unfinished
+    <out>/_progress/plan.json      what is being built; a re-run with another plan is refused
+    <out>/_progress/part-*.json    one per finished shard: a killed build resumes from the missing ones
+
+<out> is a local folder or any URI pyarrow understands (s3://bucket/prefix, gs://..., hdfs://...).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from glmc_ray.data.files import SplitLine, parse_split_lines
+from glmc_ray.data.images import UNREADABLE_IMAGE_ERRORS
+from glmc_ray.errors import run_command
+from glmc_ray.rundir import atomic_write, remove_partial_writes
+
+FORMAT_VERSION = 1
+FORMAT_KEY = b"glmc_ray.shards.format"  # Parquet schema metadata of every shard
+MANIFEST = "manifest.json"
+PROGRESS = "_progress"
+PLAN = "plan.json"
+BUILD_COMMAND = "python -m glmc_ray.shards build"
+JPEG_QUALITY = 90
+SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int32()), ("path", pa.string()), ("index", pa.int64())],
+                   metadata={FORMAT_KEY: str(FORMAT_VERSION).encode()})
+# Object stores make a written object visible whole, when its upload completes: no temp key needed there
+ATOMIC_PUT_FILESYSTEMS = (pafs.S3FileSystem, pafs.GcsFileSystem, pafs.AzureFileSystem)
+
+
+# ---- reading a shard set ----------------------------------------------------------------------------------
+
+def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path in it) of a local folder (relative or absolute) or a URI such as s3://bucket/prefix."""
+    if "://" in str(uri):
+        fs, path = pafs.FileSystem.from_uri(str(uri))
+        return fs, path.rstrip("/")  # s3://bucket/prefix/ and s3://bucket/prefix name the same set
+    return pafs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+def read_manifest(uri: str | Path) -> dict:
+    """The manifest of a finished shard set; an error says what is wrong with `uri` otherwise."""
+    fs, base = resolve(uri)
+    if fs.get_file_info(base).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"shard set {uri} does not exist")
+    path = f"{base}/{MANIFEST}"
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri} has no {MANIFEST}: it is not a finished shard set (`{BUILD_COMMAND}` "
+                                f"writes the manifest last; run it again to finish the set)")
+    try:
+        manifest = json.loads(_read_text(fs, path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{_join(uri, MANIFEST)} is not JSON ({err})") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{_join(uri, MANIFEST)}: written by format {manifest.get('format')}, this version reads "
+                         f"{FORMAT_VERSION}; rebuild with `{BUILD_COMMAND} --out` to a new place")
+    return manifest
+
+
+def check_shards(uri: str | Path, manifest: dict) -> None:
+    """Each listed shard exists with the manifest's size, row count and format (Parquet footers only)."""
+    fs, base = resolve(uri)
+    for shard in manifest["shards"]:
+        name, path = _join(uri, shard["file"]), f"{base}/{shard['file']}"
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            _mismatch(name, "a file", "none")
+        if info.size != shard["bytes"]:
+            _mismatch(name, f"{shard['bytes']} bytes", f"{info.size}")
+        try:
+            footer = pq.read_metadata(path, filesystem=fs)
+        except pa.ArrowException as err:
+            _mismatch(name, "a Parquet footer", f"none that reads ({err})")
+        if footer.num_rows != shard["rows"]:
+            _mismatch(name, f"{shard['rows']} rows", f"{footer.num_rows}")
+        found_format = (footer.metadata or {}).get(FORMAT_KEY)
+        if found_format != str(FORMAT_VERSION).encode():
+            _mismatch(name, f"{FORMAT_KEY.decode()}={FORMAT_VERSION}", f"{found_format!r}")
+    total = sum(shard["rows"] for shard in manifest["shards"])
+    if total != manifest["num_rows"]:
+        _mismatch(_join(uri, MANIFEST), f"num_rows={manifest['num_rows']} (the sum over its shards)", f"{total}")
+
+
+def shard_paths(uri: str | Path, manifest: dict) -> list[str]:
+    """The shards' full paths or URIs, as Ray Data's read_parquet takes them."""
+    return [_join(uri, shard["file"]) for shard in manifest["shards"]]
+
+
+def _mismatch(name: str, expected: str, found: str) -> NoReturn:
+    raise ValueError(f"{name}: expected {expected}, found {found}; the manifest does not match its shards")
+
+
+def _join(uri: str | Path, name: str) -> str:
+    if "://" in str(uri):
+        return f"{str(uri).rstrip('/')}/{name}"
+    return str(Path(uri).resolve() / name)
+
+
+def _read_text(fs: pafs.FileSystem, path: str) -> str:
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def _write_file(fs: pafs.FileSystem, path: str, write) -> None:
+    """write(where, filesystem) so that a reader sees the old file or the new one, never a half-written one."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        atomic_write(Path(path), lambda tmp: write(str(tmp), fs))
+    elif isinstance(fs, ATOMIC_PUT_FILESYSTEMS):
+        write(path, fs)
+    else:  # HDFS and the like: a rename is atomic there
+        temp = f"{path}.{os.getpid()}.partial"
+        write(temp, fs)
+        fs.move(temp, path)
+
+
+def _write_json(fs: pafs.FileSystem, path: str, document: dict) -> None:
+    def write(where, filesystem):
+        with filesystem.open_output_stream(where) as stream:
+            stream.write(json.dumps(document, indent=1).encode())
+
+    _write_file(fs, path, write)
+
+
+# ---- building one ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What a pool worker needs to write one shard."""
+
+    out: str
+    number: int
+    samples: list[tuple[int, SplitLine]]  # (index among the split's samples, its line)
+    image_root: str
+    split_name: str
+    max_side: int | None
+    row_group_size: int
+    fail_on_error: bool
+
+
+def shard_name(number: int) -> str:
+    return f"part-{number:05d}.parquet"
+
+
+def _progress_path(base: str, number: int) -> str:
+    return f"{base}/{PROGRESS}/{shard_name(number).replace('.parquet', '.json')}"
+
+
+def build_shard(job: ShardJob) -> dict:
+    """Read, check and (with max_side) shrink the job's images, write its shard, then its progress record."""
+    fs, base = resolve(job.out)
+    columns = {"image": [], "label": [], "path": [], "index": []}
+    skipped = []
+    for index, sample in job.samples:
+        try:
+            image = _image_bytes(Path(job.image_root) / sample.path, job.max_side)
+        except UNREADABLE_IMAGE_ERRORS as err:
+            place = f"{job.split_name}:{sample.line}: {sample.path}"
+            if job.fail_on_error:
+                raise ValueError(f"{place}: {_reason(err)} (--on-error fail)") from None
+            skipped.append({"line": sample.line, "path": sample.path, "reason": _reason(err)})
+            continue
+        for column, value in zip(columns, (image, sample.label, sample.path, index), strict=True):
+            columns[column].append(value)
+    table = pa.table(columns, schema=SCHEMA)
+    path = f"{base}/{shard_name(job.number)}"
+    _write_file(fs, path, lambda where, filesystem: pq.write_table(table, where, filesystem=filesystem,
+                                                                     row_group_size=job.row_group_size))
+    record = {"file": shard_name(job.number), "rows": table.num_rows, "bytes": fs.get_file_info(path).size,
+              "class_counts": {str(label): n for label, n in sorted(Counter(columns["label"]).items())},
+              "skipped": skipped}
+    _write_json(fs, _progress_path(base, job.number), record)
+    return record
+
+
+def _image_bytes(path: Path, max_side: int | None) -> bytes:
+    """The file's bytes after a full decode (a truncated file fails here); re-encoded as JPEG when its
+    longer side exceeds max_side."""
+    data = path.read_bytes()  # FileNotFoundError for a missing image: an OSError, as PIL's errors
+    if not data:
+        raise OSError("empty file (0 bytes)")
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        if max_side is None or max(image.size) <= max_side:
+            return data
+        return _shrunk_jpeg(image, max_side)
+
+
+def _shrunk_jpeg(image: Image.Image, max_side: int) -> bytes:
+    scale = max_side / max(image.size)
+    size = tuple(max(1, round(side * scale)) for side in image.size)
+    kept_mode = image.convert("L" if image.mode in ("1", "L", "LA") else "RGB")  # CMYK, palette, alpha: RGB
+    smaller = kept_mode.resize(size, Image.LANCZOS, reducing_gap=3.0)  # reduce() by integer factors first: fast
+    encoded = io.BytesIO()
+    smaller.save(encoded, format="JPEG", quality=JPEG_QUALITY)
+    return encoded.getvalue()
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, FileNotFoundError):
+        return "file does not exist"
+    return f"{type(err).__name__}: {err}"
+
+
+def make_plan(split: Path, image_root: Path, rows_per_shard: int, row_group_size: int, seed: int,
+              max_side: int | None, num_samples: int) -> dict:
+    """The fields that fix a shard set's content: a resume must find the same ones."""
+    return {"format": FORMAT_VERSION, "split_file": split.name,
+            "split_sha256": hashlib.sha256(split.read_bytes()).hexdigest(), "image_root": str(image_root.resolve()),
+            "rows_per_shard": rows_per_shard, "row_group_size": row_group_size, "seed": seed,
+            "max_side": max_side, "shards": math.ceil(num_samples / rows_per_shard)}
+
+
+def _claim(fs: pafs.FileSystem, base: str, out: str, plan: dict) -> None:
+    """Write the plan into a new `out`, or check that the one there is the same."""
+    path = f"{base}/{PROGRESS}/{PLAN}"
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        if fs.get_file_info(f"{base}/{MANIFEST}").type != pafs.FileType.NotFound:
+            raise ValueError(f"{out} holds a {MANIFEST} but no {PROGRESS}/{PLAN}: it was not made by this build; "
+                             f"use another --out or delete it")
+        fs.create_dir(f"{base}/{PROGRESS}", recursive=True)
+        _write_json(fs, path, plan)
+        return
+    found = json.loads(_read_text(fs, path))
+    for field, value in plan.items():
+        if found.get(field) != value:
+            raise ValueError(f"{_join(out, f'{PROGRESS}/{PLAN}')}: this shard set was planned with {field}="
+                             f"{found.get(field)!r}, this build has {field}={value!r}; use another --out or delete it")
+
+
+def _finished_shards(fs: pafs.FileSystem, base: str, count: int) -> dict[int, dict]:
+    """number -> progress record of the shards a previous build finished (record there, file of that size)."""
+    finished = {}
+    for number in range(count):
+        path = _progress_path(base, number)
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            continue
+        record = json.loads(_read_text(fs, path))
+        if fs.get_file_info(f"{base}/{record['file']}").size == record["bytes"]:
+            finished[number] = record
+    return finished
+
+
+def _jobs(samples: list[SplitLine], plan: dict, out: str, fail_on_error: bool, todo: set[int]) -> list[ShardJob]:
+    """The shards still to write; a seeded permutation of the split assigns samples to shards."""
+    order = np.random.default_rng(plan["seed"]).permutation(len(samples))
+    size = plan["rows_per_shard"]
+    return [ShardJob(out, number, [(int(i), samples[i]) for i in order[number * size:(number + 1) * size]],
+                     plan["image_root"], plan["split_file"], plan["max_side"], plan["row_group_size"],
+                     fail_on_error)
+            for number in sorted(todo)]
+
+
+def _run_jobs(jobs: list[ShardJob], workers: int, total: int, done: int) -> list[dict]:
+    """Each job in a pool process; the first failure cancels the jobs not started and is raised."""
+    if not jobs:
+        return []
+    plan_split = jobs[0].split_name  # the same in every job
+    # forkserver, not fork: the parent may hold threads (tqdm, pyarrow). The preload imports the heavy
+    # dependencies (torch comes with glmc_ray.data) once, not once per worker; not this module itself, which
+    # a worker runs again as __mp_main__ when it is the command (runpy would warn it was imported already)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["glmc_ray.data.files", "glmc_ray.rundir", "pyarrow.parquet"])
+    records, images, start = [], 0, time.monotonic()
+    with tqdm(total=total, initial=done, unit="shard", file=sys.stderr, dynamic_ncols=True) as bar, \
+            ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+        pending = {pool.submit(build_shard, job) for job in jobs}
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    record = future.result()
+                    records.append(record)
+                    for skip in record["skipped"]:
+                        tqdm.write(f"warning: skipped {plan_split}:{skip['line']}: {skip['path']}: "
+                                   f"{skip['reason']}", file=sys.stderr)
+                    images += record["rows"] + len(record["skipped"])
+                    bar.update(1)
+                    bar.set_postfix(images_per_s=f"{images / (time.monotonic() - start):.0f}")
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+    return records
+
+
+def assemble_manifest(plan: dict, records: list[dict], num_classes: int) -> dict:
+    """The manifest from the plan and every shard's progress record."""
+    class_counts = [0] * num_classes
+    for record in records:
+        for label, count in record["class_counts"].items():
+            class_counts[int(label)] += count
+    records = sorted(records, key=lambda record: record["file"])
+    skipped = sorted((skip for record in records for skip in record["skipped"]), key=lambda skip: skip["line"])
+    return {"format": FORMAT_VERSION, "split_file": plan["split_file"], "split_sha256": plan["split_sha256"],
+            "num_rows": sum(class_counts), "num_classes": num_classes, "class_counts": class_counts,
+            "shards": [{"file": r["file"], "rows": r["rows"], "bytes": r["bytes"]} for r in records],
+            "skipped": skipped, "max_side": plan["max_side"], "rows_per_shard": plan["rows_per_shard"],
+            "row_group_size": plan["row_group_size"], "seed": plan["seed"],
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def build(args) -> int:
+    split, image_root = Path(args.split), Path(args.image_root)
+    samples = parse_split_lines(split)
+    if not image_root.is_dir():
+        raise FileNotFoundError(f"--image-root {image_root} is not a folder")
+    plan = make_plan(split, image_root, args.rows_per_shard, args.row_group_size, args.seed, args.max_side,
+                     len(samples))
+    fs, base = resolve(args.out)
+    fs.create_dir(base, recursive=True)
+    _claim(fs, base, args.out, plan)
+    if fs.get_file_info(f"{base}/{MANIFEST}").type != pafs.FileType.NotFound:
+        print(f"{args.out} is complete: {MANIFEST} is there for this plan; nothing to do")
+        return 0
+    if isinstance(fs, pafs.LocalFileSystem):
+        for folder in (Path(base), Path(base) / PROGRESS):
+            remove_partial_writes(folder)  # temp files of a killed build
+    finished = _finished_shards(fs, base, plan["shards"])
+    jobs = _jobs(samples, plan, args.out, args.on_error == "fail", set(range(plan["shards"])) - set(finished))
+    records = [*finished.values(), *_run_jobs(jobs, args.workers, plan["shards"], len(finished))]
+    manifest = assemble_manifest(plan, records, max(s.label for s in samples) + 1)
+    _write_json(fs, f"{base}/{MANIFEST}", manifest)
+    print(f"wrote {args.out}: {manifest['num_rows']} rows of {manifest['num_classes']} classes in "
+          f"{len(manifest['shards'])} shards ({len(jobs)} written now); skipped images: {len(manifest['skipped'])}")
+    return 0
+
+
+def check(args) -> int:
+    manifest = read_manifest(args.uri)
+    check_shards(args.uri, manifest)
+    print(f"{args.uri}: {manifest['num_rows']} rows, {manifest['num_classes']} classes, "
+          f"{len(manifest['shards'])} shards, {len(manifest['skipped'])} skipped; shards match the manifest")
+    return 0
+
+
+# ---- command line ------------------------------------------------------------------------------------------
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m glmc_ray.shards", description=__doc__.split("\n")[0])
+    commands = top.add_subparsers(dest="command", required=True)
+    make = commands.add_parser("build", help="write a split file's images as Parquet shards and a manifest")
+    make.add_argument("--split", required=True, help="split file: `relative/path label` per line")
+    make.add_argument("--image-root", required=True, help="folder the split file's paths are relative to")
+    make.add_argument("--out", required=True, help="local folder or URI (s3://bucket/prefix) of the shard set")
+    make.add_argument("--on-error", choices=("skip", "fail"), default="skip",
+                      help="an unreadable image: list and skip it (default), or stop")
+    make.add_argument("--max-side", type=_positive, default=None,
+                      help="re-encode images whose longer side exceeds N as JPEG with that side N")
+    make.add_argument("--rows-per-shard", type=_positive, default=512)
+    make.add_argument("--row-group-size", type=_positive, default=64)
+    make.add_argument("--workers", type=_positive, default=os.cpu_count() or 1)
+    make.add_argument("--seed", type=int, default=0, help="seeds the order of samples over the shards")
+    make.set_defaults(run=build)
+    verify = commands.add_parser("check", help="check a shard set against its manifest (Parquet footers only)")
+    verify.add_argument("uri")
+    verify.set_defaults(run=check)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return run_command(lambda: args.run(args))
+
+
+if __name__ == "__main__":
+    # run the imported module's main, so pool workers unpickle build_shard as glmc_ray.shards.build_shard
+    from glmc_ray import shards
+
+    sys.exit(shards.main())
