@@ -20,15 +20,16 @@ def cifar_root():
     return CIFAR_ROOT
 
 
-def write_image_split(root: Path, name: str, counts, rng) -> None:
-    """`counts[c]` JPEGs of class c under root/images/ and `root/splits/<name>.txt` (`relative/path label`)."""
+def write_image_split(root: Path, name: str, counts, rng, shape=(40, 48, 3)) -> None:
+    """`counts[c]` JPEGs of class c under root/images/ and `root/splits/<name>.txt` (`relative/path label`);
+    `shape` (height, width) makes grayscale images."""
     lines = []
     for label, count in enumerate(counts):
         folder = root / "images" / f"n{label:08d}"
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(count):
             path = folder / f"{name}_{i}.JPEG"
-            pixels = (rng.random((40, 48, 3)) * 80 + label * 40).astype(np.uint8)
+            pixels = (rng.random(shape) * 80 + label * 40).astype(np.uint8)
             Image.fromarray(pixels).save(path, quality=90)
             lines.append(f"{path.relative_to(root)} {label}")
     (root / "splits").mkdir(exist_ok=True)

@@ -41,6 +41,13 @@ def test_overrides_are_typed_and_applied_in_order():
     ("method.name=ldam", r"method.name: 'ldam' is not one of glmc, ce"),
     ("data.imbalance_factor=0.5", r"data.imbalance_factor: 0.5 is out of range; expected a number >= 1"),
     ("optim", r"expected key=value"),
+    ("data.dataset=cifar10", r"unknown key 'data.dataset'; valid keys here: .*source"),
+    ("data.source=imagenet", r"data.source: 'imagenet' is not one of cifar10, cifar100, synthetic, files, shards"),
+    ("data.mean=[0.5,0.5]", r"data.mean, data.std: .*1 \(grayscale\) or 3 \(RGB\)"),
+    ("data.mean=0.5", r"data.mean: expected a list, got 0.5"),
+    ("data.std=[0.2,x,0.2]", r"data.std\[1\]: expected float, got 'x'"),
+    ("data.augmentation=simclr", r"data.augmentation: in-memory sources .* crop_flip only"),
+    ("data.source=files", r"data.train_split: required for data.source=files"),
 ])
 def test_bad_overrides_name_key_value_and_choices(override, message):
     with pytest.raises(ConfigError, match=message):

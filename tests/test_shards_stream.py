@@ -129,7 +129,7 @@ def test_train_in_process_from_shards(shard_root, tmp_path):
 def test_two_worker_run_from_shards_resumes_after_the_driver_is_killed(shard_root, tmp_path):
     address = ray.get_runtime_context().gcs_address
     args = ["-m", "glmc_ray.train", "--data-root", str(shard_root), "--output", str(tmp_path), "--workers", "2",
-            "--address", address, *_sets([*SHARD_RUN, "train.epochs=3"])]
+            "--address", address, *_sets([*SHARD_RUN, "train.epochs=2", "train.eval_every=2"])]
     driver = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while not list(tmp_path.glob("*/metrics.jsonl")) and time.monotonic() < deadline and driver.poll() is None:
@@ -140,7 +140,7 @@ def test_two_worker_run_from_shards_resumes_after_the_driver_is_killed(shard_roo
     assert _epochs(run)[:1] == [0]
 
     assert main(["--resume", str(run), "--workers", "2"]) == 0
-    assert _epochs(run) == [0, 1, 2]
+    assert _epochs(run) == [0, 1]
 
 
 def test_decode_names_and_counts_an_image_corrupted_after_the_build(capsys):

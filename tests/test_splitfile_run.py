@@ -1,4 +1,4 @@
-"""A split-file dataset (the ImageNet-LT / iNat path) end to end: JPEGs on disk, PIL decode, DataLoader workers."""
+"""Split-file datasets (the ImageNet-LT / iNat path) end to end: JPEGs on disk, PIL decode, DataLoader workers."""
 import json
 
 import numpy as np
@@ -25,3 +25,33 @@ def test_imagenet_lt_style_split_files_train_and_evaluate(tmp_path):
     assert len(test["per_class"]) == 3 and test["few"] is not None and 0 <= test["top1"] <= 100
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["lr"] == 0.01 and records[1]["lr"] == 0.01  # warmup 1/1, then cosine from the top
+
+
+GRAYSCALE_RECIPE = """
+name: gray28_lt
+data:
+  source: files
+  root: {root}
+  train_split: splits/train.txt
+  test_split: splits/test.txt
+  mean: [0.5]          # one value: one channel
+  std: [0.25]
+  image_size: 28
+  augmentation: crop_flip
+  num_workers: 1
+model: {{arch: resnet32, width: 4, projection_dim: 16}}
+train: {{epochs: 2, batch_size: 8, progress_every: 0}}
+"""
+
+
+def test_a_grayscale_28px_long_tailed_split_trains_by_config_alone(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "gray"
+    write_image_split(root, "train", [30, 10, 3], rng, shape=(28, 28))
+    write_image_split(root, "test", [4, 4, 4], rng, shape=(28, 28))
+    recipe = tmp_path / "gray28_lt.yaml"
+    recipe.write_text(GRAYSCALE_RECIPE.format(root=root))
+    assert main(["--config", str(recipe), "--output", str(tmp_path / "runs")]) == 0
+    run = next((tmp_path / "runs").iterdir())
+    final = json.loads((run / "final.json").read_text())
+    assert final["class_counts"] == [30, 10, 3] and len(final["last"]["test"]["per_class"]) == 3

@@ -32,14 +32,17 @@ RGB, GRAY, CMYK, PNG_AS_JPEG, TRUNCATED = "rgb", "gray", "cmyk", "png", "truncat
 
 
 def write_image_tree(root: str | Path, counts: list[int], seed: int = 0, corrupt: int = 1,
-                     test_per_class: int = 0) -> Path:
+                     test_per_class: int = 0, sides: tuple[int, int] = (64, 500), mixed: bool = True) -> Path:
     """A mini ImageNet-LT on disk under `root`: `train/<wnid>/<wnid>_<k>.JPEG` and the split file
     `ImageNet_LT_train.txt` (`relative/path label`, class c has counts[c] lines); with `test_per_class`,
     also `val/<wnid>/ILSVRC2012_val_<n>.JPEG` and `ImageNet_LT_test.txt` (no corrupt file there).
 
-    Sides are 64-500 px and never square; files are RGB, grayscale, CMYK, one PNG named .JPEG, and
-    `corrupt` truncated JPEGs (listed in the split file). Each class is a colour field plus noise, so a small
-    network can learn it. Returns the train split file."""
+    Sides are drawn from `sides` (inclusive) and never square; files are RGB, grayscale, CMYK, one PNG named
+    .JPEG, and `corrupt` truncated JPEGs (listed in the split file). `mixed=False` keeps one grayscale and one
+    CMYK file instead of one in ten each: real ImageNet is ~98 % RGB, and a CMYK JPEG decodes ~8x slower, so
+    benchmarks want it rare. Each class is a colour field plus noise, so a small network can learn it (at
+    quality 90 the noise costs ~0.7 bytes a pixel, ImageNet's rate: 300-500 px sides give ~110 KB files).
+    Returns the train split file."""
     root, rng = Path(root), np.random.default_rng(seed)
     wnids = [f"n{number:08d}" for number in sorted(rng.choice(14_000_000, size=len(counts), replace=False) + 10**6)]
     prototypes = rng.integers(0, 256, size=(len(counts), 4, 4, 3), dtype=np.uint8)
@@ -47,43 +50,47 @@ def write_image_tree(root: str | Path, counts: list[int], seed: int = 0, corrupt
              for label, count in enumerate(counts) for k in range(1, count + 1)]
     if corrupt > len(train):
         raise ValueError(f"corrupt={corrupt} but the tree has only {len(train)} training images")
-    split = _write_split(root, "ImageNet_LT_train.txt", train, _file_kinds(len(train), corrupt, rng), prototypes, rng)
+    split = _write_split(root, "ImageNet_LT_train.txt", train, _file_kinds(len(train), corrupt, mixed, rng),
+                         prototypes, sides, rng)
     if test_per_class:
         test = [(label, f"val/{wnids[label]}/ILSVRC2012_val_{label * test_per_class + k:08d}.JPEG")
                 for label in range(len(counts)) for k in range(1, test_per_class + 1)]
-        _write_split(root, "ImageNet_LT_test.txt", test, _file_kinds(len(test), 0, rng), prototypes, rng)
+        _write_split(root, "ImageNet_LT_test.txt", test, _file_kinds(len(test), 0, mixed, rng), prototypes, sides,
+                     rng)
     return split
 
 
-def _file_kinds(total: int, corrupt: int, rng: np.random.Generator) -> list[str]:
+def _file_kinds(total: int, corrupt: int, mixed: bool, rng: np.random.Generator) -> list[str]:
     """A kind for each of `total` files, at random places: `corrupt` truncated, then one PNG, one grayscale
-    and one CMYK for sure (when there is room), then about one in ten of the rest grayscale and one in ten CMYK."""
+    and one CMYK for sure (when there is room), then, if `mixed`, about one in ten of the rest grayscale and
+    one in ten CMYK."""
     kinds = [RGB] * total
     order = rng.permutation(total)
     sure = [TRUNCATED] * corrupt + [PNG_AS_JPEG, GRAY, CMYK]
     for place, kind in zip(order, sure, strict=False):
         kinds[place] = kind
-    for rank, place in enumerate(order[len(sure):]):
+    for rank, place in enumerate(order[len(sure):] if mixed else []):
         kinds[place] = {0: GRAY, 5: CMYK}.get(rank % 10, RGB)
     return kinds
 
 
 def _write_split(root: Path, name: str, samples: list[tuple[int, str]], kinds: list[str], prototypes: np.ndarray,
-                 rng: np.random.Generator) -> Path:
+                 sides: tuple[int, int], rng: np.random.Generator) -> Path:
     for (label, relative), kind in zip(samples, kinds, strict=True):
         path = root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_image(path, _class_image(prototypes[label], rng), kind)
+        _write_image(path, _class_image(prototypes[label], sides, rng), kind)
     split = root / name
     split.write_text("\n".join(f"{relative} {label}" for label, relative in samples))  # no final newline, as real
     return split
 
 
-def _class_image(prototype: np.ndarray, rng: np.random.Generator) -> Image.Image:
+def _class_image(prototype: np.ndarray, sides: tuple[int, int], rng: np.random.Generator) -> Image.Image:
     """The class's 4x4 colour field stretched over a random non-square size, plus uniform noise."""
-    width, height = rng.integers(64, 501, size=2)
+    shortest, longest = sides
+    width, height = rng.integers(shortest, longest + 1, size=2)
     if width == height:
-        height += 1 if height < 500 else -1
+        height += 1 if height < longest else -1
     field = np.asarray(Image.fromarray(prototype).resize((int(width), int(height)), Image.BILINEAR), dtype=np.int16)
     noise = rng.integers(-60, 61, size=field.shape, dtype=np.int16)
     return Image.fromarray((field + noise).clip(0, 255).astype(np.uint8))
