@@ -152,8 +152,7 @@ def test_decode_names_and_counts_an_image_corrupted_after_the_build(capsys):
     from glmc_ray.data.images import BadImageLog
 
     log = BadImageLog(limit=5)
-    batches = shard_source.RowBatches(None, 8, 0, num_classes=3, bad_images=log, split="train")
-    assert len(batches._collate(rows)["label"]) == 0
+    assert len(shard_source.kept_rows(3, log, "train")(rows)["label"]) == 0
     assert log.take("train") == 1 and "train/n0/x.JPEG" in capsys.readouterr().err
 
 

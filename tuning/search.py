@@ -74,7 +74,11 @@ def run(args) -> tuple[Path, bool]:
     params = search.load_space(args.space, base)
     opts = _options(args)
     search.prepare(base, params, opts, args.config or "the default config")
-    ray_train.connect(args.address, max(1, int(opts.concurrent * opts.cpus_per_trial)))
+    from glmc_ray.data import ray_cpus
+
+    # a trial streaming shards makes its own Ray Data streams (q is searched): their CPUs on top
+    ray_train.connect(args.address, max(1, int(opts.concurrent * opts.cpus_per_trial)),
+                      opts.concurrent * ray_cpus(base))
     _default_gpus(opts)
     return search.search(base, params, opts, args.output)
 

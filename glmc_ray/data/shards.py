@@ -62,22 +62,20 @@ def poisson_rates(class_counts, exponent: float, margin_sigmas: float = MARGIN_S
 
 class Decode:
     """Ray Data actor: decode and augment encoded images into uint8 views (duplicates, if `rates` repeats rows,
-    get their own augmentations), optionally keeping only this rank's share of an evaluation set.
+    get their own augmentations).
 
     Unreadable images become rows with `ok` False and zero pixels, so the worker can name and count them."""
 
-    def __init__(self, augmentation: str, size: int, channels: int, train: bool, rates=None,
-                 share: tuple[int, int] | None = None):
+    def __init__(self, augmentation: str, size: int, channels: int, train: bool, rates=None):
         transform = train_transform(augmentation, size) if train else test_transform(augmentation, size)
         self.transform, self.views, self.channels = transform, 2 if train else 1, channels
-        self.size, self.rates, self.share = size, rates, share
+        self.size, self.rates, self.train = size, rates, train
         self.rng = np.random.default_rng()
 
     def _rows(self, batch: dict) -> np.ndarray:
-        if self.share is not None:
-            rank, world = self.share
-            return np.flatnonzero(batch["index"] % world == rank)
         rows = np.arange(len(batch["label"]))
+        if not self.train:
+            return rows
         if self.rates is not None:
             rows = np.repeat(rows, self.rng.poisson(self.rates[batch["label"]]))
         return self.rng.permutation(rows)  # new order inside each block every epoch; spreads duplicates
@@ -98,16 +96,16 @@ class Decode:
                 "path": batch["path"][rows], "ok": ok, "reason": np.array(reasons, dtype=object)}
 
 
-def stream(data, paths: list[str], seed: int, train: bool, rates=None, share=None):
+def stream(data, paths: list[str], seed: int, train: bool, rates=None):
     """A Ray Dataset of decoded rows of the shards at `paths` (lazy: each iteration is a new execution)."""
     import ray.data
 
     shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if train else None
-    dataset = ray.data.read_parquet(paths, columns=COLUMNS, shuffle=shuffle)
+    dataset = ray.data.read_parquet(paths, shuffle=shuffle).select_columns(COLUMNS)  # pushed down into the read
     pool = ray.data.ActorPoolStrategy(min_size=1, max_size=data.decode_actors or None)
     return dataset.map_batches(
         Decode, fn_constructor_kwargs={"augmentation": data.augmentation, "size": data.image_size,
-                                       "channels": data.channels, "train": train, "rates": rates, "share": share},
+                                       "channels": data.channels, "train": train, "rates": rates},
         batch_size=DECODE_BATCH, compute=pool, num_cpus=data.decode_cpus)
 
 
@@ -127,29 +125,37 @@ def ray_cpus(cfg) -> float:
     return 3 * (cfg.data.decode_cpus + 2)
 
 
+def kept_rows(num_classes: int, bad_images: BadImageLog, split: str):
+    """The collate function of a stream: decoded rows as torch tensors, unreadable ones logged and dropped."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class KeptRows(NumpyBatchCollateFn):
+        def __call__(self, rows: dict) -> dict:
+            ok = rows["ok"]
+            bad_images.add(split, [Unreadable(str(p), str(r)) for p, r in
+                                   zip(rows["path"][~ok], rows["reason"][~ok], strict=True)])
+            labels = torch.from_numpy(rows["label"][ok])
+            if len(labels) and int(labels.max()) >= num_classes:
+                path = rows["path"][ok][int(labels.argmax())]
+                raise ValueError(f"{path}: label {int(labels.max())} is outside the training manifest's "
+                                 f"{num_classes} classes")
+            return {**{k: torch.from_numpy(rows[k][ok]) for k in ("x1", "x2", "index") if k in rows},
+                    "label": labels}
+    return KeptRows()
+
+
 class RowBatches:
-    """One stream's decoded rows as torch batches of this rank, unreadable rows logged and dropped."""
+    """One stream's decoded rows as torch batches of this rank (`shard`: a DataIterator or Dataset; None: no
+    rows for this rank)."""
 
-    def __init__(self, shard, batch_size: int, shuffle_buffer: int, num_classes: int, bad_images: BadImageLog,
-                 split: str):
-        self.shard, self.batch_size, self.shuffle_buffer = shard, batch_size, shuffle_buffer
-        self.num_classes, self.bad_images, self.split = num_classes, bad_images, split
-
-    def _collate(self, rows: dict) -> dict:
-        ok = rows["ok"]
-        self.bad_images.add(self.split, [Unreadable(str(p), str(r)) for p, r in
-                                         zip(rows["path"][~ok], rows["reason"][~ok], strict=True)])
-        labels = torch.from_numpy(rows["label"][ok])
-        if len(labels) and int(labels.max()) >= self.num_classes:
-            bad = rows["path"][ok][int(labels.argmax())]
-            raise ValueError(f"{bad}: label {int(labels.max())} is outside the training manifest's "
-                             f"{self.num_classes} classes")
-        views = {k: torch.from_numpy(rows[k][ok]) for k in ("x1", "x2", "index") if k in rows}
-        return {**views, "label": labels}
+    def __init__(self, shard, batch_size: int, shuffle_buffer: int, collate):
+        self.shard, self.batch_size, self.shuffle_buffer, self.collate = shard, batch_size, shuffle_buffer, collate
 
     def __iter__(self) -> Iterator[dict]:
+        if self.shard is None:
+            return iter(())
         return iter(self.shard.iter_torch_batches(
-            batch_size=self.batch_size, collate_fn=self._collate, prefetch_batches=2,
+            batch_size=self.batch_size, collate_fn=self.collate, prefetch_batches=2,
             local_shuffle_buffer_size=self.shuffle_buffer or None))
 
 
@@ -212,7 +218,7 @@ def build(cfg, device, rank: int, world_size: int, memory_format, rebalanced: bo
     bad_images = BadImageLog(data.max_bad_images)
 
     def rows_of(shard, batch_size, split, buffer=0):
-        return RowBatches(shard, batch_size, buffer, len(counts), bad_images, split)
+        return RowBatches(shard, batch_size, buffer, kept_rows(len(counts), bad_images, split))
     uniform = rows_of(dataset_shard(STREAMS["uniform"]), per_rank_batch, "train", data.shuffle_buffer)
     second = rows_of(dataset_shard(STREAMS["rebalanced"]), per_rank_batch, "train", data.shuffle_buffer) \
         if rebalanced else None
@@ -224,6 +230,8 @@ def build(cfg, device, rank: int, world_size: int, memory_format, rebalanced: bo
             if eval_manifest["num_classes"] > len(counts):
                 raise ValueError(f"data.{name}_split {location(data, split)}: {eval_manifest['num_classes']} "
                                  f"classes, more than the training manifest's {len(counts)}")
-            dataset = stream(data, paths, train.seed, train=False, share=(rank, world_size))
+            # whole shards per rank: every row is read and decoded once, by one rank (shares may differ in size)
+            mine = paths[rank::world_size]
+            dataset = stream(data, mine, train.seed, train=False) if mine else None
             evals[name] = EvalBatches(rows_of(dataset, train.eval_batch_size, name), normalizer)
     return DataBundle(ShardBatches(uniform, second, steps, normalizer), evals, counts, bad_images)
