@@ -33,3 +33,21 @@ def per_class_plot(per_class: list, class_counts: list[int], path: Path, title: 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def fidelity_plot(pairs: list[dict], report: dict, path: Path) -> None:
+    """Each checked configuration's objective after the short schedule (x) and the full one (y)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for pair in pairs:
+        recipe = pair["label"] == "recipe"
+        ax.scatter(pair["short"], pair["val_balanced_top1"], color="tab:red" if recipe else "tab:blue", zorder=2)
+        ax.annotate("recipe" if recipe else f"#{pair['number']}", (pair["short"], pair["val_balanced_top1"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    rho = report["spearman"]
+    ax.set_title(f"{report['metric']}: Spearman {rho:.2f}" if rho is not None else report["metric"])
+    ax.set_xlabel(f"after the {report['short_epochs']}-epoch schedule (search)")
+    ax.set_ylabel(f"after the {report['full_epochs']}-epoch schedule")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -29,12 +29,13 @@ import math
 import os
 import re
 import shlex
+import statistics
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from glmc_ray import config as config_lib
-from glmc_ray import provenance, rundir
+from glmc_ray import plots, provenance, rundir
 from glmc_ray.config import ConfigError
 
 METRIC = "val_balanced_top1"  # the objective: balanced top-1 on the validation split, never the test set
@@ -42,6 +43,9 @@ MODE = "max"
 SEARCH_FILE = "search.json"
 BASE_CONFIG = "base_config.yaml"
 TRIALS_DIR = "trials"
+FULL_DIR = "full"  # full-schedule runs: the fidelity check and the final seeds
+RECIPE = "recipe"  # the label of the base config's own values
+SUMMARY_KEYS = ("top1", "balanced_top1", "many", "medium", "few")
 KINDS = ("float", "int", "choice")
 
 
@@ -299,16 +303,19 @@ def run_trial(values: dict, base: dict, opts: dict, experiment: str, command: st
     """The Tune function trainable: one trial = one normal run directory under <experiment>/trials/."""
     from ray import tune
 
-    os.environ[provenance.COMMAND_ENV] = command  # version.json names the search, not this Ray worker
-
     options = SearchOptions(**opts)
-    trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(config_lib.from_dict(base), values, options.trial_epochs)
-    cfg.name = f"{cfg.name}-{trial_id}"
+    cfg.name = f"{cfg.name}-{tune.get_context().get_trial_id()}"
+    _train(cfg, options, Path(experiment) / TRIALS_DIR, command)
+
+
+def _train(cfg, options: SearchOptions, parent: Path, command: str) -> None:
+    """Train `cfg` in the run directory named cfg.name under `parent`: a new one, or the one an interrupted
+    trial left (continued from its checkpoint; a finished one is only reported again)."""
+    os.environ[provenance.COMMAND_ENV] = command  # version.json names the search, not this Ray worker
     if options.gpus_per_trial == 0 and cfg.train.threads == 0:  # CPU trials share the node's cores
         cfg.train.threads = max(1, int(options.cpus_per_trial // options.workers_per_trial) or 1)
-    parent = Path(experiment) / TRIALS_DIR
-    existing = _find_run(parent, cfg.name)  # a restored trial continues its own run directory
+    existing = _find_run(parent, cfg.name)
     if existing is not None and (existing / "final.json").exists():  # finished before an interruption
         report_evaluated(rundir.read_metrics(existing))
         return
@@ -357,10 +364,10 @@ def _run_ray_trial(cfg, options: SearchOptions, parent: Path, existing: Path | N
 
 # ----------------------------------------------------------------------------------------------- tuner
 
-def _trainable(experiment: Path, base: config_lib.Config, opts: SearchOptions):
+def _trainable(experiment: Path, base: config_lib.Config, opts: SearchOptions, function=run_trial):
     from ray import tune
 
-    fn = tune.with_parameters(run_trial, base=config_lib.to_dict(base), opts=asdict(opts),
+    fn = tune.with_parameters(function, base=config_lib.to_dict(base), opts=asdict(opts),
                               experiment=str(experiment), command=shlex.join(sys.orig_argv))
     if opts.workers_per_trial > 1:  # the Train workers take the resources; the trial is their driver
         resources = {"CPU": 0.01}
@@ -458,6 +465,154 @@ def resume(experiment: str | Path) -> tuple[Path, bool]:
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
     tuner.fit()
     return experiment, write_outputs(experiment)
+
+
+# ------------------------------------------------------------------------------ full-schedule runs
+
+def run_full(config: dict, base: dict, opts: dict, experiment: str, command: str) -> None:
+    """The Tune function trainable of a full-schedule run (the base's train.epochs, not --trial-epochs):
+    config["job"] is a FullRun. Its run directory is named by label and seed, so that the fidelity check
+    and the final seeds share a run they both need, and a repeated call continues or reuses it."""
+    job = FullRun(**config["job"])
+    cfg = apply_values(config_lib.from_dict(base), {**job.values, "train.seed": job.seed})
+    cfg.name = job.run_name(cfg.name)
+    _train(cfg, SearchOptions(**opts), Path(experiment) / FULL_DIR, command)
+
+
+@dataclass(frozen=True)
+class FullRun:
+    label: str  # RECIPE for the base's own values, else the Tune trial id whose values these are
+    values: dict
+    seed: int
+
+    def run_name(self, base_name: str) -> str:
+        return f"{base_name}-{self.label}-seed{self.seed}"
+
+
+def full_job(row: dict, params: list[Param], base, seed: int) -> FullRun:
+    values = {p.key: row[p.key] for p in params}
+    is_recipe = all(values[p.key] == get_dotted(base, p.key) for p in params)
+    return FullRun(RECIPE if is_recipe else row["trial_id"], values, seed)
+
+
+def train_full(experiment: Path, jobs: list[FullRun]) -> list[dict]:
+    """Train the jobs' full schedules as Tune trials (as many at once as the search ran), then return
+    each run's last-epoch validation and test results. Runs finished earlier are not trained again."""
+    from ray import tune
+
+    base, _, opts = read_experiment(experiment)
+    check_resources(opts)
+    unique = list({json.dumps(asdict(job), sort_keys=True): job for job in jobs}.values())
+    tuner = tune.Tuner(
+        _trainable(experiment, base, opts, run_full),
+        param_space={"job": tune.grid_search([asdict(job) for job in unique])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=opts.concurrent),
+        run_config=tune.RunConfig(name=rundir.new_stamped_folder(experiment / FULL_DIR / "tune", "full").name,
+                                  storage_path=str(experiment / FULL_DIR / "tune"),
+                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1))
+    tuner.fit()
+    return [full_result(experiment, base, job) for job in jobs]
+
+
+def full_result(experiment: Path, base, job: FullRun) -> dict:
+    run = _find_run(experiment / FULL_DIR, job.run_name(base.name))
+    row = {"label": job.label, "seed": job.seed, "run": str(run) if run else None}
+    if run is None or not (run / "final.json").is_file():
+        return {**row, "status": "failed"}
+    last = json.loads((run / "final.json").read_text())["last"]
+    return {**row, "status": "complete",
+            **{f"{split}_{key}": last[split][key] for split in ("val", "test") for key in SUMMARY_KEYS}}
+
+
+def fidelity_check(experiment: Path, count: int) -> dict:
+    """Train `count` completed trials, spread evenly over the search's ranking (best and worst included),
+    and the recipe, with the full schedule; the Spearman rank correlation of their short-schedule objective
+    with the full schedule's says whether the short schedule ranks configurations as the full one does."""
+    rows, params = trial_rows(experiment)
+    base, _, _ = read_experiment(experiment)
+    ranked = sorted((r for r in rows if r["status"] == "complete"), key=lambda r: -r[METRIC])
+    picked = {ranked[round(i * (len(ranked) - 1) / max(count - 1, 1))]["trial_id"] for i in range(count)}
+    picked |= {r["trial_id"] for r in ranked if r["number"] == 1}  # the recipe, when it completed
+    chosen = [r for r in ranked if r["trial_id"] in picked]
+    results = train_full(experiment, [full_job(r, params, base, base.train.seed) for r in chosen])
+    pairs = [{"trial_id": r["trial_id"], "number": r["number"], "short": r[METRIC], **result}
+             for r, result in zip(chosen, results, strict=True)]
+    complete = [p for p in pairs if p["status"] == "complete"]
+    report = {"short_epochs": _trial_epochs(experiment), "full_epochs": base.train.epochs, "metric": METRIC,
+              "spearman": spearman([p["short"] for p in complete], [p[f"val_{SUMMARY_KEYS[1]}"] for p in complete]),
+              "pairs": pairs}
+    (experiment / "fidelity.json").write_text(json.dumps(report, indent=1))
+    plots.fidelity_plot(complete, report, experiment / "fidelity.png")
+    rho = "n/a (fewer than 3)" if report["spearman"] is None else f"{report['spearman']:.2f}"
+    print(f"fidelity check: {len(complete)} configurations, {METRIC} after {report['short_epochs']} vs "
+          f"{report['full_epochs']} epochs, Spearman {rho}; fidelity.json in {experiment}", flush=True)
+    return report
+
+
+def final_seeds(experiment: Path, count: int) -> dict:
+    """Train the best trial's values and the recipe with the full schedule and `count` train seeds each;
+    mean and standard deviation of their validation and test results."""
+    rows, params = trial_rows(experiment)
+    base, _, _ = read_experiment(experiment)
+    done = [r for r in rows if r["status"] == "complete"]
+    if not done:
+        raise ConfigError(f"--final-seeds: no trial of {experiment} completed; there is no winner to train")
+    best = max(done, key=lambda r: r[METRIC])
+    seeds = [base.train.seed + i for i in range(count)]
+    recipe = {p.key: get_dotted(base, p.key) for p in params}
+    groups = {"found": full_job(best, params, base, 0), "recipe": FullRun(RECIPE, recipe, 0)}
+    jobs = [FullRun(job.label, job.values, seed) for job in groups.values() for seed in seeds]
+    results = train_full(experiment, jobs)  # in the order of jobs: each group's seeds in turn
+    by_group = {name: results[i * count:(i + 1) * count] for i, name in enumerate(groups)}
+    report = {"seeds": seeds, "epochs": base.train.epochs, "best_trial": best["trial_id"],
+              "values": {name: job.values for name, job in groups.items()},
+              "summary": {name: seed_summary(group) for name, group in by_group.items()},
+              "runs": by_group}
+    (experiment / "final_seeds.json").write_text(json.dumps(report, indent=1))
+    print(final_table(report), flush=True)
+    return report
+
+
+def seed_summary(results: list[dict]) -> dict:
+    complete = [r for r in results if r["status"] == "complete"]
+    summary = {"runs": len(complete), "failed": len(results) - len(complete)}
+    for key in (f"{split}_{k}" for split in ("val", "test") for k in SUMMARY_KEYS):
+        values = [r[key] for r in complete if r[key] is not None]
+        summary[key] = {"mean": statistics.mean(values) if values else None,
+                        "std": statistics.stdev(values) if len(values) > 1 else None}
+    return summary
+
+
+def final_table(report: dict) -> str:
+    keys = [f"val_{k}" for k in SUMMARY_KEYS[:2]] + [f"test_{k}" for k in SUMMARY_KEYS]
+    lines = [f"full schedule ({report['epochs']} epochs), train seeds {report['seeds']}: mean +- std",
+             f"{'':8}" + "".join(f"{k:>22}" for k in keys)]
+    for name, summary in report["summary"].items():
+        cells = [_mean_std(summary[k]) for k in keys]
+        lines.append(f"{name:8}" + "".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines)
+
+
+def _mean_std(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "-"
+    return f"{stat['mean']:.2f}" + (f" +- {stat['std']:.2f}" if stat["std"] is not None else "")
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rho: Pearson's correlation of the ranks (ties share their mean rank)."""
+    import numpy as np
+    import pandas as pd
+
+    if len(a) < 3:
+        return None
+    ranks = np.corrcoef(pd.Series(a).rank(), pd.Series(b).rank())
+    return float(ranks[0, 1])
+
+
+def _trial_epochs(experiment: Path) -> int:
+    base, _, opts = read_experiment(experiment)
+    return opts.trial_epochs or base.train.epochs
 
 
 # ----------------------------------------------------------------------------------------------- outputs

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -240,3 +241,59 @@ def test_a_trial_can_be_a_two_worker_ray_train_run(tmp_path, ray_session):
     assert list(run.glob("checkpoint_epoch*"))
     assert float(rows[0]["val_balanced_top1"]) == rundir.read_metrics(run)[-1]["val_balanced_top1"]
     assert config_lib.load(experiment / "best_config.yaml").optim.lr == 0.05
+
+
+def test_spearman_is_the_correlation_of_ranks():
+    assert search.spearman([1, 2, 3, 4], [10, 20, 40, 30]) == pytest.approx(0.8)
+    assert search.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert search.spearman([1, 1, 2], [5, 6, 7]) == pytest.approx(0.866, abs=1e-3)  # ties share a mean rank
+    assert search.spearman([1, 2], [1, 2]) is None  # two points rank nothing
+
+
+def test_fidelity_check_and_final_seeds_train_the_full_schedule_once_per_run(tmp_path, ray_session):
+    space = _space(tmp_path, "optim.lr: {float: [0.003, 0.1], log: true}\n"
+                             "method.label_weight_exponent: {float: [0.5, 2.0]}\n")
+    output = tmp_path / "runs"
+    assert main(["--config", SMOKE, *FAST, "--set", "train.epochs=2", "--space", str(space), "--trials", "4",
+                 "--concurrent", "2", "--trial-epochs", "1", "--output", str(output),
+                 "--fidelity-check", "3", "--final-seeds", "2"]) == 0
+    experiment = _only_experiment(output)
+    rows = {r["trial_id"]: r for r in _rows(experiment)}
+    fidelity = json.loads((experiment / "fidelity.json").read_text())
+    assert (fidelity["short_epochs"], fidelity["full_epochs"]) == (1, 2)
+    ranked = sorted(rows.values(), key=lambda r: -float(r["val_balanced_top1"]))
+    checked = {p["trial_id"] for p in fidelity["pairs"]}  # ranks 1, 3 and 4 of 4 (K=3) and the recipe (trial 1)
+    recipe = next(r["trial_id"] for r in ranked if r["number"] == "1")
+    assert checked == {ranked[0]["trial_id"], ranked[2]["trial_id"], ranked[3]["trial_id"], recipe}
+    for pair in fidelity["pairs"]:
+        assert pair["status"] == "complete" and pair["short"] == float(rows[pair["trial_id"]]["val_balanced_top1"])
+        run = rundir.read_metrics(Path(pair["run"]))
+        assert [r["epoch"] for r in run] == [0, 1] and run[-1]["val_balanced_top1"] == pair["val_balanced_top1"]
+        assert config_lib.load(f"{pair['run']}/config.yaml").optim.lr == float(rows[pair["trial_id"]]["optim.lr"])
+    pairs = fidelity["pairs"]
+    expected = search.spearman([p["short"] for p in pairs], [p["val_balanced_top1"] for p in pairs])
+    assert fidelity["spearman"] == pytest.approx(expected) and (experiment / "fidelity.png").stat().st_size > 5_000
+
+    final = json.loads((experiment / "final_seeds.json").read_text())
+    base = config_lib.load(SMOKE)
+    assert final["seeds"] == [base.train.seed, base.train.seed + 1] and final["best_trial"] == ranked[0]["trial_id"]
+    for name in ("found", "recipe"):
+        runs = final["runs"][name]
+        assert [r["seed"] for r in runs] == final["seeds"] and all(r["status"] == "complete" for r in runs)
+        tops = [r["test_top1"] for r in runs]
+        assert final["summary"][name]["test_top1"]["mean"] == pytest.approx(sum(tops) / 2)
+        for r in runs:
+            cfg = config_lib.load(f"{r['run']}/config.yaml")
+            assert cfg.train.seed == r["seed"] and cfg.train.epochs == 2
+    recipe_run = config_lib.load(f"{final['runs']['recipe'][0]['run']}/config.yaml")
+    assert recipe_run.optim.lr == base.optim.lr
+    # a run both stages need (the recipe, the winner at the first seed) is trained once: one folder per run
+    wanted = {(p["label"], base.train.seed) for p in fidelity["pairs"]}
+    wanted |= {(r["label"], r["seed"]) for runs in final["runs"].values() for r in runs}
+    folders = [p for p in (experiment / "full").iterdir() if p.name != "tune"]
+    assert len(folders) == len(wanted) and all((p / "final.json").exists() for p in folders)
+    # the two stages again (as after an interruption): every run is found finished, nothing is trained
+    mtimes = {p: (p / "final.json").stat().st_mtime_ns for p in folders}
+    assert main(["--resume", str(experiment), "--final-seeds", "2"]) == 0
+    assert {p: (p / "final.json").stat().st_mtime_ns for p in folders} == mtimes
+    assert json.loads((experiment / "final_seeds.json").read_text())["summary"] == final["summary"]

@@ -33,6 +33,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="K > 1: each trial is a K-worker Ray Train run (default 1: the loop in the trial's process)")
     p.add_argument("--trial-epochs", type=int,
                    help="epochs of each trial's complete, shortened schedule (default: the config's train.epochs)")
+    p.add_argument("--fidelity-check", type=int, default=0, metavar="K",
+                   help="after the search: train K trials spread over its ranking, and the recipe, with the full "
+                        "schedule; fidelity.json/png give the Spearman correlation of the two objectives")
+    p.add_argument("--final-seeds", type=int, default=0, metavar="N",
+                   help="after the search: train the winner and the recipe with the full schedule and N train "
+                        "seeds each; final_seeds.json gives validation and test top-1, Many/Medium/Few mean +- std")
     p.add_argument("--output", default="runs", help="parent folder of the experiment directory (default runs/)")
     p.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue an interrupted search")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, a cluster on this node, "
@@ -59,6 +65,18 @@ def _default_gpus(opts: search.SearchOptions) -> None:
 
 
 def run(args) -> tuple[Path, bool]:
+    for name, value in (("--fidelity-check", args.fidelity_check), ("--final-seeds", args.final_seeds)):
+        if value < 0:
+            raise config_lib.ConfigError(f"{name}: {value} is out of range; expected >= 0")
+    experiment, finished = _run_search(args)
+    if finished and args.fidelity_check:
+        search.fidelity_check(experiment, args.fidelity_check)
+    if finished and args.final_seeds:
+        search.final_seeds(experiment, args.final_seeds)
+    return experiment, finished
+
+
+def _run_search(args) -> tuple[Path, bool]:
     from glmc_ray import ray_train
 
     search.set_environment()
