@@ -61,3 +61,17 @@ def test_node_types_give_what_the_trainer_the_search_and_ray_data_ask_for():
         assert gpu_type["resources"]["CPU"] >= 8 * gpu_type["resources"]["GPU"]
     assert any(t["resources"].get("GPU", 0) == 0 and t["resources"]["CPU"] > 0 for t in types.values()
                if t is not types[config["head_node_type"]])  # optional CPU-only decode nodes
+
+
+def test_every_node_mounts_the_network_filesystem_the_readmes_search_writes_to():
+    config = _prepared()
+    mounts = [re.search(r"mount -t nfs4 .* (/\S+)\)", c) for c in config["setup_commands"]]
+    mount_points = [m.group(1) for m in mounts if m]
+    assert len(mount_points) == 1  # setup_commands run on the head and every worker type
+    readme = (REPO / "README.md").read_text()
+    cluster = readme[readme.index("## Cluster"):readme.index("## Search")]
+    search_job = cluster[cluster.index("tuning/search.py"):]
+    output = re.search(r"--output (\S+)", search_job).group(1)
+    assert output.startswith(mount_points[0] + "/")
+    assert not any(types.get("worker_setup_commands") or types.get("setup_commands")
+                   for types in RAW["available_node_types"].values())  # no node type replaces them
