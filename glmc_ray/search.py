@@ -8,13 +8,17 @@
       trials.csv                         id, status, searched values, val_balanced_top1, test_top1, s, error
       best_config.yaml                   the base config with the best values, full schedule: train it
       *.png                              Optuna's optimisation history, slice and importance plots
+      fidelity.json, fidelity.png        the fidelity check: short vs full-schedule objective, Spearman
+      final_seeds.json                   the winner and the recipe, full schedule, several train seeds
+      full/<name>-<label>-seed<S>-<stamp>/  their full-schedule run directories (Tune's state in full/tune/)
 
 Fidelity: every trial trains a complete, shortened schedule of `trial_epochs` epochs (default: the
 config's own train.epochs), so GLMC's cumulative alpha and the lr schedule both finish inside the trial,
 and the objective is the last epoch's balanced top-1 on the validation split. There is no mid-run early
 stopping: alpha hands the loss to the re-balanced head late, so the mid-run accuracy of a long schedule
-says little about its end. How well the short schedule ranks configurations for the full one is not
-measured yet.
+says little about its end. `fidelity_check` measures how well the short schedule ranks configurations for
+the full one (Spearman over trials re-trained with the full schedule); `final_seeds` trains the winner and
+the recipe with several train seeds. Both put their runs in <experiment>/full/.
 
 The loop, methods and data know nothing of Tune: a trial wraps `worker.run_worker` (one worker, in the
 trial's own process) or `ray_train.launch` (K workers under Ray Train) with a reporter that also calls
