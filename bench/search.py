@@ -1,0 +1,124 @@
+"""A real GLMC search on the 10-epoch CIFAR-10-LT protocol (issue 10), then its fidelity check and the final
+seeds: does the search find a recipe that beats the official one (36.4 test top-1, 3 seeds) and CE (41.4)?
+
+Protocol (docs/benchmarks.md, "Reduced accuracy protocol"): CIFAR-10-LT IF 100 (`glmc` subset), ResNet-32
+width 16, batch 64, 10 epochs with cosine lr and the cumulative alpha completed in them, the README recipe
+as the base. 10 % of the training images are held out as the validation split (the objective); test
+accuracy is recorded and never optimised on. Three stages, each `tuning/search.py` itself:
+
+  1. search     --trials T trials of the short schedule (--trial-epochs E), C at once, 1 thread each
+  2. fidelity   --fidelity-check K: K trials spread over the ranking, and the recipe, with the full schedule
+  3. final      --final-seeds N: the winner and the recipe with the full schedule and N train seeds
+
+    python bench/search.py --data-root ../shared/data [--trials 14 --trial-epochs 3 --concurrent 2
+        --fidelity-check 3 --final-seeds 3] [--experiment runs/bench-search/<name>-search-<stamp>]
+
+--experiment continues an experiment (an interrupted one, or one whose later stages have not run); stages
+that finished are not run again. Writes bench/results/search_cifar10_lt.json: per stage the wall time
+and the training seconds its runs used, the trials, the Spearman correlation, and the final mean +- std
+beside the references.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from glmc_ray import rundir
+from glmc_ray.search import METRIC
+
+SEARCH = Path(__file__).resolve().parents[1] / "tuning" / "search.py"
+
+REFERENCES = {"official_recipe_test_top1_3_seeds": 36.40, "ce_test_top1": 41.38,
+              "source": "docs/benchmarks.md, reduced accuracy protocol (all 12 406 training images, no val split)"}
+PROTOCOL = ["model.width=16", "train.epochs=10", "data.val_fraction=0.1", "train.memory_format=channels_last",
+            "train.eval_every=10", "train.progress_every=0"]
+
+
+def run_stage(name: str, argv: list[str], timings: dict) -> None:
+    print(f"== {name}: python tuning/search.py {' '.join(argv)}", flush=True)
+    start = time.perf_counter()
+    code = subprocess.run([sys.executable, str(SEARCH), *argv]).returncode  # each stage its own Ray session
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"stage {name} ended with exit code {code}; continue it with --experiment")
+
+
+def training_seconds(runs: list[Path]) -> float:
+    """Seconds spent in training steps by these runs (the sum of their epochs' train_seconds)."""
+    return sum(r.get("train_seconds", 0.0) for run in runs for r in rundir.read_metrics(run))
+
+
+def summarise(experiment: Path, timings: dict, args) -> dict:
+    with open(experiment / "trials.csv") as f:
+        trials = list(csv.DictReader(f))
+    report = {"experiment": str(experiment), "settings": vars(args), "wall_seconds": timings,
+              "trials": trials, "references": REFERENCES}
+    report["training_seconds"] = {"short_schedule_trials": training_seconds(sorted((experiment / "trials").iterdir()))}
+    full = experiment / "full"
+    if full.is_dir():
+        report["training_seconds"]["full_schedule_runs"] = training_seconds(
+            sorted(p for p in full.iterdir() if p.name != "tune"))
+    for name in ("fidelity", "final_seeds"):
+        path = experiment / f"{name}.json"
+        if path.is_file():
+            report[name] = json.loads(path.read_text())
+    if "final_seeds" in report:
+        found = report["final_seeds"]["summary"]["found"]["test_top1"]
+        recipe = report["final_seeds"]["summary"]["recipe"]["test_top1"]
+        report["found_minus_recipe_test_top1"] = found["mean"] - recipe["mean"]
+        report["found_minus_ce_test_top1"] = found["mean"] - REFERENCES["ce_test_top1"]
+    return report
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", default="../shared/data")
+    p.add_argument("--trials", type=int, default=14)
+    p.add_argument("--trial-epochs", type=int, default=3)
+    p.add_argument("--concurrent", type=int, default=2)
+    p.add_argument("--fidelity-check", type=int, default=3)
+    p.add_argument("--final-seeds", type=int, default=3)
+    p.add_argument("--output", default="runs/bench-search")
+    p.add_argument("--experiment", help="continue this experiment directory")
+    p.add_argument("--json", default="bench/results/search_cifar10_lt.json")
+    args = p.parse_args()
+    out = Path(args.json)
+    timings = json.loads(out.read_text())["wall_seconds"] if args.experiment and out.is_file() else {}
+    if args.experiment:
+        experiment = Path(args.experiment).resolve()
+        run_stage("search", ["--resume", str(experiment)], timings)  # seconds when the search had finished
+    else:
+        sets = [f"data.root={Path(args.data_root).resolve()}", *PROTOCOL]
+        run_stage("search", ["--config", "configs/cifar10_lt.yaml", *[a for s in sets for a in ("--set", s)],
+                             "--space", "configs/search/glmc.yaml", "--trials", str(args.trials),
+                             "--trial-epochs", str(args.trial_epochs), "--concurrent", str(args.concurrent),
+                             "--cpus-per-trial", "1", "--output", args.output], timings)
+        experiment = max(Path(args.output).resolve().glob("*-search-*"), key=lambda d: d.stat().st_mtime)
+    for stage, flag, count in (("fidelity", "--fidelity-check", args.fidelity_check),
+                               ("final_seeds", "--final-seeds", args.final_seeds)):
+        if count and not (experiment / f"{stage}.json").is_file():
+            run_stage(stage, ["--resume", str(experiment), flag, str(count)], timings)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(summarise(experiment, timings, args), indent=1))
+    report = summarise(experiment, timings, args)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    done = [t for t in report["trials"] if t["status"] == "complete"]
+    print(f"{len(done)}/{len(report['trials'])} trials complete; best {METRIC} "
+          f"{max(float(t[METRIC]) for t in done):.2f}; wall seconds {timings}; training seconds "
+          f"{report['training_seconds']}")
+    if "fidelity" in report:
+        print(f"Spearman (short vs full schedule, {len(report['fidelity']['pairs'])} configurations): "
+              f"{report['fidelity']['spearman']}")
+    if "found_minus_recipe_test_top1" in report:
+        print(f"found - recipe: {report['found_minus_recipe_test_top1']:+.2f} test top-1; found - CE "
+              f"{report['found_minus_ce_test_top1']:+.2f}; JSON in {out}")
+
+
+if __name__ == "__main__":
+    main()
