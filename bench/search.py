@@ -4,19 +4,20 @@ seeds: does the search find a recipe that beats the official one (36.4 test top-
 Protocol (docs/benchmarks.md, "Reduced accuracy protocol"): CIFAR-10-LT IF 100 (`glmc` subset), ResNet-32
 width 16, batch 64, 10 epochs with cosine lr and the cumulative alpha completed in them, the README recipe
 as the base. 10 % of the training images are held out as the validation split (the objective); test
-accuracy is recorded and never optimised on. Three stages, each `tuning/search.py` itself:
+accuracy is recorded and never optimised on. Two stages, each `tuning/search.py` itself:
 
   1. search     --trials T trials of the short schedule (--trial-epochs E), C at once, 1 thread each
-  2. fidelity   --fidelity-check K: K trials spread over the ranking, and the recipe, with the full schedule
-  3. final      --final-seeds N: the winner and the recipe with the full schedule and N train seeds
+  2. full schedule, one Tune run for both (--fidelity-check K --final-seeds N):
+     the fidelity check: K trials spread over the ranking, and the recipe;
+     the final seeds: the winner and the recipe with N train seeds each
 
     python bench/search.py --data-root ../shared/data [--trials 14 --trial-epochs 3 --concurrent 2
-        --fidelity-check 3 --final-seeds 3] [--experiment runs/bench-search/<name>-search-<stamp>]
+        --fidelity-check 4 --final-seeds 3] [--experiment runs/bench-search/<name>-search-<stamp>]
 
 --experiment continues an experiment (an interrupted one, or one whose later stages have not run); stages
-that finished are not run again. Writes bench/results/search_cifar10_lt.json: per stage the wall time
-and the training seconds its runs used, the trials, the Spearman correlation, and the final mean +- std
-beside the references.
+that finished are not run again. Writes bench/results/search_cifar10_lt.json: per stage the wall time;
+the training seconds of the short trials, of the fidelity check's runs and of the other final runs; the
+trials, the Spearman correlation, and the final mean +- std beside the references.
 """
 from __future__ import annotations
 
@@ -58,15 +59,16 @@ def summarise(experiment: Path, timings: dict, args) -> dict:
         trials = list(csv.DictReader(f))
     report = {"experiment": str(experiment), "settings": vars(args), "wall_seconds": timings,
               "trials": trials, "references": REFERENCES}
-    report["training_seconds"] = {"short_schedule_trials": training_seconds(sorted((experiment / "trials").iterdir()))}
-    full = experiment / "full"
-    if full.is_dir():
-        report["training_seconds"]["full_schedule_runs"] = training_seconds(
-            sorted(p for p in full.iterdir() if p.name != "tune"))
     for name in ("fidelity", "final_seeds"):
         path = experiment / f"{name}.json"
         if path.is_file():
             report[name] = json.loads(path.read_text())
+    checked = {p["run"] for p in report.get("fidelity", {}).get("pairs", []) if p["run"]}
+    final = {r["run"] for runs in report.get("final_seeds", {}).get("runs", {}).values() for r in runs if r["run"]}
+    report["training_seconds"] = {  # a run both stages use is counted in the fidelity check
+        "short_schedule_trials": training_seconds(sorted((experiment / "trials").iterdir())),
+        "full_schedule_fidelity_check": training_seconds([Path(r) for r in sorted(checked)]),
+        "full_schedule_final_seeds_only": training_seconds([Path(r) for r in sorted(final - checked)])}
     if "final_seeds" in report:
         found = report["final_seeds"]["summary"]["found"]["test_top1"]
         recipe = report["final_seeds"]["summary"]["recipe"]["test_top1"]
@@ -81,7 +83,7 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=14)
     p.add_argument("--trial-epochs", type=int, default=3)
     p.add_argument("--concurrent", type=int, default=2)
-    p.add_argument("--fidelity-check", type=int, default=3)
+    p.add_argument("--fidelity-check", type=int, default=4)
     p.add_argument("--final-seeds", type=int, default=3)
     p.add_argument("--output", default="runs/bench-search")
     p.add_argument("--experiment", help="continue this experiment directory")
@@ -99,12 +101,9 @@ def main() -> None:
                              "--trial-epochs", str(args.trial_epochs), "--concurrent", str(args.concurrent),
                              "--cpus-per-trial", "1", "--output", args.output], timings)
         experiment = max(Path(args.output).resolve().glob("*-search-*"), key=lambda d: d.stat().st_mtime)
-    for stage, flag, count in (("fidelity", "--fidelity-check", args.fidelity_check),
-                               ("final_seeds", "--final-seeds", args.final_seeds)):
-        if count and not (experiment / f"{stage}.json").is_file():
-            run_stage(stage, ["--resume", str(experiment), flag, str(count)], timings)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(summarise(experiment, timings, args), indent=1))
+    if not all((experiment / f"{name}.json").is_file() for name in ("fidelity", "final_seeds")):
+        run_stage("full_schedule", ["--resume", str(experiment), "--fidelity-check", str(args.fidelity_check),
+                                    "--final-seeds", str(args.final_seeds)], timings)
     report = summarise(experiment, timings, args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

@@ -16,9 +16,9 @@ Fidelity: every trial trains a complete, shortened schedule of `trial_epochs` ep
 config's own train.epochs), so GLMC's cumulative alpha and the lr schedule both finish inside the trial,
 and the objective is the last epoch's balanced top-1 on the validation split. There is no mid-run early
 stopping: alpha hands the loss to the re-balanced head late, so the mid-run accuracy of a long schedule
-says little about its end. `fidelity_check` measures how well the short schedule ranks configurations for
-the full one (Spearman over trials re-trained with the full schedule); `final_seeds` trains the winner and
-the recipe with several train seeds. Both put their runs in <experiment>/full/.
+says little about its end. After the search, `full_stages` measures how well the short schedule ranks
+configurations for the full one (Spearman over trials re-trained with the full schedule) and trains the
+winner and the recipe with several train seeds; their runs go to <experiment>/full/.
 
 The loop, methods and data know nothing of Tune: a trial wraps `worker.run_worker` (one worker, in the
 trial's own process) or `ray_train.launch` (K workers under Ray Train) with a reporter that also calls
@@ -528,22 +528,48 @@ def full_result(experiment: Path, base, job: FullRun) -> dict:
             **{f"{split}_{key}": last[split][key] for split in ("val", "test") for key in SUMMARY_KEYS}}
 
 
-def fidelity_check(experiment: Path, count: int) -> dict:
-    """Train `count` completed trials, spread evenly over the search's ranking (best and worst included),
-    and the recipe, with the full schedule; the Spearman rank correlation of their short-schedule objective
-    with the full schedule's says whether the short schedule ranks configurations as the full one does."""
+def full_stages(experiment: Path, fidelity: int, seeds: int) -> dict:
+    """The stages after a search, with the full schedule: the fidelity check (`fidelity` trials spread over
+    the ranking, and the recipe) and the final seeds (the winner and the recipe, `seeds` train seeds each).
+    Their runs go to Tune as one list (the check's first), so no slot idles between the stages and a run
+    both need is trained once; then each stage writes its report (fidelity.json, final_seeds.json)."""
     rows, params = trial_rows(experiment)
     base, _, _ = read_experiment(experiment)
     ranked = sorted((r for r in rows if r["status"] == "complete"), key=lambda r: -r[METRIC])
+    if not ranked:
+        raise ConfigError(f"no trial of {experiment} completed: nothing to train with the full schedule")
+    checked = _spread(ranked, fidelity) if fidelity else []
+    check_jobs = [full_job(r, params, base, base.train.seed) for r in checked]
+    groups = {"found": full_job(ranked[0], params, base, 0),
+              "recipe": FullRun(RECIPE, {p.key: get_dotted(base, p.key) for p in params}, 0)}
+    train_seeds = [base.train.seed + i for i in range(seeds)]
+    seed_jobs = [FullRun(job.label, job.values, seed) for job in groups.values() for seed in train_seeds]
+    results = train_full(experiment, check_jobs + seed_jobs)
+    reports = {}
+    if fidelity:
+        reports["fidelity"] = fidelity_report(experiment, checked, results[:len(check_jobs)])
+    if seeds:
+        by_group = {name: results[len(check_jobs) + i * seeds:][:seeds] for i, name in enumerate(groups)}
+        reports["final_seeds"] = final_seeds_report(experiment, ranked[0], groups, train_seeds, by_group)
+    return reports
+
+
+def _spread(ranked: list[dict], count: int) -> list[dict]:
+    """`count` rows at evenly spaced ranks (best and worst included), and the recipe (trial 1), in rank order."""
     picked = {ranked[round(i * (len(ranked) - 1) / max(count - 1, 1))]["trial_id"] for i in range(count)}
-    picked |= {r["trial_id"] for r in ranked if r["number"] == 1}  # the recipe, when it completed
-    chosen = [r for r in ranked if r["trial_id"] in picked]
-    results = train_full(experiment, [full_job(r, params, base, base.train.seed) for r in chosen])
+    picked |= {r["trial_id"] for r in ranked if r["number"] == 1}
+    return [r for r in ranked if r["trial_id"] in picked]
+
+
+def fidelity_report(experiment: Path, checked: list[dict], results: list[dict]) -> dict:
+    """The Spearman rank correlation of the checked trials' short-schedule objective with the full
+    schedule's: whether the short schedule ranks configurations as the full one does."""
+    base, _, _ = read_experiment(experiment)
     pairs = [{"trial_id": r["trial_id"], "number": r["number"], "short": r[METRIC], **result}
-             for r, result in zip(chosen, results, strict=True)]
+             for r, result in zip(checked, results, strict=True)]
     complete = [p for p in pairs if p["status"] == "complete"]
     report = {"short_epochs": _trial_epochs(experiment), "full_epochs": base.train.epochs, "metric": METRIC,
-              "spearman": spearman([p["short"] for p in complete], [p[f"val_{SUMMARY_KEYS[1]}"] for p in complete]),
+              "spearman": spearman([p["short"] for p in complete], [p[METRIC] for p in complete]),
               "pairs": pairs}
     (experiment / "fidelity.json").write_text(json.dumps(report, indent=1))
     plots.fidelity_plot(complete, report, experiment / "fidelity.png")
@@ -553,21 +579,9 @@ def fidelity_check(experiment: Path, count: int) -> dict:
     return report
 
 
-def final_seeds(experiment: Path, count: int) -> dict:
-    """Train the best trial's values and the recipe with the full schedule and `count` train seeds each;
-    mean and standard deviation of their validation and test results."""
-    rows, params = trial_rows(experiment)
+def final_seeds_report(experiment: Path, best: dict, groups: dict, seeds: list[int], by_group: dict) -> dict:
+    """Mean and standard deviation over the train seeds of the winner's and the recipe's results."""
     base, _, _ = read_experiment(experiment)
-    done = [r for r in rows if r["status"] == "complete"]
-    if not done:
-        raise ConfigError(f"--final-seeds: no trial of {experiment} completed; there is no winner to train")
-    best = max(done, key=lambda r: r[METRIC])
-    seeds = [base.train.seed + i for i in range(count)]
-    recipe = {p.key: get_dotted(base, p.key) for p in params}
-    groups = {"found": full_job(best, params, base, 0), "recipe": FullRun(RECIPE, recipe, 0)}
-    jobs = [FullRun(job.label, job.values, seed) for job in groups.values() for seed in seeds]
-    results = train_full(experiment, jobs)  # in the order of jobs: each group's seeds in turn
-    by_group = {name: results[i * count:(i + 1) * count] for i, name in enumerate(groups)}
     report = {"seeds": seeds, "epochs": base.train.epochs, "best_trial": best["trial_id"],
               "values": {name: job.values for name, job in groups.items()},
               "summary": {name: seed_summary(group) for name, group in by_group.items()},

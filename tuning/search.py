@@ -69,10 +69,8 @@ def run(args) -> tuple[Path, bool]:
         if value < 0:
             raise config_lib.ConfigError(f"{name}: {value} is out of range; expected >= 0")
     experiment, finished = _run_search(args)
-    if finished and args.fidelity_check:
-        search.fidelity_check(experiment, args.fidelity_check)
-    if finished and args.final_seeds:
-        search.final_seeds(experiment, args.final_seeds)
+    if finished and (args.fidelity_check or args.final_seeds):
+        search.full_stages(experiment, args.fidelity_check, args.final_seeds)
     return experiment, finished
 
 
