@@ -506,7 +506,7 @@ def train_full(experiment: Path, jobs: list[FullRun]) -> list[dict]:
 
     base, _, opts = read_experiment(experiment)
     check_resources(opts)
-    unique = list({json.dumps(asdict(job), sort_keys=True): job for job in jobs}.values())
+    unique = list({_job_key(asdict(job)): job for job in jobs}.values())
     tuner = tune.Tuner(
         _trainable(experiment, base, opts, run_full),
         param_space={"job": tune.grid_search([asdict(job) for job in unique])},
@@ -514,25 +514,31 @@ def train_full(experiment: Path, jobs: list[FullRun]) -> list[dict]:
         run_config=tune.RunConfig(name=rundir.new_stamped_folder(experiment / FULL_DIR / "tune", "full").name,
                                   storage_path=str(experiment / FULL_DIR / "tune"),
                                   failure_config=tune.FailureConfig(max_failures=0), verbose=1))
-    tuner.fit()
-    return [full_result(experiment, base, job) for job in jobs]
+    errored = {_job_key(result.config["job"]) for result in tuner.fit() if result.error is not None}
+    return [full_result(experiment, base, job, _job_key(asdict(job)) in errored) for job in jobs]
 
 
-def full_result(experiment: Path, base, job: FullRun) -> dict:
+def _job_key(job: dict) -> str:
+    return json.dumps(job, sort_keys=True)
+
+
+def full_result(experiment: Path, base, job: FullRun, errored: bool) -> dict:
+    """The run's last-epoch results; status failed (its trial raised) or unfinished (interrupted)."""
     run = _find_run(experiment / FULL_DIR, job.run_name(base.name))
     row = {"label": job.label, "seed": job.seed, "run": str(run) if run else None}
     if run is None or not (run / "final.json").is_file():
-        return {**row, "status": "failed"}
+        return {**row, "status": "failed" if errored else "unfinished"}
     last = json.loads((run / "final.json").read_text())["last"]
     return {**row, "status": "complete",
             **{f"{split}_{key}": last[split][key] for split in ("val", "test") for key in SUMMARY_KEYS}}
 
 
-def full_stages(experiment: Path, fidelity: int, seeds: int) -> dict:
+def full_stages(experiment: Path, fidelity: int, seeds: int) -> dict | None:
     """The stages after a search, with the full schedule: the fidelity check (`fidelity` trials spread over
     the ranking, and the recipe) and the final seeds (the winner and the recipe, `seeds` train seeds each).
     Their runs go to Tune as one list (the check's first), so no slot idles between the stages and a run
-    both need is trained once; then each stage writes its report (fidelity.json, final_seeds.json)."""
+    both need is trained once; then each stage writes its report (fidelity.json, final_seeds.json). None
+    when the runs were interrupted: nothing is reported, the same call continues them."""
     rows, params = trial_rows(experiment)
     base, _, _ = read_experiment(experiment)
     ranked = sorted((r for r in rows if r["status"] == "complete"), key=lambda r: -r[METRIC])
@@ -545,6 +551,9 @@ def full_stages(experiment: Path, fidelity: int, seeds: int) -> dict:
     train_seeds = [base.train.seed + i for i in range(seeds)]
     seed_jobs = [FullRun(job.label, job.values, seed) for job in groups.values() for seed in train_seeds]
     results = train_full(experiment, check_jobs + seed_jobs)
+    if any(r["status"] == "unfinished" for r in results):  # interrupted (Ctrl-C): no report from part of the runs
+        print("the full-schedule runs were interrupted; repeat the command to continue them", flush=True)
+        return None
     reports = {}
     if fidelity:
         reports["fidelity"] = fidelity_report(experiment, checked, results[:len(check_jobs)])

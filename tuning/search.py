@@ -70,7 +70,7 @@ def run(args) -> tuple[Path, bool]:
             raise config_lib.ConfigError(f"{name}: {value} is out of range; expected >= 0")
     experiment, finished = _run_search(args)
     if finished and (args.fidelity_check or args.final_seeds):
-        search.full_stages(experiment, args.fidelity_check, args.final_seeds)
+        finished = search.full_stages(experiment, args.fidelity_check, args.final_seeds) is not None
     return experiment, finished
 
 
