@@ -30,9 +30,7 @@ def per_class_plot(per_class: list, class_counts: list[int], path: Path, title: 
     ax.legend(handles, [f"Many (>{MANY_ABOVE})", f"Medium ({FEW_BELOW}-{MANY_ABOVE})", f"Few (<{FEW_BELOW})"],
               loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=8, frameon=False)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def fidelity_plot(pairs: list[dict], report: dict, path: Path) -> None:
@@ -48,6 +46,10 @@ def fidelity_plot(pairs: list[dict], report: dict, path: Path) -> None:
     ax.set_xlabel(f"after the {report['short_epochs']}-epoch schedule (search)")
     ax.set_ylabel(f"after the {report['full_epochs']}-epoch schedule")
     ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

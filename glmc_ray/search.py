@@ -499,12 +499,11 @@ def full_job(row: dict, params: list[Param], base, seed: int) -> FullRun:
     return FullRun(RECIPE if is_recipe else row["trial_id"], values, seed)
 
 
-def train_full(experiment: Path, jobs: list[FullRun]) -> list[dict]:
+def train_full(experiment: Path, base, opts: SearchOptions, jobs: list[FullRun]) -> list[dict]:
     """Train the jobs' full schedules as Tune trials (as many at once as the search ran), then return
     each run's last-epoch validation and test results. Runs finished earlier are not trained again."""
     from ray import tune
 
-    base, _, opts = read_experiment(experiment)
     check_resources(opts)
     unique = list({_job_key(asdict(job)): job for job in jobs}.values())
     tuner = tune.Tuner(
@@ -540,7 +539,7 @@ def full_stages(experiment: Path, fidelity: int, seeds: int) -> dict | None:
     both need is trained once; then each stage writes its report (fidelity.json, final_seeds.json). None
     when the runs were interrupted: nothing is reported, the same call continues them."""
     rows, params = trial_rows(experiment)
-    base, _, _ = read_experiment(experiment)
+    base, _, opts = read_experiment(experiment)
     ranked = sorted((r for r in rows if r["status"] == "complete"), key=lambda r: -r[METRIC])
     if not ranked:
         raise ConfigError(f"no trial of {experiment} completed: nothing to train with the full schedule")
@@ -550,16 +549,19 @@ def full_stages(experiment: Path, fidelity: int, seeds: int) -> dict | None:
               "recipe": FullRun(RECIPE, {p.key: get_dotted(base, p.key) for p in params}, 0)}
     train_seeds = [base.train.seed + i for i in range(seeds)]
     seed_jobs = [FullRun(job.label, job.values, seed) for job in groups.values() for seed in train_seeds]
-    results = train_full(experiment, check_jobs + seed_jobs)
+    results = train_full(experiment, base, opts, check_jobs + seed_jobs)
     if any(r["status"] == "unfinished" for r in results):  # interrupted (Ctrl-C): no report from part of the runs
         print("the full-schedule runs were interrupted; repeat the command to continue them", flush=True)
         return None
     reports = {}
     if fidelity:
-        reports["fidelity"] = fidelity_report(experiment, checked, results[:len(check_jobs)])
+        short_epochs = opts.trial_epochs or base.train.epochs
+        reports["fidelity"] = fidelity_report(experiment, (short_epochs, base.train.epochs), checked,
+                                              results[:len(check_jobs)])
     if seeds:
         by_group = {name: results[len(check_jobs) + i * seeds:][:seeds] for i, name in enumerate(groups)}
-        reports["final_seeds"] = final_seeds_report(experiment, ranked[0], groups, train_seeds, by_group)
+        reports["final_seeds"] = final_seeds_report(experiment, base.train.epochs, ranked[0], groups,
+                                                    train_seeds, by_group)
     return reports
 
 
@@ -570,14 +572,13 @@ def _spread(ranked: list[dict], count: int) -> list[dict]:
     return [r for r in ranked if r["trial_id"] in picked]
 
 
-def fidelity_report(experiment: Path, checked: list[dict], results: list[dict]) -> dict:
+def fidelity_report(experiment: Path, epochs: tuple[int, int], checked: list[dict], results: list[dict]) -> dict:
     """The Spearman rank correlation of the checked trials' short-schedule objective with the full
-    schedule's: whether the short schedule ranks configurations as the full one does."""
-    base, _, _ = read_experiment(experiment)
+    schedule's (`epochs`: their lengths): whether the short schedule ranks configurations as the full one does."""
     pairs = [{"trial_id": r["trial_id"], "number": r["number"], "short": r[METRIC], **result}
              for r, result in zip(checked, results, strict=True)]
     complete = [p for p in pairs if p["status"] == "complete"]
-    report = {"short_epochs": _trial_epochs(experiment), "full_epochs": base.train.epochs, "metric": METRIC,
+    report = {"short_epochs": epochs[0], "full_epochs": epochs[1], "metric": METRIC,
               "spearman": spearman([p["short"] for p in complete], [p[METRIC] for p in complete]),
               "pairs": pairs}
     (experiment / "fidelity.json").write_text(json.dumps(report, indent=1))
@@ -588,10 +589,10 @@ def fidelity_report(experiment: Path, checked: list[dict], results: list[dict]) 
     return report
 
 
-def final_seeds_report(experiment: Path, best: dict, groups: dict, seeds: list[int], by_group: dict) -> dict:
+def final_seeds_report(experiment: Path, epochs: int, best: dict, groups: dict, seeds: list[int],
+                       by_group: dict) -> dict:
     """Mean and standard deviation over the train seeds of the winner's and the recipe's results."""
-    base, _, _ = read_experiment(experiment)
-    report = {"seeds": seeds, "epochs": base.train.epochs, "best_trial": best["trial_id"],
+    report = {"seeds": seeds, "epochs": epochs, "best_trial": best["trial_id"],
               "values": {name: job.values for name, job in groups.items()},
               "summary": {name: seed_summary(group) for name, group in by_group.items()},
               "runs": by_group}
@@ -635,11 +636,6 @@ def spearman(a: list[float], b: list[float]) -> float | None:
         return None
     ranks = np.corrcoef(pd.Series(a).rank(), pd.Series(b).rank())
     return float(ranks[0, 1])
-
-
-def _trial_epochs(experiment: Path) -> int:
-    base, _, opts = read_experiment(experiment)
-    return opts.trial_epochs or base.train.epochs
 
 
 # ----------------------------------------------------------------------------------------------- outputs
@@ -693,10 +689,9 @@ def write_outputs(experiment: Path) -> bool:
     done = [r for r in rows if r["status"] == "complete"]
     failed = sum(r["status"] == "failed" for r in rows)
     unfinished = len(rows) - len(done) - failed
-    _, _, opts = read_experiment(experiment)
+    base, _, opts = read_experiment(experiment)
     best = max(done, key=lambda r: r[METRIC]) if done else None
-    if best is not None:
-        base, _, _ = read_experiment(experiment)  # train.epochs stays the base's: the full schedule
+    if best is not None:  # train.epochs stays the base's: the full schedule
         cfg = apply_values(base, {p.key: best[p.key] for p in params})
         config_lib.save(cfg, experiment / "best_config.yaml")
     write_plots(experiment)
