@@ -6,6 +6,7 @@ in a recipe never silently falls back to a default (the official code ignores `-
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,13 +152,8 @@ def _coerce(key: str, value, expected: type):
             raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__})", key)
         (item_type,) = typing.get_args(expected)
         return [_coerce(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected is float and isinstance(value, str):
-        try:  # YAML 1.1 reads 2e-3 (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
+    if expected is float:
+        return _finite(key, value)
     if expected is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}", key)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
@@ -166,6 +162,23 @@ def _coerce(key: str, value, expected: type):
     if choices is not None and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}", key)
     return value
+
+
+def _finite(key: str, value) -> float:
+    """A float field's value: YAML ints and strings such as 2e-3 (YAML 1.1 reads them as strings) become floats;
+    inf and NaN are refused for every float field, since no field means anything by them."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if isinstance(number, bool) or not isinstance(number, int | float):
+        raise ConfigError(f"{key}: expected float, got {value!r} ({type(value).__name__})", key)
+    number = float(number)
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: {value!r} is not a finite number; expected a finite float", key)
+    return number
 
 
 def _build(cls, values: dict, prefix: str):
@@ -275,7 +288,8 @@ def add_recipe_arguments(parser, config_help: str, set_example: str) -> None:
 def _names_same_field(item: str, key: str | None) -> bool:
     """Whether the override `item` (a.b=value) set `key` or a section holding it (or a field inside `key`)."""
     dotted = item.split("=", 1)[0].strip()
-    return key is not None and (dotted == key or key.startswith(dotted + ".") or dotted.startswith(key + "."))
+    return key is not None and (dotted == key or key.startswith((dotted + ".", dotted + "[")) or
+                                dotted.startswith(key + "."))
 
 
 def save(cfg: Config, path: Path) -> None:

@@ -67,13 +67,13 @@ def _leaf_fields(cls=Config, prefix=""):
         if dataclasses.is_dataclass(hints[f.name]):
             yield from _leaf_fields(hints[f.name], f"{prefix}{f.name}.")
         else:
-            yield f"{prefix}{f.name}", f.name
+            yield f"{prefix}{f.name}", f.name, hints[f.name]
 
 
 def test_every_config_field_is_read_by_the_code():
     """A field nobody reads is the official code's `--beta`: parsed, documented, silently ignored."""
     source = "\n".join(p.read_text() for p in (REPO / "glmc_ray").rglob("*.py") if p.name != "config.py")
-    unread = [path for path, name in _leaf_fields() if not re.search(rf"\.{name}\b", source)]
+    unread = [path for path, name, _ in _leaf_fields() if not re.search(rf"\.{name}\b", source)]
     assert not unread, f"config fields never read: {unread}"
 
 
@@ -138,3 +138,22 @@ def test_errors_blame_the_set_item_or_the_file_that_wrote_the_key(tmp_path):
         config_lib.load(smoke, ["train=3"])
     with pytest.raises(ConfigError, match=r"^--set optim.lr=\[1: the value is not valid YAML"):
         config_lib.load(smoke, ["optim.lr=[1"])
+
+
+@pytest.mark.parametrize("key,scalar", sorted((path, kind is float) for path, _, kind in _leaf_fields()
+                                               if kind is float or kind == list[float]))
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "nan", "1e400"])
+def test_every_float_field_refuses_non_finite_values(key, scalar, value):
+    """Walks the config itself, so the fields added later (a method's own section) are covered too."""
+    with pytest.raises(ConfigError, match=rf"^--set {re.escape(key)}=.*: {re.escape(key)}(\[0\])?: .* is not a "
+                                          r"finite number"):
+        config_lib.load(REPO / "configs/smoke.yaml", [f"{key}={value if scalar else f'[{value}]'}"])
+
+
+def test_a_non_finite_value_is_one_error_line_before_anything_is_made(tmp_path, capsys):
+    assert main(["--config", str(REPO / "configs/smoke.yaml"), "--output", str(tmp_path / "runs"),
+                 "--set", "method.resample_exponent=.nan"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --set method.resample_exponent=.nan: method.resample_exponent: nan is not a finite number; "
+        "expected a finite float"]
+    assert not (tmp_path / "runs").exists()
