@@ -1,15 +1,21 @@
 """Failures that a restart cannot fix, and the exit code each ends the command line with.
 
-Bad config or data (a ValueError, ConfigError included, or a missing file) exits with 2, a diverged run
-(non-finite loss or weights) with 1. Under Ray Train these end the run at once instead of being retried:
-only lost workers and nodes are worth a restart.
+Bad config or data (a ValueError, ConfigError included, or a missing file) and output that cannot be written
+exit with 2, a diverged run (non-finite loss or weights) with 1. Under Ray Train these end the run at once
+instead of being retried: only lost workers and nodes are worth a restart.
 """
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
 
-EXIT_CODES = ((FloatingPointError, 1), (FileNotFoundError, 2), (ValueError, 2))
+
+class OutputError(Exception):
+    """A run's output cannot be written (a file given as the output folder, no permission, a full disk); the
+    message names the path, the cause and what is still intact. No restart on the same storage fixes it."""
+
+
+EXIT_CODES = ((FloatingPointError, 1), (FileNotFoundError, 2), (ValueError, 2), (OutputError, 2))
 
 
 def exit_code(error: BaseException) -> int | None:

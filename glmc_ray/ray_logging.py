@@ -1,4 +1,5 @@
-"""Make Ray Train's LoggingConfig govern all of Ray Train's worker log records.
+"""Make Ray Train's LoggingConfig govern all of Ray Train's worker log records, and keep Ray's account of a
+lost worker in Ray's log files (the console gets one line of ours, `ray_train.restart_notice_callback`).
 
 `RunConfig(logging_config=LoggingConfig(log_level=...))` sets the console level of the `ray.train` loggers and
 keeps every level in Ray's system log files (<Ray session>/logs/train/ray-train-sys-*.log). Ray 2.60's
@@ -31,3 +32,71 @@ def route_train_context_logger() -> None:
     if not any(isinstance(h, _ForwardTo) for h in misnamed.handlers):
         misnamed.addHandler(_ForwardTo(logging.getLogger(context.__name__)))
         misnamed.propagate = False
+    keep_off_console(WORKER_FAILURE_LOGGERS)
+
+
+# Ray Train loggers whose records are full tracebacks that LoggingConfig(log_level="WARNING") still lets onto the
+# console (Ray 2.60, ray/train/v2/...). A worker killed in a multi-worker run makes each surviving rank's
+# collective fail and the controller shut the group down: ~50 traceback lines, then the restart.
+WORKER_FAILURE_LOGGERS = (
+    # _internal/util.py::construct_user_exception_with_traceback: "Error in training function:" and the
+    # traceback, logged at ERROR by every rank whose train function raised (here: the lost peer's gloo error)
+    "ray.train.v2._internal.util",
+)
+CONTROLLER_FAILURE_LOGGERS = (
+    # _internal/callbacks/backend_setup.py: "Graceful shutdown of backend failed ..." with the worker's
+    # ActorDiedError traceback (WARNING, exc_info), every time a group with a dead worker is shut down
+    "ray.train.v2._internal.callbacks.backend_setup",
+    # _internal/execution/scaling_policy/autoscaling_coordinator_client.py: "Failed to send resource request
+    # ... If this only happens transiently during network partition or CPU being overloaded, it's safe to
+    # ignore this error" with a GetTimeoutError traceback (WARNING, exc_info), seen on a loaded 2-core machine
+    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",
+)
+# _internal/execution/checkpoint/checkpoint_manager.py: the 3-line "A run snapshot was found in storage folder
+# ..." notice (INFO). The controller logs it into its log file on every resume; Result.from_path, which the
+# driver calls before a resume (glmc_ray/ray_resume.py), logs it again on the driver's console through the
+# `ray` logger's handler.
+SNAPSHOT_NOTICE_LOGGER = "ray.train.v2._internal.execution.checkpoint.checkpoint_manager"
+
+
+def keep_off_console(names) -> None:
+    """In a Ray Train worker or controller: the loggers `names` write to Ray Train's log files only
+    (<Ray session>/logs/train/ray-train-{sys,app}-*.log, the handlers Ray Train set up from LoggingConfig),
+    not to the console. Nothing changes when LoggingConfig shows INFO on the console (`--ray-verbose`).
+    Call it after Ray Train has configured the process's logging (in the train function; in a controller
+    callback), since that configuration resets the `ray.train.*` loggers."""
+    from ray.train.v2._internal.logging.logging import SessionFileHandler
+
+    train = logging.getLogger("ray.train")
+    files = [h for h in train.handlers if isinstance(h, SessionFileHandler)]
+    if not files or _console_shows_info(train, files):
+        return
+    for name in names:
+        logger = logging.getLogger(name)
+        logger.handlers = list(files)
+        logger.propagate = False
+
+
+def controller_console_callback():
+    """A Ray Train callback that applies keep_off_console(CONTROLLER_FAILURE_LOGGERS) in the controller as
+    soon as it starts (its logging is configured by then). It is one of Ray Train's internal
+    ControllerCallbacks, which RunConfig(callbacks=...) accepts next to UserCallbacks ("custom workarounds
+    built on top of internal callbacks", data_parallel_trainer.py); the public UserCallback has no start hook."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class ControllerConsole(ControllerCallback):
+        def after_controller_start(self, train_run_context):
+            keep_off_console(CONTROLLER_FAILURE_LOGGERS)
+
+    return ControllerConsole()
+
+
+def _console_shows_info(train: logging.Logger, files) -> bool:
+    probe = logging.LogRecord(train.name, logging.INFO, __file__, 0, "probe", None, None)
+    return any(handler.filter(probe) for handler in train.handlers if handler not in files)
+
+
+def quiet_snapshot_notice(verbose: bool) -> None:
+    """On the driver: no "A run snapshot was found" notice on the console (the controller's copy is in its
+    log file) unless `verbose`."""
+    logging.getLogger(SNAPSHOT_NOTICE_LOGGER).setLevel(logging.INFO if verbose else logging.WARNING)

@@ -11,7 +11,6 @@ config, data and divergence errors end the run at once (`fail_fast_callback`).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -21,12 +20,12 @@ from pathlib import Path
 import torch
 
 from glmc_ray import config as config_lib
-from glmc_ray import provenance, rundir
+from glmc_ray import provenance, ray_resume, rundir
 from glmc_ray.errors import exit_code
 from glmc_ray.loop import Dist
 from glmc_ray.methods import METHODS
+from glmc_ray.ray_resume import STATE_FILE
 
-STATE_FILE = "state.pt"
 SCORE = "checkpoint_score"
 PER_CLASS = "test_per_class"  # rank 0's per-class test accuracy travels with its metrics to the controller
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "9p")
@@ -74,7 +73,10 @@ class RayReporter:
 
 
 def train_fn(loop_config: dict) -> dict:
-    """The Ray Train worker function: restore the latest checkpoint, if any, and run the loop."""
+    """The Ray Train worker function: restore the latest checkpoint, if any, and run the loop.
+
+    `loop_config`: {"config": the run's config as a dict, "restore_from": a checkpoint folder to start from
+    when Ray holds none (ray_resume.Resume.folder), or None}."""
     import ray.train
     from ray.train.torch import get_device, prepare_model
 
@@ -82,16 +84,18 @@ def train_fn(loop_config: dict) -> dict:
     from glmc_ray.worker import run_worker
 
     route_train_context_logger()
-    cfg = config_lib.from_dict(loop_config)
+    cfg = config_lib.from_dict(loop_config["config"])
     context = ray.train.get_context()
     dist = Dist(context.get_world_rank(), context.get_world_size(), _all_reduce)
-    state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    state, checkpoint = None, ray.train.get_checkpoint()
+    if checkpoint is not None:  # Ray's latest: a resume, or a worker group restarted within this run
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
-        if dist.is_main:
-            print(f"restored checkpoint {checkpoint.path}: continuing at epoch {state['epoch']}", flush=True)
+        restored = checkpoint.path
+    elif loop_config["restore_from"] is not None:  # a resume whose snapshot Ray could not use
+        state, restored = ray_resume.load_state(loop_config["restore_from"]), loop_config["restore_from"]
+    if state is not None and dist.is_main:
+        print(f"restored checkpoint {restored}: continuing at epoch {state['epoch']}", flush=True)
     find_unused = not METHODS[cfg.method.name].uses_all_heads
 
     def prepare(model):
@@ -157,52 +161,58 @@ def fail_fast_callback():
     return FailFast()
 
 
-def restore_committed_epochs(run: Path, storage: str) -> None:
-    """Before a Ray resume: metrics.jsonl becomes the history of the checkpoint Ray will restore, and
-    checkpoint folders Ray no longer tracks are deleted.
+def restart_notice_callback(run: Path, max_failures: int):
+    """A controller-side callback that says on the console, in one line, that Ray Train restarts the worker
+    group: "worker lost, restarting from epoch N" (or "worker R failed (Error: ...), restarting ..." for an
+    error of the worker itself). Ray's own account (the surviving ranks' and the controller's tracebacks)
+    goes to its log files (ray_logging.keep_off_console). Nothing is said when Ray gives up (max_failures
+    spent: the driver prints the error) or when fail_fast_callback ends the run."""
+    from ray.train import UserCallback
 
-    Ray's checkpoint manager commits a checkpoint before the metrics callback appends its line, and deletes
-    dropped checkpoints after that; a driver killed in between left an epoch missing or a folder orphaned."""
-    from ray.train import Result
+    class RestartNotice(UserCallback):
+        def __init__(self):
+            # the epoch after the latest committed one: the checkpoint a restarted group starts from
+            self.next_epoch = max((r["epoch"] + 1 for r in rundir.read_metrics(run)), default=0)
+            self.failures = 0
 
-    rundir.remove_partial_writes(run)
-    try:
-        result = Result.from_path(f"{storage.rstrip('/')}/{run.name}")
-    except RuntimeError:  # no checkpoint manager snapshot
-        result = None
-    if result is None or result.checkpoint is None:  # no epoch was committed
-        rundir.write_metrics(run, [])
-        return
-    latest = result.checkpoint
-    with latest.filesystem.open_input_stream(f"{latest.path}/{rundir.METRICS}") as stream:
-        history = [json.loads(line) for line in stream.read().decode().splitlines()]
-    _write_missing_events(run, history)
-    rundir.write_metrics(run, history)
-    _delete_untracked_checkpoints(latest, {latest.path, *(c.path for c, _ in result.best_checkpoints)})
+        def after_report(self, run_context, metrics, checkpoint):
+            if checkpoint is not None:
+                self.next_epoch = metrics[0]["epoch"] + 1
 
+        def after_exception(self, run_context, worker_exceptions):
+            errors = sorted(worker_exceptions.items())
+            if any(exit_code(error) is not None for _, error in errors):
+                return  # not retried (fail_fast_callback)
+            if not any(_preempted(error) for _, error in errors):  # preemptions have their own budget (-1)
+                self.failures += 1
+                if 0 <= max_failures < self.failures:
+                    return
+            if any(_lost(error) for _, error in errors):
+                what = "worker lost"
+            else:
+                rank, error = errors[0]
+                last_line = (str(error).strip().splitlines() or [""])[-1]
+                what = f"worker {rank} failed ({type(error).__name__}: {last_line})"
+            print(f"{what}, restarting from epoch {self.next_epoch}", flush=True)
 
-def _write_missing_events(run: Path, history: list[dict]) -> None:
-    """TensorBoard points of committed epochs whose metrics line was never written (their per-class
-    accuracy is not in the history, only the scalars)."""
-    from glmc_ray.tensorboard_events import EpochEvents
-
-    written = {record["epoch"] for record in rundir.read_metrics(run)}
-    missing = [record for record in history if record["epoch"] not in written]
-    if missing:
-        events = EpochEvents(run)
-        for record in missing:
-            events.write(record)
-        events.close()
+    return RestartNotice()
 
 
-def _delete_untracked_checkpoints(latest, tracked: set[str]) -> None:
-    import pyarrow.fs
+def _actor_error(error: BaseException):
+    """The RayActorError behind a worker error, if any: a dead worker process shows as Ray Train's
+    WorkerHealthCheckFailedError around it."""
+    from ray.exceptions import RayActorError
 
-    folder = os.path.dirname(latest.path)
-    for info in latest.filesystem.get_file_info(pyarrow.fs.FileSelector(folder)):
-        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_") \
-                and info.path not in tracked:
-            latest.filesystem.delete_dir(info.path)
+    error = getattr(error, "health_check_failure", error)
+    return error if isinstance(error, RayActorError) else None
+
+
+def _lost(error: BaseException) -> bool:
+    return _actor_error(error) is not None
+
+
+def _preempted(error: BaseException) -> bool:
+    return bool(getattr(_actor_error(error), "preempted", False))
 
 
 def cluster_hosts() -> int:
@@ -264,31 +274,37 @@ def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | No
 
     `ray_verbose` shows Ray Train's own INFO lines on the console (always in its log files); `callbacks`:
     extra Ray Train UserCallbacks (the search forwards each epoch to Tune with one)."""
+    from glmc_ray.ray_logging import quiet_snapshot_notice
+
     check_scaling(cfg, scaling)
+    quiet_snapshot_notice(ray_verbose)  # reading the run's snapshot on a resume would print Ray's notice
     if resume is not None and (resume / rundir.CHECKPOINT).exists():
         raise ValueError(f"{resume} was trained in-process; resume it without Ray options")
     storage = storage or str(resume.parent if resume is not None else Path(output).resolve())
     check_shared_storage(storage, scaling.nodes, cluster_hosts())
+    restore_from = None
     if resume is not None:
-        restore_committed_epochs(resume, storage)
+        restore_from = ray_resume.prepare(resume, storage).folder
         provenance.record_resume(resume)
     run = resume or rundir.new_run_dir(output, cfg)
     print(f"run directory: {run} ({scaling.workers} {'GPU' if scaling.use_gpu else 'CPU'} workers "
           f"on {scaling.nodes} node(s))", flush=True)
     with rundir.removed_if_failed_start(run, fresh=resume is None):
-        return run, _fit(cfg, run, storage, scaling, ray_verbose, callbacks)
+        return run, _fit(cfg, run, storage, scaling, ray_verbose, callbacks, restore_from)
 
 
-def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, callbacks: list = ()) -> dict:
+def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, callbacks: list = (),
+         restore_from: str | None = None) -> dict:
     from ray.train import CheckpointConfig, ControllerError, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from glmc_ray.data import ray_datasets
+    from glmc_ray.ray_logging import controller_console_callback
 
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
     trainer = TorchTrainer(
         train_fn,
-        train_loop_config=config_lib.to_dict(cfg),
+        train_loop_config={"config": config_lib.to_dict(cfg), "restore_from": restore_from},
         datasets=ray_datasets(cfg, METHODS[cfg.method.name].uses_rebalanced_stream) or None,  # split per worker
         scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources,
@@ -299,7 +315,9 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, call
                 num_to_keep=cfg.dist.keep_checkpoints,
                 checkpoint_score_attribute=SCORE, checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures, controller_failure_limit=3),
-            callbacks=[metrics_callback(run), fail_fast_callback(), *callbacks],
+            callbacks=[metrics_callback(run), fail_fast_callback(),
+                       restart_notice_callback(run, cfg.dist.max_failures), controller_console_callback(),
+                       *callbacks],
             # Ray Train's INFO lines (each rank's "Reporting training result" dump every epoch, which
             # train_fn's route_train_context_logger brings under this setting, the worker group's start)
             # would bury the epoch lines; its system log files in <Ray session>/logs/train/ keep every level.
@@ -314,6 +332,7 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, call
         raise
     if result.error is not None:
         raise result.error
+    ray_resume.delete_untracked_checkpoints(result)  # those from before a resume that fell back (none otherwise)
     final = result.return_value
     rundir.write_final(run, final, cfg)
     return final
@@ -337,4 +356,23 @@ def connect(address: str | None, workers: int, data_cpus: float = 0.0) -> None:
         # Ray Train's preemption watcher would only add an actor and a console error about it. Read by
         # TorchTrainer.fit from the driver's environment; a value set by the user wins.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(num_cpus=max(os.cpu_count() or 1, workers + 1) + math.ceil(data_cpus), include_dashboard=None)
+        start_local(max(os.cpu_count() or 1, workers + 1) + math.ceil(data_cpus), include_dashboard=None)
+
+
+def start_local(num_cpus: int, **init_kwargs) -> None:
+    """`ray.init` a new Ray instance in this process, with its State API address in the environment.
+
+    Ray Train's PlacementGroupCleaner (an actor) asks the State API whether the controller still lives.
+    Without an address it looks for Ray instances on this machine and, finding another one (a second run, a
+    test session), its thread dies with "ConnectionError: Found multiple active Ray instances": a traceback
+    on the console, and no placement group clean-up if the controller dies. Ray's processes inherit this
+    process's environment (ray.init starts the raylet), so RAY_API_SERVER_ADDRESS, which Ray's State API
+    client reads first, names this instance's dashboard. It stays set until the process ends (unset it
+    after ray.shutdown() to start another instance without start_local)."""
+    import ray
+
+    from glmc_ray.local_cluster import free_port
+
+    port = free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", dashboard_port=port, **init_kwargs)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import pickle
@@ -25,6 +26,8 @@ import torch
 
 from glmc_ray import config as config_lib
 from glmc_ray import provenance
+from glmc_ray.errors import OutputError
+from glmc_ray.loop import kept_checkpoint
 from glmc_ray.tensorboard_events import EpochEvents
 
 CHECKPOINT = "checkpoint.pt"
@@ -45,12 +48,18 @@ def atomic_write(path: Path, write) -> None:
 
     The file gets the mode a plain open() would give (mkstemp makes 0600, which other users of a shared
     run folder could not read)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
+    except OSError as err:
+        raise OutputError(f"cannot write {path}: {err.strerror or err}") from err
     os.close(fd)
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as err:  # a full disk, a quota, storage gone read-only: the old file is untouched
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {err.strerror or err}") from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -65,7 +74,18 @@ def remove_partial_writes(run: Path) -> list[Path]:
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Atomically; a failed write says which checkpoint is still intact (the previous one, if any)."""
+    def write(tmp: Path) -> None:
+        # Serialised in memory, then written by Python: a full disk is then the OS's own OSError(ENOSPC); torch's
+        # zip writer reports a failed write as "enforce fail at inline_container.cc ... unexpected pos".
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        tmp.write_bytes(buffer.getbuffer())
+
+    try:
+        atomic_write(path, write)
+    except OutputError as err:
+        raise OutputError(f"{err}; {kept_checkpoint(state['epoch'] - 1)}") from err.__cause__
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -77,21 +97,58 @@ def load_checkpoint(path: Path) -> dict:
         raise ValueError(f"checkpoint {path} cannot be read ({err}); it is not a complete torch checkpoint") from err
 
 
+# run folder -> the folders above it that new_stamped_folder made for it (deepest first): a failed start
+# removes them again when they are empty, so a mistyped --output leaves nothing behind
+_MADE_PARENTS: dict[Path, list[Path]] = {}
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """`mkdir -p folder`; returns the folders this call made itself (deepest first), not those another
+    process made at the same time."""
+    missing = []
+    while not folder.is_dir() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    made = []
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+            made.append(path)
+        except FileExistsError:
+            if not path.is_dir():
+                raise
+    return made[::-1]
+
+
 def new_stamped_folder(parent: str | Path, name: str) -> Path:
-    """Make `<parent>/<name>-<timestamp>` (with a suffix when two start in the same second)."""
+    """Make `<parent>/<name>-<timestamp>` (with the next free suffix when others start in the same second,
+    also in other processes: each name is claimed by mkdir itself, which only one caller wins)."""
+    parent = Path(parent).resolve()
+    made = _make_parents(parent)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    folder = Path(parent).resolve() / f"{name}-{stamp}"
-    suffix = 1
-    while folder.exists():
-        folder = Path(parent).resolve() / f"{name}-{stamp}-{suffix}"
-        suffix += 1
-    folder.mkdir(parents=True)
-    return folder
+    suffix = 0
+    while True:
+        folder = parent / (f"{name}-{stamp}" if suffix == 0 else f"{name}-{stamp}-{suffix}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            suffix += 1
+            continue
+        except FileNotFoundError:  # another run's failed start just removed the empty parent it had made
+            made = _make_parents(parent)
+            continue
+        _MADE_PARENTS[folder] = made
+        return folder
 
 
 def new_run_dir(output: str | Path, cfg) -> Path:
     """A fresh `<output>/<cfg.name>-<timestamp>` holding the resolved config.yaml and version.json."""
-    run = new_stamped_folder(output, cfg.name)
+    try:
+        run = new_stamped_folder(output, cfg.name)
+    except OSError as err:
+        blocked = err.filename and Path(err.filename).exists() and not Path(err.filename).is_dir()
+        cause = f"{err.filename} is a file, not a folder" if blocked else f"{err.strerror or err}: {err.filename}"
+        raise OutputError(f"--output {output}: cannot make a run directory there ({cause})") from err
     config_lib.save(cfg, run / "config.yaml")
     provenance.write_version(run)
     return run
@@ -105,6 +162,11 @@ def remove_failed_start(run: Path) -> bool:
     if finished:
         return False
     shutil.rmtree(run, ignore_errors=True)
+    for folder in _MADE_PARENTS.pop(run, []):  # e.g. the --output folder this run made, when empty
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another run's folder, a user's file) or already gone
+            break
     return True
 
 
@@ -123,17 +185,34 @@ def removed_if_failed_start(run: Path, fresh: bool):
 def restore_run(run: Path) -> dict:
     """Before an in-process resume: the checkpoint's state; temp files of a killed write are deleted and
     metrics.jsonl becomes exactly the epochs the checkpoint holds."""
+    if not (run / CHECKPOINT).exists() and _trained_under_ray(run):
+        version = provenance.read_version(run) or {}
+        started = f" (it was started by: {version['command']})" if version.get("command") else ""
+        raise ValueError(f"{run} was trained under Ray Train ({len(read_metrics(run))} epochs in {METRICS}){started}; "
+                         f"resume it with Ray options (--workers N, --nodes N or --address, and --storage where "
+                         f"its checkpoints are)")
     state = load_checkpoint(run / CHECKPOINT)
     remove_partial_writes(run)
     write_metrics(run, state["history"])
     return state
 
 
+def _trained_under_ray(run: Path) -> bool:
+    """Ray Train keeps its checkpoints in checkpoint_* folders beside its snapshot (or in --storage, where only
+    metrics.jsonl, written by its controller, is left here)."""
+    return (run / "checkpoint_manager_snapshot.json").exists() or any(run.glob("checkpoint_epoch*")) or \
+        bool(read_metrics(run))
+
+
 def append_metrics(run: Path, record: dict) -> None:
-    with open(run / METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(run / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:  # a cut-off line is dropped by read_metrics; the checkpoint holds the epoch
+        raise OutputError(f"cannot write {run / METRICS}: {err.strerror or err}; the epoch {record['epoch']} "
+                          f"checkpoint is intact and --resume rebuilds {METRICS} from it") from err
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -185,11 +264,16 @@ class LocalReporter:
         self.events = EpochEvents(run)
 
     def report(self, record: dict, checkpoint, is_best: bool, per_class: list | None) -> None:
-        append_metrics(self.run, record)
-        self.events.write(record, per_class)
+        # The checkpoint first: an epoch is in metrics.jsonl only once it can be resumed (a failed first
+        # checkpoint then leaves a run with no epoch, which a failed start removes).
         save_checkpoint(checkpoint(), self.run / CHECKPOINT)
         if is_best:
-            atomic_write(self.run / "best.pt", lambda tmp: shutil.copyfile(self.run / CHECKPOINT, tmp))
+            try:
+                atomic_write(self.run / "best.pt", lambda tmp: shutil.copyfile(self.run / CHECKPOINT, tmp))
+            except OutputError as err:
+                raise OutputError(f"{err}; {CHECKPOINT} after epoch {record['epoch']} is intact") from err.__cause__
+        append_metrics(self.run, record)
+        self.events.write(record, per_class)
 
     def finish(self, final: dict) -> None:
         self.events.close()

@@ -1,6 +1,11 @@
 """Faults and bad input in-process: divergence, unreadable files, failed starts (docs/faults.md lists them)."""
 import math
+import os
 import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,7 +60,7 @@ def test_a_truncated_cifar_pickle_is_named_and_leaves_no_run_directory(tmp_path,
                  "--output", str(output)]) == 2
     err = capsys.readouterr().err
     assert f"{root / 'data_batch_1'} is not a readable CIFAR pickle" in err and "truncated or corrupt" in err
-    assert not list(output.iterdir())
+    assert not output.exists()
     (root / "data_batch_1").write_bytes(pickle.dumps([1, 2, 3]))
     assert main(["--config", str(REPO / "configs/cifar10_lt.yaml"), "--data-root", str(tmp_path / "data"),
                  "--output", str(output)]) == 2
@@ -69,9 +74,63 @@ def test_failed_starts_leave_no_run_directory(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["--config", str(REPO / "configs/cifar10_lt.yaml"), "--data-root", str(tmp_path / "empty"),
                  "--output", str(output)]) == 2
+    assert main(["--config", str(REPO / "configs/cifar10_lt.yaml"), "--set", "data.root=",
+                 "--output", str(output)]) == 2
     err = capsys.readouterr().err
     assert "missing does not exist" in err and "cifar-10-batches-py" in err
-    assert not list(output.iterdir())
+    assert "error: data.root is empty; expected the folder that holds cifar-10-batches-py/" in err
+    assert not output.exists()  # the --output folder these runs made is removed with their run directory
+    nested, own = tmp_path / "a" / "b", tmp_path / "own"
+    own.mkdir()
+    for folder in (nested, own):
+        assert main(["--config", str(REPO / "configs/cifar10_lt.yaml"), "--data-root", str(tmp_path / "missing"),
+                     "--output", str(folder)]) == 2
+    assert not (tmp_path / "a").exists()  # every folder the run made, when empty
+    assert own.is_dir() and not list(own.iterdir())  # a folder the user made stays
+
+
+STAMPED_FOLDERS = """
+import sys, time
+from pathlib import Path
+from glmc_ray import rundir
+parents, out, go = sys.argv[1:]
+print("ready", flush=True)
+while not Path(go).exists():
+    time.sleep(0.001)
+start = float(Path(go).read_text())
+made, errors = [], []
+for round, parent in enumerate(parents.split(",")):
+    while time.time() < start + round:  # both processes start each round within microseconds
+        pass
+    for _ in range(200):
+        try:
+            made.append(str(rundir.new_stamped_folder(parent, "run")))
+        except OSError as err:
+            errors.append(repr(err))
+Path(out).write_text("\\n".join(made + errors))
+sys.exit(1 if errors else 0)
+"""
+
+
+def test_run_directories_started_at_once_by_two_processes_are_all_made_and_distinct(tmp_path):
+    """Two processes x 200 new run directories in the same parent and second: each call gets its own.
+    Three rounds (three parents, a second apart): one round alone caught the old check-then-create race
+    4 times in 5."""
+    parents, go = [tmp_path / f"runs{r}" for r in range(3)], tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    children = [subprocess.Popen([sys.executable, "-c", STAMPED_FOLDERS, ",".join(map(str, parents)),
+                                  str(tmp_path / f"made{i}"), str(go)], env=env, stdout=subprocess.PIPE, text=True)
+                for i in range(2)]
+    assert [child.stdout.readline().strip() for child in children] == ["ready", "ready"]  # imports done
+    (tmp_path / "go.tmp").write_text(str(time.time() + 0.5))
+    (tmp_path / "go.tmp").rename(go)  # never seen half-written
+    codes = [child.wait(timeout=120) for child in children]
+    made = [line for i in range(2) for line in (tmp_path / f"made{i}").read_text().splitlines()]
+    assert codes == [0, 0], [line for line in made if "Error" in line][:5]
+    assert len(made) == 1200 and len(set(made)) == 1200
+    for parent in parents:
+        assert sorted(p.name for p in parent.iterdir()) == sorted(Path(m).name for m in made
+                                                                  if Path(m).parent == parent)
 
 
 def _break(root, broken):
@@ -121,7 +180,7 @@ def test_more_unreadable_images_than_the_limit_stop_the_run_with_their_names(tmp
     err = capsys.readouterr().err
     assert "unreadable images in the train split this epoch, more than data.max_bad_images=1" in err
     assert "train_" in err.splitlines()[-1]  # the last one is named
-    assert not list((tmp_path / "runs").iterdir())
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_partial_metrics_line_in_the_middle_is_an_error_naming_the_file(tmp_path):

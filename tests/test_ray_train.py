@@ -1,6 +1,7 @@
 """The loop under real Ray Train on CPU workers (gloo): multi-worker run, equivalence, lost-worker recovery."""
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -20,9 +21,10 @@ SMOKE = str(REPO / "configs/smoke.yaml")
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
-    ray.init(num_cpus=4, object_store_memory=256 << 20)
+    ray_train.start_local(4, object_store_memory=256 << 20)  # as the command line starts one
     yield
     ray.shutdown()
+    os.environ.pop("RAY_API_SERVER_ADDRESS")  # this instance's: the next module starts its own
 
 
 def _only_run(output):
@@ -80,7 +82,7 @@ def test_two_workers_match_one_worker(tmp_path):
     assert abs(one_final["last"]["test"]["top1"] - two_final["last"]["test"]["top1"]) <= 100 / 80  # one image
 
 
-def test_a_killed_worker_is_replaced_and_no_epoch_is_lost(tmp_path):
+def test_a_killed_worker_is_replaced_and_no_epoch_is_lost(tmp_path, capfd, caplog):
     before = {a.actor_id for a in _train_workers()}
     outcome = {}
     args = ["--config", SMOKE, "--workers", "2", "--output", str(tmp_path), "--set", "train.epochs=8"]
@@ -103,16 +105,26 @@ def test_a_killed_worker_is_replaced_and_no_epoch_is_lost(tmp_path):
     assert len(created) >= 4  # the worker group was started again after the kill
     assert json.loads((run / "final.json").read_text())["epochs"] == 8
     _assert_events_match_metrics(run)
+    # the console: our one line about the restart, not Ray's tracebacks (the survivor's failed collective,
+    # the controller's shutdown of the broken group; they are in Ray's log files)
+    console = "".join(capfd.readouterr()) + caplog.text
+    assert "Traceback" not in console and "Error in training function" not in console, console
+    restarts = re.findall(r"worker lost, restarting from epoch (\d+)", console)
+    assert len(restarts) == 1 and int(restarts[0]) >= 1, console
+    assert f"continuing at epoch {restarts[0]}" in console, console  # the epoch it said
 
 
-def test_resume_a_ray_run_continues_from_its_latest_checkpoint(tmp_path):
+def test_resume_a_ray_run_continues_from_its_latest_checkpoint(tmp_path, capfd, caplog):
     assert main(["--config", SMOKE, "--workers", "1", "--output", str(tmp_path), "--set", "train.epochs=2"]) == 0
     run = _only_run(tmp_path)
     cfg = config_lib.load(run / "config.yaml")
     cfg.train.epochs = 4  # extend the finished run: resume must start at epoch 2, not 0
     config_lib.save(cfg, run / "config.yaml")
+    capfd.readouterr()
     assert main(["--resume", str(run), "--workers", "1"]) == 0
     assert _epochs(run) == [0, 1, 2, 3]
+    # Ray's notice stays in its logs (under pytest the driver's `ray` logger writes to caplog, not to capfd)
+    assert "A run snapshot was found" not in "".join(capfd.readouterr()) + caplog.text
     _assert_events_match_metrics(run)
 
 

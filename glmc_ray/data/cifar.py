@@ -43,6 +43,9 @@ def load_cifar(root: str | Path, dataset: str, train: bool) -> tuple[np.ndarray,
     """Images as uint8 (N, 32, 32, 3) and labels as int64, in file order."""
     folder, train_files, test_files, label_key = LAYOUTS[dataset]
     base = Path(root) / folder
+    if not str(root):  # Path("") is the working directory: say that nothing was given instead
+        raise FileNotFoundError(f"data.root is empty; expected the folder that holds {folder}/ "
+                                f"(--data-root DIR or --set data.root=DIR)")
     if not Path(root).is_dir():
         raise FileNotFoundError(f"data root {root} does not exist (data.root / --data-root; "
                                 f"data.download=true fetches {dataset} there)")
