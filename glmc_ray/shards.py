@@ -2,13 +2,16 @@
 
     <out>/part-00000.parquet, ...  columns image (the file's bytes), label (int32), path (the split file's
                                    relative path), index (int64: position among the split file's samples);
-                                   rows in a seeded random order, so every shard holds many classes
-    <out>/manifest.json            rows, per-class counts, shards with rows and bytes, skipped images;
-                                   written last: a shard set without one is unfinished
+                                   rows in a seeded random order, so every shard holds many classes; a
+                                   CRC-32 on every Parquet page
+    <out>/manifest.json            rows, per-class counts, shards with rows, bytes and sha256, skipped
+                                   images; written last: a shard set without one is unfinished
     <out>/_progress/plan.json      what is being built; a re-run with another plan is refused
     <out>/_progress/part-*.json    one per finished shard: a killed build resumes from the missing ones
 
-<out> is a local folder or any URI pyarrow understands (s3://bucket/prefix, gs://..., hdfs://...).
+<out> is a local folder or any URI pyarrow understands (s3://bucket/prefix, gs://..., hdfs://...). What a reader
+needs of the format is in glmc_ray/data/shard_format.py; `check` compares a set with its manifest (`--deep`:
+every row group decoded and every shard's sha256 compared, so storage corruption is found before a long run).
 """
 from __future__ import annotations
 
@@ -22,11 +25,10 @@ import os
 import sys
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -37,94 +39,30 @@ from tqdm import tqdm
 
 from glmc_ray.data.files import SplitLine, parse_split_lines
 from glmc_ray.data.images import UNREADABLE_IMAGE_ERRORS
+from glmc_ray.data.shard_format import (
+    BUILD_COMMAND,
+    FORMAT_VERSION,
+    MANIFEST,
+    SCHEMA,
+    check_data,
+    check_shards,
+    join,
+    read_manifest,
+    read_text,
+    resolve,
+    sha256,
+)
 from glmc_ray.errors import run_command
 from glmc_ray.rundir import atomic_write, remove_partial_writes
 
-FORMAT_VERSION = 1
-FORMAT_KEY = b"glmc_ray.shards.format"  # Parquet schema metadata of every shard
-MANIFEST = "manifest.json"
 PROGRESS = "_progress"
 PLAN = "plan.json"
-BUILD_COMMAND = "python -m glmc_ray.shards build"
 JPEG_QUALITY = 90
-SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int32()), ("path", pa.string()), ("index", pa.int64())],
-                   metadata={FORMAT_KEY: str(FORMAT_VERSION).encode()})
 # Object stores make a written object visible whole, when its upload completes: no temp key needed there
 ATOMIC_PUT_FILESYSTEMS = (pafs.S3FileSystem, pafs.GcsFileSystem, pafs.AzureFileSystem)
 
 
-# ---- reading a shard set ----------------------------------------------------------------------------------
-
-def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path in it) of a local folder (relative or absolute) or a URI such as s3://bucket/prefix."""
-    if "://" in str(uri):
-        fs, path = pafs.FileSystem.from_uri(str(uri))
-        return fs, path.rstrip("/")  # s3://bucket/prefix/ and s3://bucket/prefix name the same set
-    return pafs.LocalFileSystem(), str(Path(uri).resolve())
-
-
-def read_manifest(uri: str | Path) -> dict:
-    """The manifest of a finished shard set; an error says what is wrong with `uri` otherwise."""
-    fs, base = resolve(uri)
-    if fs.get_file_info(base).type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"shard set {uri} does not exist")
-    path = f"{base}/{MANIFEST}"
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{uri} has no {MANIFEST}: it is not a finished shard set (`{BUILD_COMMAND}` "
-                                f"writes the manifest last; run it again to finish the set)")
-    try:
-        manifest = json.loads(_read_text(fs, path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{_join(uri, MANIFEST)} is not JSON ({err})") from None
-    if manifest.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{_join(uri, MANIFEST)}: written by format {manifest.get('format')}, this version reads "
-                         f"{FORMAT_VERSION}; rebuild with `{BUILD_COMMAND} --out` to a new place")
-    return manifest
-
-
-def check_shards(uri: str | Path, manifest: dict) -> None:
-    """Each listed shard exists with the manifest's size, row count and format (Parquet footers only)."""
-    fs, base = resolve(uri)
-    for shard in manifest["shards"]:
-        name, path = _join(uri, shard["file"]), f"{base}/{shard['file']}"
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            _mismatch(name, "a file", "none")
-        if info.size != shard["bytes"]:
-            _mismatch(name, f"{shard['bytes']} bytes", f"{info.size}")
-        try:
-            footer = pq.read_metadata(path, filesystem=fs)
-        except pa.ArrowException as err:
-            _mismatch(name, "a Parquet footer", f"none that reads ({err})")
-        if footer.num_rows != shard["rows"]:
-            _mismatch(name, f"{shard['rows']} rows", f"{footer.num_rows}")
-        found_format = (footer.metadata or {}).get(FORMAT_KEY)
-        if found_format != str(FORMAT_VERSION).encode():
-            _mismatch(name, f"{FORMAT_KEY.decode()}={FORMAT_VERSION}", f"{found_format!r}")
-    total = sum(shard["rows"] for shard in manifest["shards"])
-    if total != manifest["num_rows"]:
-        _mismatch(_join(uri, MANIFEST), f"num_rows={manifest['num_rows']} (the sum over its shards)", f"{total}")
-
-
-def shard_paths(uri: str | Path, manifest: dict) -> list[str]:
-    """The shards' full paths or URIs, as Ray Data's read_parquet takes them."""
-    return [_join(uri, shard["file"]) for shard in manifest["shards"]]
-
-
-def _mismatch(name: str, expected: str, found: str) -> NoReturn:
-    raise ValueError(f"{name}: expected {expected}, found {found}; the manifest does not match its shards")
-
-
-def _join(uri: str | Path, name: str) -> str:
-    if "://" in str(uri):
-        return f"{str(uri).rstrip('/')}/{name}"
-    return str(Path(uri).resolve() / name)
-
-
-def _read_text(fs: pafs.FileSystem, path: str) -> str:
-    with fs.open_input_stream(path) as stream:
-        return stream.read().decode()
-
+# ---- writing files -----------------------------------------------------------------------------------------
 
 def _write_file(fs: pafs.FileSystem, path: str, write) -> None:
     """write(where, filesystem) so that a reader sees the old file or the new one, never a half-written one."""
@@ -138,12 +76,16 @@ def _write_file(fs: pafs.FileSystem, path: str, write) -> None:
         fs.move(temp, path)
 
 
-def _write_json(fs: pafs.FileSystem, path: str, document: dict) -> None:
+def _write_bytes(fs: pafs.FileSystem, path: str, data) -> None:
     def write(where, filesystem):
         with filesystem.open_output_stream(where) as stream:
-            stream.write(json.dumps(document, indent=1).encode())
+            stream.write(data)
 
     _write_file(fs, path, write)
+
+
+def _write_json(fs: pafs.FileSystem, path: str, document: dict) -> None:
+    _write_bytes(fs, path, json.dumps(document, indent=1).encode())
 
 
 # ---- building one ------------------------------------------------------------------------------------------
@@ -187,10 +129,13 @@ def build_shard(job: ShardJob) -> dict:
         for column, value in zip(columns, (image, sample.label, sample.path, index), strict=True):
             columns[column].append(value)
     table = pa.table(columns, schema=SCHEMA)
+    encoded = pa.BufferOutputStream()  # in memory first: its sha256 without reading the shard back
+    pq.write_table(table, encoded, row_group_size=job.row_group_size, write_page_checksum=True)
+    data = encoded.getvalue()
     path = f"{base}/{shard_name(job.number)}"
-    _write_file(fs, path, lambda where, filesystem: pq.write_table(table, where, filesystem=filesystem,
-                                                                     row_group_size=job.row_group_size))
+    _write_bytes(fs, path, data)
     record = {"file": shard_name(job.number), "rows": table.num_rows, "bytes": fs.get_file_info(path).size,
+              "sha256": sha256(data),
               "class_counts": {str(label): n for label, n in sorted(Counter(columns["label"]).items())},
               "skipped": skipped}
     _write_json(fs, _progress_path(base, job.number), record)
@@ -245,10 +190,10 @@ def _claim(fs: pafs.FileSystem, base: str, out: str, plan: dict) -> None:
         fs.create_dir(f"{base}/{PROGRESS}", recursive=True)
         _write_json(fs, path, plan)
         return
-    found = json.loads(_read_text(fs, path))
+    found = json.loads(read_text(fs, path))
     for field, value in plan.items():
         if found.get(field) != value:
-            raise ValueError(f"{_join(out, f'{PROGRESS}/{PLAN}')}: this shard set was planned with {field}="
+            raise ValueError(f"{join(out, f'{PROGRESS}/{PLAN}')}: this shard set was planned with {field}="
                              f"{found.get(field)!r}, this build has {field}={value!r}; use another --out or delete it")
 
 
@@ -259,7 +204,7 @@ def _finished_shards(fs: pafs.FileSystem, base: str, count: int) -> dict[int, di
         path = _progress_path(base, number)
         if fs.get_file_info(path).type == pafs.FileType.NotFound:
             continue
-        record = json.loads(_read_text(fs, path))
+        record = json.loads(read_text(fs, path))
         if fs.get_file_info(f"{base}/{record['file']}").size == record["bytes"]:
             finished[number] = record
     return finished
@@ -317,7 +262,7 @@ def assemble_manifest(plan: dict, records: list[dict], num_classes: int) -> dict
     skipped = sorted((skip for record in records for skip in record["skipped"]), key=lambda skip: skip["line"])
     return {"format": FORMAT_VERSION, "split_file": plan["split_file"], "split_sha256": plan["split_sha256"],
             "num_rows": sum(class_counts), "num_classes": num_classes, "class_counts": class_counts,
-            "shards": [{"file": r["file"], "rows": r["rows"], "bytes": r["bytes"]} for r in records],
+            "shards": [{key: r[key] for key in ("file", "rows", "bytes", "sha256")} for r in records],
             "skipped": skipped, "max_side": plan["max_side"], "rows_per_shard": plan["rows_per_shard"],
             "row_group_size": plan["row_group_size"], "seed": plan["seed"],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -340,6 +285,10 @@ def build(args) -> int:
         for folder in (Path(base), Path(base) / PROGRESS):
             remove_partial_writes(folder)  # temp files of a killed build
     finished = _finished_shards(fs, base, plan["shards"])
+    for record in finished.values():  # finished by a version that recorded no checksum
+        if "sha256" not in record:
+            with fs.open_input_stream(f"{base}/{record['file']}") as stream:
+                record["sha256"] = sha256(stream.read_buffer())
     jobs = _jobs(samples, plan, args.out, args.on_error == "fail", set(range(plan["shards"])) - set(finished))
     records = [*finished.values(), *_run_jobs(jobs, args.workers, plan["shards"], len(finished))]
     manifest = assemble_manifest(plan, records, max(s.label for s in samples) + 1)
@@ -352,8 +301,28 @@ def build(args) -> int:
 def check(args) -> int:
     manifest = read_manifest(args.uri)
     check_shards(args.uri, manifest)
-    print(f"{args.uri}: {manifest['num_rows']} rows, {manifest['num_classes']} classes, "
-          f"{len(manifest['shards'])} shards, {len(manifest['skipped'])} skipped; shards match the manifest")
+    shards = manifest["shards"]
+    summary = (f"{args.uri}: {manifest['num_rows']} rows, {manifest['num_classes']} classes, {len(shards)} shards, "
+               f"{len(manifest['skipped'])} skipped; shards match the manifest")
+    if not args.deep:
+        print(f"{summary} (Parquet footers; `--deep` reads the data)")
+        return 0
+    damaged = 0
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:  # pyarrow and hashlib release the GIL
+        for shard, problems in zip(shards, pool.map(lambda shard: check_data(args.uri, shard), shards), strict=True):
+            if problems:
+                damaged += 1
+                print(f"damaged shard {join(args.uri, shard['file'])}: {'; '.join(problems)}", file=sys.stderr,
+                      flush=True)
+    unchecked = sum("sha256" not in shard for shard in shards)
+    if unchecked:
+        print(f"note: the manifest records no sha256 for {unchecked} of {len(shards)} shards (built before "
+              f"checksums were recorded): their row groups were decoded, their bytes not compared with the build's",
+              flush=True)
+    if damaged:
+        raise ValueError(f"{args.uri}: {damaged} of {len(shards)} shards are damaged (listed above); delete them "
+                         f"and {MANIFEST}, then run the same `{BUILD_COMMAND}` again: it writes only missing shards")
+    print(f"{summary}; every row group decodes" + ("" if unchecked else ", every sha256 matches the manifest's"))
     return 0
 
 
@@ -382,8 +351,14 @@ def parser() -> argparse.ArgumentParser:
     make.add_argument("--workers", type=_positive, default=os.cpu_count() or 1)
     make.add_argument("--seed", type=int, default=0, help="seeds the order of samples over the shards")
     make.set_defaults(run=build)
-    verify = commands.add_parser("check", help="check a shard set against its manifest (Parquet footers only)")
+    verify = commands.add_parser("check", help="check a shard set against its manifest (Parquet footers; "
+                                               "--deep: the data too)")
     verify.add_argument("uri")
+    verify.add_argument("--deep", action="store_true",
+                        help="also decode every row group (page checksums verified) and compare every shard's "
+                             "sha256 with the manifest's: reads the whole set")
+    verify.add_argument("--workers", type=_positive, default=min(8, os.cpu_count() or 1),
+                        help="shards read at once by --deep")
     verify.set_defaults(run=check)
     return top
 

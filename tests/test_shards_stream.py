@@ -1,27 +1,31 @@
 """Parquet shards streamed by real Ray Data into the loop: a mini ImageNet-LT in its on-disk format (JPEG tree, split
 file, one corrupt image) built into shards, then both GLMC streams checked and trained on, in-process and on a
-2-worker TorchTrainer, including a resume after the driver is killed."""
+2-worker TorchTrainer, including a resume after the driver is killed, and a shard damaged after the build."""
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import ray
+import ray.data  # noqa: F401  its console log handler takes sys.stderr now: not a test's capsys, closed after it
 import torch
 
 from glmc_ray import config as config_lib
 from glmc_ray import shards
-from glmc_ray.data import build_data
+from glmc_ray.data import build_data, shard_format
 from glmc_ray.data import shards as shard_source
 from glmc_ray.data.cifar import long_tailed_counts
 from glmc_ray.data.synthetic import write_image_tree
 from glmc_ray.train import main
 from tests.conftest import REPO
+from tests.test_shards_build import corrupt_a_page
 
 COUNTS = long_tailed_counts(60, 20, 30)  # 20 classes, 60 down to 2 images
 CHI2_DF19_P999 = 43.82  # the 0.999 quantile of chi-square with 19 degrees of freedom
@@ -53,7 +57,7 @@ def _cfg(shard_root, *extra):
     sets = [f"data.root={shard_root}", "data.train_split=train", "data.test_split=test", "data.source=shards",
             "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]", "data.image_size=32", "data.decode_cpus=0.25",
             "data.shuffle_buffer=64", "train.batch_size=32", "train.eval_batch_size=64", "train.epochs=2",
-            "model.width=4", "model.projection_dim=16", "method.resample_exponent=1.0", *extra]
+            "model.width=4", "model.projection_dim=16", "method.glmc.resample_exponent=1.0", *extra]
     return config_lib.load(None, sets)
 
 
@@ -64,7 +68,7 @@ def test_poisson_resampling_matches_the_official_weighted_sampler():
     for q in (0.0, 0.5, 1.0):
         decode = shard_source.Decode("crop_flip", 8, 3, train=True, rates=shard_source.poisson_rates(COUNTS, q))
         decode.rng = np.random.default_rng(3407)  # a 0.999 quantile fails 1 run in 1000 by chance: fix the draw
-        drawn = np.concatenate([labels[decode._rows(batch)] for _ in range(200)])
+        drawn = np.concatenate([labels[decode._rows(batch, np.zeros(len(labels), bool))] for _ in range(200)])
         share = np.power(COUNTS, 1 - q) / np.power(COUNTS, 1 - q).sum()
         assert _chi_square(np.bincount(drawn, minlength=len(COUNTS)), share * len(drawn)) < CHI2_DF19_P999
         mean_total = len(drawn) / 200
@@ -77,7 +81,7 @@ def test_two_workers_see_each_row_once_and_the_rebalanced_histogram(shard_root, 
     from ray.train.torch import TorchTrainer
 
     cfg = _cfg(shard_root)
-    manifest = shards.read_manifest(shard_root / "train")
+    manifest = shard_format.read_manifest(shard_root / "train")
     out = str(tmp_path)
 
     def worker(loop_config):
@@ -158,6 +162,30 @@ def test_decode_names_and_counts_an_image_corrupted_after_the_build(capsys):
     assert log.take("train") == 1 and "train/n0/x.JPEG" in capsys.readouterr().err
 
 
+def test_a_shard_damaged_after_the_build_stops_training_with_one_error_naming_it(shard_root, tmp_path, capfd):
+    """Storage corruption inside a Parquet page of a shard (same size, footer intact, so the start-up check
+    passes): the run stops at the first damaged row with one `error:` line naming the shard and its rows, exit 2,
+    no run directory. Ray Data used to retry the failed read and end the run with ~300 lines of tracebacks,
+    exit 1, the shard named only in a retry message."""
+    data = tmp_path / "data"
+    shutil.copytree(shard_root / "train", data / "train")
+    damaged = data / "train" / "part-00001.parquet"
+    corrupt_a_page(damaged, row_group=0)
+    rows = pq.ParquetFile(damaged).metadata.row_group(0).num_rows
+    output = tmp_path / "runs"
+    capfd.readouterr()
+    assert main(["--data-root", str(data), "--output", str(output),
+                 *_sets([*SHARD_RUN, f"data.test_split={shard_root / 'test'}", "train.epochs=1"])]) == 2
+    err = capfd.readouterr().err.splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert errors[0].startswith(f"error: {damaged}: rows 0-{rows - 1} (row group 0) do not decode (OSError: ")
+    assert errors[0].endswith(f"`python -m glmc_ray.shards check --deep {data / 'train'}` lists every damaged shard "
+                              f"of its set")
+    assert sum("Traceback" in line or 'File "' in line for line in err) < 10, "\n".join(err)
+    assert not output.exists() or not list(output.iterdir())
+
+
 def test_missing_shards_and_label_mismatch_are_clear_errors_and_leave_no_run(shard_root, tmp_path, capsys):
     args = ["--data-root", str(shard_root), "--output", str(tmp_path), *_sets([*SHARD_RUN, "train.epochs=1"])]
     assert main([*args, "--set", "data.train_split=nowhere"]) == 2
@@ -181,7 +209,7 @@ def test_a_search_over_shards_streams_each_trials_own_resampling(shard_root, tmp
     assert shards.main(["build", "--split", str(images / "ImageNet_LT_test.txt"), "--image-root", str(images),
                         "--out", str(tmp_path / "val"), "--workers", "1"]) == 0
     space = tmp_path / "space.yaml"
-    space.write_text("method.resample_exponent: {float: [0.0, 1.0]}\n")
+    space.write_text("method.glmc.resample_exponent: {float: [0.0, 1.0]}\n")
     output = tmp_path / "out"
     sets = [*SHARD_RUN, f"data.root={shard_root}", f"data.val_split={tmp_path / 'val'}", "train.epochs=1"]
     assert search_main([*_sets(sets), "--space", str(space), "--trials", "2", "--concurrent", "1",
@@ -190,12 +218,12 @@ def test_a_search_over_shards_streams_each_trials_own_resampling(shard_root, tmp
     with open(experiment / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["status"] for r in rows] == ["complete", "complete"], rows
-    assert len({float(r["method.resample_exponent"]) for r in rows}) == 2
+    assert len({float(r["method.glmc.resample_exponent"]) for r in rows}) == 2
     for run in sorted((experiment / "trials").iterdir()):
         trained = config_lib.load(run / "config.yaml")
         assert trained.data.source == "shards" and trained.data.val_split == str(tmp_path / "val")
         (record,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert record["val_bad_images"] == 0 and 0 <= record["val_balanced_top1"] <= 100
-    q = {float(r["method.resample_exponent"]) for r in rows}
-    assert {config_lib.load(run / "config.yaml").method.resample_exponent
+    q = {float(r["method.glmc.resample_exponent"]) for r in rows}
+    assert {config_lib.load(run / "config.yaml").method.glmc.resample_exponent
             for run in (experiment / "trials").iterdir()} == q  # each trial trained on its own q

@@ -1,8 +1,15 @@
-"""Parquet shards (`python -m glmc_ray.shards build`) streamed by Ray Data from any filesystem Ray reads.
+"""Parquet shards (`python -m glmc_ray.shards build`) streamed by Ray Data from any filesystem pyarrow reads.
 
-Each stream is `read_parquet` (a new shard order every epoch) -> `Decode` on an autoscaling pool of CPU actors
-(decode, augment, two uint8 views per row) -> Ray Train's `streaming_split(equal=True)` across the workers ->
-`iter_torch_batches` with a local shuffle buffer; views are normalised on the training device.
+Each stream is `ShardSource` (one read task per shard, a new shard order every epoch) -> `Decode` on an
+autoscaling pool of CPU actors (decode, augment, two uint8 views per row) -> Ray Train's
+`streaming_split(equal=True)` across the workers -> `iter_torch_batches` with a local shuffle buffer; views are
+normalised on the training device.
+
+A read task fetches its shard whole, then decodes it row group by row group. A row group whose bytes no longer
+decode (storage corruption after the build) becomes as many rows that carry a `damage` description instead of an
+image, and the worker that meets the first of them stops the run with one error naming the shard and its rows:
+a failed Ray Data read task would instead be retried, then end the stream with pages of tracebacks that do not
+name the shard. An image that no longer decodes inside a readable row group is skipped and counted, as ever.
 
 The class-re-balanced second stream reads the same shards. Ray Data has no weighted sampler, so each row of
 class c is emitted k ~ Poisson(lambda_c) times, lambda_c ∝ n_c^-q: the Poissonised form of the official
@@ -17,19 +24,23 @@ shared equally, a different few each epoch since the order is new.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 
 import numpy as np
+import pyarrow as pa
 import torch
 
-from glmc_ray import shards as shard_format
+from glmc_ray.data import shard_format
 from glmc_ray.data.batches import DataBundle
 from glmc_ray.data.images import BadImageLog, Normalizer, Unreadable, decode, test_transform, train_transform
+from glmc_ray.longtail import class_balanced_weights
 from glmc_ray.methods.base import Batch
-from glmc_ray.methods.glmc import class_balanced_weights
 
-COLUMNS = ["image", "label", "path", "index"]
+COLUMNS = shard_format.SCHEMA.names  # image, label, path, index
+# A read block: the shard's columns and `damage`, "" for the rows of a row group that decodes
+BLOCK_SCHEMA = pa.schema([*shard_format.SCHEMA, pa.field("damage", pa.string())])
 STREAMS = {"uniform": "train", "rebalanced": "train_rebalanced"}  # stream -> Ray Train dataset name
 MARGIN_SIGMAS = 5.0  # the re-balanced stream runs short of the uniform one with probability ~3e-7 an epoch
 DECODE_BATCH = 32  # rows per Decode call (per-row work dominates; small batches keep the actors' memory low)
@@ -60,11 +71,56 @@ def poisson_rates(class_counts, exponent: float, margin_sigmas: float = MARGIN_S
     return (target * weights / (counts * weights).sum()).numpy()
 
 
+class ShardDamaged(ValueError):
+    """Rows of a shard that no longer decode as Parquet: the shard changed after it was built."""
+
+
+def read_shard(path: str) -> Iterator[pa.Table]:
+    """A read task: the shard at `path`, one block per row group (BLOCK_SCHEMA). An I/O error raises, as in any
+    read; a row group whose bytes do not decode becomes as many rows carrying its damage."""
+    for part in shard_format.row_groups(shard_format.fetch(path), path, COLUMNS):
+        if isinstance(part, shard_format.Damage):
+            rows = part.rows or 1  # a footer that no longer decodes: its row count is unknown here
+            yield pa.table({"image": [b""] * rows, "label": [-1] * rows, "path": [path] * rows,
+                            "index": [-1] * rows, "damage": [str(part)] * rows}, schema=BLOCK_SCHEMA)
+        else:
+            damage = pa.array([""] * part.num_rows, pa.string())
+            yield pa.Table.from_arrays([*part.columns, damage], schema=BLOCK_SCHEMA)
+
+
+def shard_source(paths: list[str], seed: int, shuffle: bool):
+    """The Ray Data Datasource of the shards at `paths`: one read task per shard (`read_shard`), in a new
+    seeded order each execution (each epoch) when `shuffle`. Ray is imported on use."""
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class ShardSource(Datasource):
+        def __init__(self):
+            super().__init__()
+            self.executions = 0
+
+        def estimate_inmemory_data_size(self):
+            return None  # the manifest's bytes are encoded images; decoded, they are larger
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            order = list(paths)
+            if shuffle:
+                np.random.default_rng([seed, self.executions]).shuffle(order)
+            self.executions += 1
+            return [ReadTask(functools.partial(read_shard, path),
+                             BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[path]),
+                             schema=BLOCK_SCHEMA, per_task_row_limit=per_task_row_limit)
+                    for path in order]
+
+    return ShardSource()
+
+
 class Decode:
     """Ray Data actor: decode and augment encoded images into uint8 views (duplicates, if `rates` repeats rows,
     get their own augmentations).
 
-    Unreadable images become rows with `ok` False and zero pixels, so the worker can name and count them."""
+    Unreadable images become rows with `ok` False and zero pixels, so the worker can name and count them; rows
+    of a damaged row group (a non-empty `damage`) pass through once, without pixels, for the worker to stop at."""
 
     def __init__(self, augmentation: str, size: int, channels: int, train: bool, rates=None):
         transform = train_transform(augmentation, size) if train else test_transform(augmentation, size)
@@ -72,19 +128,25 @@ class Decode:
         self.size, self.rates, self.train = size, rates, train
         self.rng = np.random.default_rng()
 
-    def _rows(self, batch: dict) -> np.ndarray:
+    def _rows(self, batch: dict, damaged: np.ndarray) -> np.ndarray:
         rows = np.arange(len(batch["label"]))
         if not self.train:
             return rows
         if self.rates is not None:
-            rows = np.repeat(rows, self.rng.poisson(self.rates[batch["label"]]))
+            labels = np.where(damaged, 0, batch["label"])  # damaged rows have no label (-1)
+            rows = np.repeat(rows, np.where(damaged, 1, self.rng.poisson(self.rates[labels])))
         return self.rng.permutation(rows)  # new order inside each block every epoch; spreads duplicates
 
     def __call__(self, batch: dict) -> dict:
-        rows = self._rows(batch)
+        damage = batch.get("damage", np.full(len(batch["label"]), "", dtype=object))  # absent: not from a read task
+        damaged = damage != ""
+        rows = self._rows(batch, damaged)
         views = np.zeros((self.views, len(rows), self.channels, self.size, self.size), dtype=np.uint8)
         ok, reasons = np.ones(len(rows), dtype=bool), [""] * len(rows)
         for i, row in enumerate(rows):
+            if damaged[row]:
+                ok[i] = False
+                continue
             image = decode(bytes(batch["image"][row]), self.channels, str(batch["path"][row]))
             if isinstance(image, Unreadable):
                 ok[i], reasons[i] = False, image.reason
@@ -93,15 +155,15 @@ class Decode:
                 views[v, i] = self.transform(image).numpy()
         out = {f"x{v + 1}": views[v] for v in range(self.views)}
         return {**out, "label": batch["label"][rows].astype(np.int64), "index": batch["index"][rows],
-                "path": batch["path"][rows], "ok": ok, "reason": np.array(reasons, dtype=object)}
+                "path": batch["path"][rows], "ok": ok, "reason": np.array(reasons, dtype=object),
+                "damage": damage[rows]}
 
 
 def stream(data, paths: list[str], seed: int, train: bool, rates=None):
     """A Ray Dataset of decoded rows of the shards at `paths` (lazy: each iteration is a new execution)."""
     import ray.data
 
-    shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if train else None
-    dataset = ray.data.read_parquet(paths, shuffle=shuffle).select_columns(COLUMNS)  # pushed down into the read
+    dataset = ray.data.read_datasource(shard_source(paths, seed, shuffle=train), override_num_blocks=len(paths))
     pool = ray.data.ActorPoolStrategy(min_size=1, max_size=data.decode_actors or None)
     return dataset.map_batches(
         Decode, fn_constructor_kwargs={"augmentation": data.augmentation, "size": data.image_size,
@@ -114,15 +176,14 @@ def ray_datasets(cfg, rebalanced: bool = True) -> dict:
     data, (manifest, paths) = cfg.data, open_split(cfg.data, cfg.data.train_split)
     datasets = {STREAMS["uniform"]: lambda: stream(data, paths, cfg.train.seed, train=True)}
     if rebalanced:
-        rates = poisson_rates(manifest["class_counts"], cfg.method.resample_exponent)
+        rates = poisson_rates(manifest["class_counts"], cfg.method.glmc.resample_exponent)
         datasets[STREAMS["rebalanced"]] = lambda: stream(data, paths, cfg.train.seed + 1, train=True, rates=rates)
     return datasets
 
 
 def ray_cpus(cfg) -> float:
-    """Per stream (two training streams and one evaluation): its decode actor, the read task and the
-    ListFiles task, which takes 1 CPU whatever it is given."""
-    return 3 * (cfg.data.decode_cpus + 2)
+    """Per stream (two training streams and one evaluation): its decode actor and a read task (1 CPU)."""
+    return 3 * (cfg.data.decode_cpus + 1)
 
 
 def kept_rows(num_classes: int, bad_images: BadImageLog, split: str):
@@ -131,6 +192,11 @@ def kept_rows(num_classes: int, bad_images: BadImageLog, split: str):
 
     class KeptRows(NumpyBatchCollateFn):
         def __call__(self, rows: dict) -> dict:
+            damaged = rows["damage"] != ""
+            if damaged.any():
+                raise ShardDamaged(f"{rows['damage'][damaged][0]}; the shard changed after it was built: "
+                                   f"`{shard_format.CHECK_COMMAND} {rows['path'][damaged][0].rpartition('/')[0]}` "
+                                   f"lists every damaged shard of its set")
             ok = rows["ok"]
             bad_images.add(split, [Unreadable(str(p), str(r)) for p, r in
                                    zip(rows["path"][~ok], rows["reason"][~ok], strict=True)])
