@@ -24,9 +24,11 @@ OFFICIAL = {"glmc_top1": 37.0, "glmc_many": 26.1, "glmc_medium": 80.7, "glmc_min
 
 
 def run_method(method: str, seed: int, args) -> dict:
+    # the recipe's method section is GLMC's: another method replaces the whole section (its defaults)
+    method_set = "method.name=glmc" if method == "glmc" else f"method={{name: {method}}}"
     cfg = config_lib.load("configs/cifar10_lt.yaml", [
         f"data.root={Path(args.data_root).resolve()}", "model.width=16", f"train.epochs={args.epochs}",
-        f"method.name={method}", f"name=bench_{method}_seed{seed}", "train.memory_format=channels_last",
+        method_set, f"name=bench_{method}_seed{seed}", "train.memory_format=channels_last",
         f"train.seed={seed}",
         f"train.progress_every={args.progress_every}", f"train.eval_every={args.eval_every or args.epochs}"])
     run = rundir.new_run_dir(args.output, cfg)

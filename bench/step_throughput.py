@@ -84,7 +84,7 @@ def make_variant(name, cfg, data_official, data_fast):
         method_cfg = config_lib.from_dict({**config_lib.to_dict(cfg), "method": {"name": "ce"}}).method
     trainee = build_trainee(cfg, data_fast.class_counts, torch.device("cpu"), memory_format)
     if name == "glmc_fused":
-        trainee.method = FusedGLMC(method_cfg, torch.as_tensor(data_fast.class_counts))
+        trainee.method = FusedGLMC(method_cfg.glmc, torch.as_tensor(data_fast.class_counts))
     else:
         trainee.method = build_method(method_cfg, data_fast.class_counts)
     source = data_official.train if name == "official_style" else data_fast.train

@@ -72,11 +72,16 @@ class ModelConfig:
     width: int = 64  # resnet32 base width: 16 = standard ResNet-32, 64 = GLMC's "channel x4"
     projection_dim: int = 128  # GLMC projection/prediction head width (128 CIFAR, 256 ImageNet)
     norm: str = "batch"  # batch (the paper's) | group (independent of how a batch is split across workers)
+    # The inference head (fc_cb): linear | cosine (cosine of features and class vectors, in [-1, 1]: LDAM's
+    # NormedLinear) | auto (the method's own: cosine for ldam_drw, linear for the others). Only ldam_drw scales
+    # cosines (method.ldam_drw.scale), so cosine with another method is refused.
+    classifier: str = "auto"
 
 
+# One section per method that has settings, under `method`: `method: {name: ldam_drw, ldam_drw: {...}}`.
+# Only the chosen method's section may be written; ce and balanced_softmax have no settings.
 @dataclass
-class MethodConfig:
-    name: str = "glmc"  # glmc | ce
+class GLMCConfig:
     resample_exponent: float = 0.0  # q: the re-balanced stream draws class c with prob ∝ n_c^(1-q)
     label_weight_exponent: float = 1.2  # gamma: class weights w_c ∝ n_c^-gamma on the re-balanced head
     consistency_weight: float = 1.0  # lambda_c on the SimSiam global/local consistency term
@@ -86,7 +91,46 @@ class MethodConfig:
     cumulative_exponent: float = 2.0  # p of the power shape (official 2)
     cumulative_per_step: bool = False  # evaluate alpha per iteration instead of per epoch (official)
     maxnorm_threshold: float = 0.0  # > 0 enables MaxNorm PGD on the re-balanced head (fraction, LTWB uses 0.1)
+    # The re-balanced head's loss: weighted_ce (official: soft CE on gamma-weighted mixed targets) |
+    # balanced_softmax_unofficial (NOT the paper's GLMC + BS, which has no code: Balanced Softmax on that head,
+    # unweighted targets; glmc_ray/methods/glmc.py)
+    rebalanced_loss: str = "weighted_ce"
 
+
+@dataclass
+class LogitAdjustedConfig:
+    tau: float = 1.0  # loss CE(z + tau * log pi); 1 is the paper's and equals Balanced Softmax
+
+
+@dataclass
+class LDAMDRWConfig:
+    max_margin: float = 0.5  # the rarest class's margin on cosine logits; m_c ∝ n_c^-1/4
+    scale: float = 30.0  # s: the loss (and evaluation) multiplies the cosine logits by it
+    drw_start: float = 0.8  # re-weighting from the first epoch with epoch/epochs >= this (official 160/200)
+    drw_beta: float = 0.9999  # DRW's effective-number weights (1 - beta) / (1 - beta^n_c)
+
+
+@dataclass
+class ClassBalancedConfig:
+    beta: float = 0.9999  # effective-number weights (1 - beta) / (1 - beta^n_c); 0 gives plain CE
+    focal_gamma: float = 0.0  # > 0: softmax focal loss (1 - p_y)^gamma * CE
+
+
+METHOD_NAMES = ("glmc", "ce", "balanced_softmax", "logit_adjusted", "ldam_drw", "class_balanced")
+
+
+@dataclass
+class MethodConfig:
+    name: str = "glmc"  # glmc | ce | balanced_softmax | logit_adjusted | ldam_drw | class_balanced
+    glmc: GLMCConfig = field(default_factory=GLMCConfig)
+    logit_adjusted: LogitAdjustedConfig = field(default_factory=LogitAdjustedConfig)
+    ldam_drw: LDAMDRWConfig = field(default_factory=LDAMDRWConfig)
+    class_balanced: ClassBalancedConfig = field(default_factory=ClassBalancedConfig)
+
+    @property
+    def section(self):
+        """The chosen method's settings (None for a method without any)."""
+        return getattr(self, self.name, None)
 
 @dataclass
 class OptimConfig:
@@ -108,6 +152,11 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
     memory_format: str = "auto"  # auto (channels_last on CUDA) | channels_last | contiguous
     eval_every: int = 1  # evaluate every k epochs (and always at the last)
+    # Post-hoc logit adjustment of the trained model at every evaluation: argmax z - tau * log pi, tau scanned
+    # over 0, step, ..., max and chosen by balanced top-1 on the validation split (never on test; without a
+    # validation split nothing is chosen). 0 switches it off.
+    posthoc_tau_max: float = 2.0
+    posthoc_tau_step: float = 0.1
     progress_every: int = 50  # print a progress line every k steps (0: only per epoch)
     threads: int = 0  # torch intra-op threads (0: torch default)
 
@@ -136,8 +185,10 @@ CHOICES = {
     "data.subset_protocol": ("glmc", "ldam"),
     "model.arch": ("resnet32", "resnet50", "resnext50_32x4d"),
     "model.norm": ("batch", "group"),
-    "method.name": ("glmc", "ce"),
-    "method.cumulative_shape": ("power", "cosine", "linear"),
+    "model.classifier": ("auto", "linear", "cosine"),
+    "method.name": METHOD_NAMES,
+    "method.glmc.cumulative_shape": ("power", "cosine", "linear"),
+    "method.glmc.rebalanced_loss": ("weighted_ce", "balanced_softmax_unofficial"),
     "optim.schedule": ("cosine", "warmup_cosine", "official_paco"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.amp": ("auto", "bf16", "off"),
@@ -190,6 +241,9 @@ def _build(cls, values: dict, prefix: str):
     for key, value in values.items():
         path = f"{prefix}{key}"
         if key not in known:
+            if path in MOVED:
+                raise ConfigError(f"{path}: moved to {MOVED[path]} (each method's settings are in its own section, "
+                                  f"method.<name>)", path)
             raise ConfigError(f"unknown key {path!r}; valid keys here: {', '.join(sorted(known))}", path)
         expected = hints[key]
         if dataclasses.is_dataclass(expected):
@@ -199,14 +253,37 @@ def _build(cls, values: dict, prefix: str):
     return cls(**kwargs)
 
 
+# The flat GLMC keys of `method` before each method had its own section: an error says where each went.
+MOVED = {f"method.{f.name}": f"method.glmc.{f.name}" for f in dataclasses.fields(GLMCConfig)}
+
+
 def from_dict(values: dict) -> Config:
     cfg = _build(Config, values, "")
+    _check_method_sections(values.get("method", {}), cfg.method.name)
     validate(cfg)
     return cfg
 
 
+def _check_method_sections(method: dict, name: str) -> None:
+    """Only the chosen method's section may be written: another's settings would be silently ignored."""
+    for section in (f.name for f in dataclasses.fields(MethodConfig)):
+        if section in ("name", name) or section not in method:
+            continue
+        keys = method[section]
+        key = f"method.{section}" + (f".{next(iter(keys))}" if isinstance(keys, dict) and keys else "")
+        raise ConfigError(f"{key}: set, but method.name is {name!r}; method.{section} applies only with "
+                          f"method.name={section} (to switch a recipe's method, replace its whole method section: "
+                          f"--set 'method={{name: <method>, <method>: {{...}}}}')", key)
+
+
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as nested dicts (what config.yaml holds and Ray workers receive); `method` holds only the
+    chosen method's section, so `from_dict(to_dict(cfg)) == cfg`."""
+    values = dataclasses.asdict(cfg)
+    method = values["method"]
+    values["method"] = {"name": method["name"], **({cfg.method.name: method[cfg.method.name]}
+                                                  if cfg.method.name in method else {})}
+    return values
 
 
 def _set_path(values: dict, dotted: str, raw: str) -> None:
@@ -302,11 +379,7 @@ def validate(cfg: Config) -> None:
         (cfg.data.imbalance_factor >= 1, "data.imbalance_factor", cfg.data.imbalance_factor, "a number >= 1"),
         (0 <= cfg.data.val_fraction < 1, "data.val_fraction", cfg.data.val_fraction, "a fraction in [0, 1)"),
         (cfg.model.width > 0, "model.width", cfg.model.width, "a positive integer"),
-        (cfg.method.mix_beta > 0, "method.mix_beta", cfg.method.mix_beta, "a positive number"),
-        (cfg.method.cumulative_exponent > 0, "method.cumulative_exponent", cfg.method.cumulative_exponent, "> 0"),
-        (cfg.method.consistency_weight >= 0, "method.consistency_weight", cfg.method.consistency_weight, ">= 0"),
-        (0 <= cfg.method.maxnorm_threshold <= 1, "method.maxnorm_threshold", cfg.method.maxnorm_threshold,
-         "a fraction in [0, 1] (0 disables MaxNorm)"),
+        *_method_checks(cfg.method),
         (cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "a positive number"),
         (0 <= cfg.optim.momentum < 1, "optim.momentum", cfg.optim.momentum, "in [0, 1)"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay", cfg.optim.weight_decay, ">= 0"),
@@ -315,6 +388,10 @@ def validate(cfg: Config) -> None:
         (cfg.train.epochs > 0, "train.epochs", cfg.train.epochs, "a positive integer"),
         (cfg.train.batch_size > 0, "train.batch_size", cfg.train.batch_size, "a positive integer"),
         (cfg.train.eval_every > 0, "train.eval_every", cfg.train.eval_every, "a positive integer"),
+        (0 <= cfg.train.posthoc_tau_max <= 10, "train.posthoc_tau_max", cfg.train.posthoc_tau_max,
+         "in [0, 10] (0: no post-hoc adjustment)"),
+        (0 < cfg.train.posthoc_tau_step and cfg.train.posthoc_tau_max / cfg.train.posthoc_tau_step <= 1000,
+         "train.posthoc_tau_step", cfg.train.posthoc_tau_step, "> 0, at most 1000 steps up to train.posthoc_tau_max"),
         (cfg.data.synthetic_classes >= 2, "data.synthetic_classes", cfg.data.synthetic_classes, ">= 2"),
         (cfg.data.max_bad_images >= 0, "data.max_bad_images", cfg.data.max_bad_images, ">= 0 (0: any is fatal)"),
         (cfg.data.image_size >= 8, "data.image_size", cfg.data.image_size, "a side of at least 8 pixels"),
@@ -331,8 +408,41 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.warmup_epochs: set but optim.schedule is 'cosine'; use 'warmup_cosine'",
                           "optim.warmup_epochs")
     _validate_data(cfg.data)
+    if cfg.model.classifier == "cosine" and DEFAULT_CLASSIFIER.get(cfg.method.name) != "cosine":
+        raise ConfigError(f"model.classifier: cosine outputs cosines in [-1, 1], which only ldam_drw scales "
+                          f"(method.ldam_drw.scale); method.name is {cfg.method.name!r}: use auto or linear",
+                          "model.classifier")
     if cfg.optim.schedule == "official_paco" and cfg.optim.warmup_epochs < 1:
         raise ConfigError("optim.warmup_epochs: official_paco needs at least 1 warmup epoch", "optim.warmup_epochs")
+
+
+def _method_checks(method: MethodConfig) -> list[tuple]:
+    """(ok, key, value, expected) range checks of every method section (the unchosen ones hold defaults)."""
+    glmc, la, ldam, cb = method.glmc, method.logit_adjusted, method.ldam_drw, method.class_balanced
+    return [
+        (glmc.mix_beta > 0, "method.glmc.mix_beta", glmc.mix_beta, "a positive number"),
+        (glmc.cumulative_exponent > 0, "method.glmc.cumulative_exponent", glmc.cumulative_exponent, "> 0"),
+        (glmc.consistency_weight >= 0, "method.glmc.consistency_weight", glmc.consistency_weight, ">= 0"),
+        (0 <= glmc.maxnorm_threshold <= 1, "method.glmc.maxnorm_threshold", glmc.maxnorm_threshold,
+         "a fraction in [0, 1] (0 disables MaxNorm)"),
+        (0 <= la.tau <= 5, "method.logit_adjusted.tau", la.tau, "in [0, 5] (1: the paper's; 0: plain CE)"),
+        (0 <= ldam.max_margin <= 1, "method.ldam_drw.max_margin", ldam.max_margin,
+         "in [0, 1] (a margin on cosine logits; official 0.5)"),
+        (0 < ldam.scale <= 100, "method.ldam_drw.scale", ldam.scale, "in (0, 100] (official 30)"),
+        (0 <= ldam.drw_start <= 1, "method.ldam_drw.drw_start", ldam.drw_start,
+         "a fraction of the schedule in [0, 1] (official 0.8 = 160/200; 1: no re-weighting)"),
+        (0 <= ldam.drw_beta < 1, "method.ldam_drw.drw_beta", ldam.drw_beta, "in [0, 1) (official 0.9999)"),
+        (0 <= cb.beta < 1, "method.class_balanced.beta", cb.beta, "in [0, 1) (0: plain CE)"),
+        (0 <= cb.focal_gamma <= 5, "method.class_balanced.focal_gamma", cb.focal_gamma, "in [0, 5] (0: no focal term)"),
+    ]
+
+
+# The head each method trains when model.classifier is auto; cosine only where the method scales cosines.
+DEFAULT_CLASSIFIER = {"ldam_drw": "cosine"}
+
+
+def default_classifier(method_name: str) -> str:
+    return DEFAULT_CLASSIFIER.get(method_name, "linear")
 
 
 IN_MEMORY_SOURCES = ("cifar10", "cifar100", "synthetic")

@@ -1,17 +1,30 @@
-"""Accuracy by class and by shot group, from per-class hit counts (which sum across workers).
+"""Accuracy by class and by shot group, from per-class hit counts (which sum across workers), raw and after
+post-hoc logit adjustment.
 
 Shot groups follow the OLTR convention used by most long-tail papers: Many n_c > 100, Medium 20 <= n_c <= 100,
 Few n_c < 20, with n_c the *training* count (the official GLMC Trainer uses Few n_c <= 20; the two differ
 only for a class of exactly 20 images, e.g. class 69 of CIFAR-100-LT IF 100).
+
+Post-hoc logit adjustment (Menon et al. 2021, reference section 2): predict argmax z - tau * log pi, pi the
+training label distribution, for any trained model. One pass over a split counts the top-1 hits of every tau
+of the grid at once (one extra argmax per tau and batch; the hit counts are summed across workers in the same
+all_reduce as the raw ones). tau is chosen by balanced top-1 on the validation split and the test split is
+reported at that tau; without a validation split no tau is chosen (the test split never chooses one).
+Differences from the official post-hoc code: log(pi^tau + 1e-12) is exactly tau * log pi here, and tau is
+chosen on validation instead of fixed at 1.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from glmc_ray import longtail
+
 MANY_ABOVE = 100  # Many: n_c > 100
 FEW_BELOW = 20  # Few: n_c < 20
+NO_VALIDATION = "no validation split: tau is chosen on validation only, never on test"
 
 
 def shot_groups(train_counts) -> dict[str, torch.Tensor]:
@@ -20,35 +33,53 @@ def shot_groups(train_counts) -> dict[str, torch.Tensor]:
             "few": counts < FEW_BELOW}
 
 
+def tau_grid(tau_max: float, step: float) -> list[float]:
+    """0, step, 2 step, ... up to tau_max (inclusive, to rounding); [] when tau_max is 0 (no post-hoc scan)."""
+    if tau_max <= 0:
+        return []
+    return [round(i * step, 10) for i in range(math.floor(tau_max / step + 1e-9) + 1)]
+
+
+def posthoc_logits(logits: torch.Tensor, log_prior: torch.Tensor, tau: float) -> torch.Tensor:
+    """z - tau * log pi: rare classes (log pi very negative) are raised."""
+    return logits - tau * log_prior.to(logits)
+
+
 @torch.no_grad()
-def hit_counts(model, batches: Iterable, num_classes: int, autocast) -> torch.Tensor:
-    """(3, C) tensor: top-1 hits, top-5 hits and samples per true class, over this worker's share."""
+def hit_counts(model, batches: Iterable, num_classes: int, autocast, offsets: torch.Tensor | None = None,
+               logit_scale: float = 1.0) -> torch.Tensor:
+    """(3 + T, C) tensor over this worker's share: top-1 hits, top-5 hits and samples per true class, then the
+    top-1 hits with each of the T `offsets` rows subtracted from the logits (tau * log pi per tau).
+
+    The logits are multiplied by `logit_scale` first (the method's; argmax does not change). Top-1 is the
+    argmax of the same tensor the offsets are subtracted from, so an offset of 0 gives the raw hits exactly."""
     model.eval()
     device = next(model.parameters()).device
-    counts = torch.zeros(3, num_classes, dtype=torch.float64, device=device)
+    offsets = torch.zeros(0, num_classes) if offsets is None else offsets
+    offsets = offsets.to(device, torch.float32)
+    counts = torch.zeros(3 + len(offsets), num_classes, dtype=torch.float64, device=device)
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast():
             logits = model(x)
+        logits = logits.float() * logit_scale
         top5 = logits.topk(min(5, num_classes), dim=1).indices
-        counts[0].index_add_(0, y, (top5[:, 0] == y).double())
+        counts[0].index_add_(0, y, (logits.argmax(dim=1) == y).double())
         counts[1].index_add_(0, y, (top5 == y[:, None]).any(dim=1).double())
         counts[2].index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+        for row, offset in enumerate(offsets, start=3):
+            counts[row].index_add_(0, y, ((logits - offset).argmax(dim=1) == y).double())
     model.train()
     return counts
 
 
-def accuracy_metrics(counts: torch.Tensor, train_counts) -> dict:
-    """top1/top5 over samples, mean per-class accuracy, Many/Medium/Few (mean of per-class accuracy, %)."""
-    counts = counts.double().cpu()
-    top1_hits, top5_hits, totals = counts
+def class_metrics(top1_hits: torch.Tensor, totals: torch.Tensor, train_counts) -> dict:
+    """top1 over samples, mean per-class accuracy, Many/Medium/Few (mean of per-class accuracy), per class (%)."""
+    top1_hits, totals = top1_hits.double().cpu(), totals.double().cpu()
     seen = totals > 0
     per_class = torch.where(seen, top1_hits / totals.clamp_min(1), torch.full_like(totals, float("nan")))
-    metrics = {
-        "top1": float(100 * top1_hits.sum() / totals.sum()),
-        "top5": float(100 * top5_hits.sum() / totals.sum()),
-        "balanced_top1": float(100 * per_class[seen].mean()),
-    }
+    metrics = {"top1": float(100 * top1_hits.sum() / totals.sum()),
+               "balanced_top1": float(100 * per_class[seen].mean())}
     for name, members in shot_groups(train_counts).items():
         members = members & seen
         metrics[name] = float(100 * per_class[members].mean()) if members.any() else None
@@ -56,6 +87,37 @@ def accuracy_metrics(counts: torch.Tensor, train_counts) -> dict:
     return metrics
 
 
-def evaluate(model, batches: Iterable, train_counts, autocast, all_reduce: Callable[[torch.Tensor], torch.Tensor]):
-    counts = all_reduce(hit_counts(model, batches, len(train_counts), autocast))
-    return accuracy_metrics(counts, train_counts)
+def accuracy_metrics(counts: torch.Tensor, train_counts) -> dict:
+    """The raw metrics of `hit_counts`' first three rows, with top5."""
+    counts = counts.double().cpu()
+    metrics = class_metrics(counts[0], counts[2], train_counts)
+    return {"top1": metrics["top1"], "top5": float(100 * counts[1].sum() / counts[2].sum()),
+            **{k: v for k, v in metrics.items() if k != "top1"}}
+
+
+def evaluate(model, batches: Iterable, train_counts, autocast, all_reduce: Callable[[torch.Tensor], torch.Tensor],
+             taus: Sequence[float] = (), logit_scale: float = 1.0) -> dict:
+    """The split's metrics; with `taus`, also "posthoc_scan": the metrics at each tau (for `choose_posthoc`)."""
+    offsets = torch.stack([tau * longtail.log_prior(train_counts) for tau in taus]) if taus else None
+    counts = all_reduce(hit_counts(model, batches, len(train_counts), autocast, offsets, logit_scale))
+    metrics = accuracy_metrics(counts[:3], train_counts)
+    if taus:
+        metrics["posthoc_scan"] = [class_metrics(row, counts[2], train_counts) for row in counts[3:]]
+    return metrics
+
+
+def choose_posthoc(results: dict[str, dict], taus: Sequence[float]) -> dict[str, dict]:
+    """Replace each split's "posthoc_scan" by `<split>_posthoc`, its metrics at the tau with the best balanced
+    top-1 on "val" (the smallest such tau on a tie), and add "posthoc": the tau, the grid and validation's
+    balanced top-1 along it. Without a validation split: "posthoc" says why there is no tau."""
+    scans = {split: metrics.pop("posthoc_scan") for split, metrics in results.items() if "posthoc_scan" in metrics}
+    if "val" not in scans:
+        if taus:
+            results["posthoc"] = {"tau": None, "reason": NO_VALIDATION}
+        return results
+    val = [m["balanced_top1"] for m in scans["val"]]
+    best = max(range(len(taus)), key=lambda i: (val[i], -i))
+    results["posthoc"] = {"tau": taus[best], "chosen_on": "val", "taus": list(taus), "val_balanced_top1": val}
+    for split, scan in scans.items():
+        results[f"{split}_posthoc"] = scan[best]
+    return results

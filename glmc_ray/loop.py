@@ -20,7 +20,7 @@ import torch
 
 from glmc_ray.config import to_dict
 from glmc_ray.data.batches import DataBundle, epoch_generator
-from glmc_ray.evaluation import evaluate
+from glmc_ray.evaluation import choose_posthoc, evaluate, tau_grid
 from glmc_ray.methods import Method
 
 
@@ -122,7 +122,7 @@ def train_epoch(t: Trainee, data: DataBundle, epoch: int, cfg, dist: Dist) -> di
     images, start, lr = 0, time.perf_counter(), t.optimizer.param_groups[0]["lr"]
     for step, batch in enumerate(data.train.epoch(epoch)):
         batch = batch.to(t.device, t.memory_format)
-        progress = (epoch + step / steps if cfg.method.cumulative_per_step else epoch) / epochs
+        progress = (epoch + step / steps if t.method.progress_per_step else epoch) / epochs
         with t.autocast():
             out = t.method.step(t.model, batch, progress, generator)
         if not torch.isfinite(out.loss):
@@ -149,9 +149,15 @@ def train_epoch(t: Trainee, data: DataBundle, epoch: int, cfg, dist: Dist) -> di
     return record
 
 
-def evaluate_splits(t: Trainee, data: DataBundle, dist: Dist) -> dict[str, dict]:
-    return {name: evaluate(t.model, batches, data.class_counts, t.autocast, dist.all_reduce)
-            for name, batches in data.evals.items()}
+def evaluate_splits(t: Trainee, data: DataBundle, dist: Dist, cfg) -> dict[str, dict]:
+    """Each split's metrics; with post-hoc logit adjustment on, also `<split>_posthoc` at the tau chosen on
+    "val" and "posthoc" (the tau and its scan), or "posthoc" saying there is no validation split to choose on."""
+    taus = tau_grid(cfg.train.posthoc_tau_max, cfg.train.posthoc_tau_step)
+    scan = taus if "val" in data.evals else []  # never scan (let alone choose) on test alone
+    results = {name: evaluate(t.model, batches, data.class_counts, t.autocast, dist.all_reduce, scan,
+                              t.method.logit_scale)
+               for name, batches in data.evals.items()}
+    return choose_posthoc(results, taus)
 
 
 def bad_image_counts(t: Trainee, data: DataBundle, dist: Dist, splits: list[str]) -> dict:
@@ -162,8 +168,13 @@ def bad_image_counts(t: Trainee, data: DataBundle, dist: Dist, splits: list[str]
 
 
 def flatten(results: dict[str, dict]) -> dict:
-    """{"test": {"top1": ..}} -> {"test_top1": ..}, leaving per-class lists out of the epoch record."""
-    return {f"{split}_{k}": v for split, m in results.items() for k, v in m.items() if k != "per_class"}
+    """{"test": {"top1": ..}} -> {"test_top1": ..}, leaving per-class lists out of the epoch record; of the
+    post-hoc scan only its tau ("posthoc_tau", None without a validation split)."""
+    record = {f"{split}_{k}": v for split, m in results.items() if split != "posthoc"
+              for k, v in m.items() if k != "per_class"}
+    if "posthoc" in results:
+        record["posthoc_tau"] = results["posthoc"]["tau"]
+    return record
 
 
 def fit(cfg, t: Trainee, data: DataBundle, reporter: Reporter, dist: Dist | None = None,
@@ -181,7 +192,7 @@ def fit(cfg, t: Trainee, data: DataBundle, reporter: Reporter, dist: Dist | None
                                      f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; {kept_checkpoint(epoch)}")
         splits, per_class = ["train"], None
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
-            last = evaluate_splits(t, data, dist)
+            last = evaluate_splits(t, data, dist, cfg)
             record.update(flatten(last))
             splits += list(data.evals)
             per_class = last.get("test", {}).get("per_class")
@@ -192,7 +203,7 @@ def fit(cfg, t: Trainee, data: DataBundle, reporter: Reporter, dist: Dist | None
             print(_epoch_line(record), file=sys.stdout, flush=True)
         reporter.report(record, functools.partial(training_state, t, epoch + 1, config), is_best, per_class)
     if last is None:  # resumed after the last epoch: evaluate the restored model
-        last = evaluate_splits(t, data, dist)
+        last = evaluate_splits(t, data, dist, cfg)
     final = {"epochs": epochs, "last": last, "best_on_val": t.best, "class_counts": data.class_counts}
     reporter.finish(final)
     return final
@@ -211,5 +222,10 @@ def _epoch_line(r: dict) -> str:
     for key in ("val_balanced_top1", "test_top1", "test_many", "test_medium", "test_few"):
         if r.get(key) is not None:
             parts.append(f"{key} {r[key]:.2f}")
+    if r.get("posthoc_tau") is not None:  # chosen on val
+        parts.append(f"posthoc_tau {r['posthoc_tau']:g}")
+        parts += [f"{key} {r[key]:.2f}" for key in ("test_posthoc_top1", "test_posthoc_few") if r.get(key) is not None]
+    elif "posthoc_tau" in r:
+        parts.append("posthoc_tau none (no validation split)")
     parts.append(f"{r['images_per_s']:.0f} img/s")
     return " | ".join(parts)

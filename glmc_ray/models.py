@@ -2,8 +2,8 @@
 
 `forward(x)` returns the re-balanced head's logits (inference); `forward(x, all_heads=True)` returns
 (fc logits, fc_cb logits, projection z, prediction p) for training. Heads are single Linear layers, as
-in the official code. ResNet-50 / ResNeXt-50 come from torchvision; only the CIFAR ResNet-32 is ours
-(torchvision has none).
+in the official code; with `classifier="cosine"` fc_cb is a `CosineLinear` (LDAM's NormedLinear).
+ResNet-50 / ResNeXt-50 come from torchvision; only the CIFAR ResNet-32 is ours (torchvision has none).
 """
 from __future__ import annotations
 
@@ -55,12 +55,35 @@ class CifarResNet(nn.Module):
         return F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1)
 
 
+class CosineLinear(nn.Module):
+    """Cosine classifier (LDAM-DRW's NormedLinear): cos(x, w_c) for each class vector w_c, in [-1, 1], no bias.
+
+    `weight` is [classes, features] like nn.Linear's (the official stores the transpose); each row starts as
+    a random unit vector, the official `uniform(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)`."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(F.normalize(torch.empty(out_features, in_features).uniform_(-1, 1), dim=1))
+
+    def forward(self, x):
+        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
+
+
+def classifier_head(kind: str, in_features: int, out_features: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(in_features, out_features)
+    if kind == "cosine":
+        return CosineLinear(in_features, out_features)
+    raise ValueError(f"model.classifier: unknown head {kind!r}; expected linear or cosine")
+
+
 class GLMCNet(nn.Module):
-    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, projection_dim: int):
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, projection_dim: int,
+                 classifier: str = "linear"):
         super().__init__()
         self.backbone = backbone
         self.fc = nn.Linear(feature_dim, num_classes)
-        self.fc_cb = nn.Linear(feature_dim, num_classes)
+        self.fc_cb = classifier_head(classifier, feature_dim, num_classes)
         self.projection_head = nn.Linear(feature_dim, projection_dim)
         self.prediction_head = nn.Linear(projection_dim, projection_dim)
         # MaxNorm radii of fc_cb rows; NaN until MaxNorm first runs, then checkpointed with the weights.
@@ -95,14 +118,16 @@ def _torchvision_backbone(arch: str, norm, in_channels: int) -> tuple[nn.Module,
     return net, feature_dim
 
 
-def build_model(cfg, num_classes: int, in_channels: int = 3) -> GLMCNet:
-    """cfg: ModelConfig; in_channels: 3 for RGB, 1 for grayscale data."""
+def build_model(cfg, num_classes: int, in_channels: int = 3, default_classifier: str = "linear") -> GLMCNet:
+    """cfg: ModelConfig; in_channels: 3 for RGB, 1 for grayscale data; default_classifier: the head that
+    model.classifier: auto means (the method's, config.default_classifier)."""
+    classifier = default_classifier if cfg.classifier == "auto" else cfg.classifier
     if cfg.arch == "resnet32":
         backbone = CifarResNet(blocks_per_stage=5, width=cfg.width, norm=norm_layer(cfg.norm), in_channels=in_channels)
-        model = GLMCNet(backbone, backbone.out_dim, num_classes, cfg.projection_dim)
+        model = GLMCNet(backbone, backbone.out_dim, num_classes, cfg.projection_dim, classifier)
         for module in model.modules():  # official: kaiming_normal_ on every conv and linear weight
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(module.weight)
         return model
     backbone, feature_dim = _torchvision_backbone(cfg.arch, norm_layer(cfg.norm), in_channels)
-    return GLMCNet(backbone, feature_dim, num_classes, cfg.projection_dim)
+    return GLMCNet(backbone, feature_dim, num_classes, cfg.projection_dim, classifier)

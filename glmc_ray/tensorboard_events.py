@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "posthoc")
 
 
 def tag(key: str) -> str:
     """An epoch record key as a TensorBoard tag: test_top1 -> test/top1, train_seconds -> train/seconds,
-    loss -> train/loss (the training terms carry no split prefix)."""
+    loss -> train/loss (the training terms carry no split prefix), posthoc_tau -> posthoc/tau."""
     split, _, name = key.partition("_")
     return f"{split}/{name}" if split in SPLITS and name else f"train/{key}"
 

@@ -94,9 +94,15 @@ def run_ray(cfg, args) -> dict:
 
 
 def summary(final: dict) -> str:
-    test = final["last"].get("test", {})
-    groups = " ".join(f"{g} {test[g]:.2f}" for g in ("many", "medium", "few") if test.get(g) is not None)
-    return f"last epoch test top-1 {test.get('top1', float('nan')):.2f} ({groups})"
+    def line(test: dict) -> str:
+        groups = " ".join(f"{g} {test[g]:.2f}" for g in ("many", "medium", "few") if test.get(g) is not None)
+        return f"test top-1 {test.get('top1', float('nan')):.2f} ({groups})"
+
+    last = final["last"]
+    text = f"last epoch {line(last.get('test', {}))}"
+    if last.get("test_posthoc"):  # post-hoc logit adjustment at the tau chosen on validation
+        text += f"; post-hoc tau {last['posthoc']['tau']:g}: {line(last['test_posthoc'])}"
+    return text
 
 
 def main(argv=None) -> int:

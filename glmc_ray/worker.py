@@ -9,6 +9,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from glmc_ray import longtail
+from glmc_ray.config import default_classifier
 from glmc_ray.data import build_data
 from glmc_ray.loop import Dist, Reporter, Trainee, fit
 from glmc_ray.methods import METHODS, build_method
@@ -43,8 +45,11 @@ def seed_everything(seed: int) -> None:
 
 
 def build_trainee(cfg, class_counts, device, memory_format, prepare_model=lambda m: m) -> Trainee:
+    """Model, optimiser, schedule and method. A class without training images is a ValueError naming it, here,
+    before training: every method's class weights and the post-hoc log-prior need n_c > 0."""
+    longtail.positive_counts(class_counts, f"method {cfg.method.name} (and post-hoc logit adjustment)")
     seed_everything(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    raw = build_model(cfg.model, len(class_counts), cfg.data.channels)
+    raw = build_model(cfg.model, len(class_counts), cfg.data.channels, default_classifier(cfg.method.name))
     if cfg.dist.sync_batchnorm:
         raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
     raw = raw.to(device, memory_format=memory_format)

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from glmc_ray import rundir
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR_ROOT = SHARED / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -47,3 +49,20 @@ def tensorboard_scalars(run: Path, tag: str) -> dict[int, float]:
     events = EventAccumulator(str(run))
     events.Reload()
     return {event.step: event.value for event in events.Scalars(tag)}
+
+
+class Interrupted(Exception):
+    """What StopAfter raises: the run stops as a kill would, right after an epoch was reported."""
+
+
+class StopAfter(rundir.LocalReporter):
+    """An in-process reporter that interrupts the run once `epochs` epochs are saved (to test a resume)."""
+
+    def __init__(self, run, cfg, epochs):
+        super().__init__(run, cfg)
+        self.epochs = epochs
+
+    def report(self, record, checkpoint, is_best, per_class):
+        super().report(record, checkpoint, is_best, per_class)
+        if record["epoch"] + 1 == self.epochs:
+            raise Interrupted

@@ -22,22 +22,22 @@ def test_every_recipe_loads(recipe):
 def test_official_recipe_values():
     cfg = config_lib.load(REPO / "configs/cifar10_lt.yaml")
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.train.batch_size, cfg.train.epochs) == (0.01, 5e-3, 64, 200)
-    assert (cfg.method.resample_exponent, cfg.method.label_weight_exponent, cfg.method.consistency_weight) == \
-        (0.0, 1.2, 1.0)
+    glmc = cfg.method.glmc
+    assert (glmc.resample_exponent, glmc.label_weight_exponent, glmc.consistency_weight) == (0.0, 1.2, 1.0)
     assert (cfg.model.arch, cfg.model.width, cfg.data.imbalance_factor) == ("resnet32", 64, 100.0)
 
 
 def test_overrides_are_typed_and_applied_in_order():
     cfg = config_lib.load(REPO / "configs/smoke.yaml", ["optim.lr=0.5", "train.epochs=7", "optim.lr=2e-3",
-                                                        "method.area_corrected_cutmix=true"])
-    assert cfg.optim.lr == 0.002 and cfg.train.epochs == 7 and cfg.method.area_corrected_cutmix is True
+                                                        "method.glmc.area_corrected_cutmix=true"])
+    assert cfg.optim.lr == 0.002 and cfg.train.epochs == 7 and cfg.method.glmc.area_corrected_cutmix is True
 
 
 @pytest.mark.parametrize("override,message", [
     ("optim.lrr=0.1", r"unknown key 'optim.lrr'; valid keys here: .*lr"),
     ("bogus.x=1", r"unknown key 'bogus'"),
     ("train.epochs=ten", r"train.epochs: expected int, got 'ten'"),
-    ("method.area_corrected_cutmix=1", r"expected true or false, got 1"),
+    ("method.glmc.area_corrected_cutmix=1", r"expected true or false, got 1"),
     ("method.name=ldam", r"method.name: 'ldam' is not one of glmc, ce"),
     ("data.imbalance_factor=0.5", r"data.imbalance_factor: 0.5 is out of range; expected a number >= 1"),
     ("optim", r"expected key=value"),
@@ -91,7 +91,8 @@ def test_dry_run_prints_config_and_counts(capsys, cifar_root):
                  "--dry-run"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["class_counts"] == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
-    assert out["config"]["method"]["label_weight_exponent"] == 1.2
+    method = out["config"]["method"]  # the chosen method's section only
+    assert set(method) == {"name", "glmc"} and method["glmc"]["label_weight_exponent"] == 1.2
 
 
 def test_cli_reports_config_errors(capsys, tmp_path):
@@ -152,8 +153,8 @@ def test_every_float_field_refuses_non_finite_values(key, scalar, value):
 
 def test_a_non_finite_value_is_one_error_line_before_anything_is_made(tmp_path, capsys):
     assert main(["--config", str(REPO / "configs/smoke.yaml"), "--output", str(tmp_path / "runs"),
-                 "--set", "method.resample_exponent=.nan"]) == 2
+                 "--set", "method.glmc.resample_exponent=.nan"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: --set method.resample_exponent=.nan: method.resample_exponent: nan is not a finite number; "
+        "error: --set method.glmc.resample_exponent=.nan: method.glmc.resample_exponent: nan is not a finite number; "
         "expected a finite float"]
     assert not (tmp_path / "runs").exists()

@@ -1,14 +1,14 @@
-"""The GLMC math as pure functions (reference section 3)."""
+"""The GLMC math as pure functions (reference section 3); the other methods are in tests/test_methods.py."""
 import math
 
 import pytest
 import torch
 
-from glmc_ray.config import MethodConfig, ModelConfig
+from glmc_ray.config import GLMCConfig, MethodConfig, ModelConfig
 from glmc_ray.data.cifar import long_tailed_counts
+from glmc_ray.longtail import class_balanced_weights, resampling_probabilities
 from glmc_ray.methods import Batch, build_method
 from glmc_ray.methods.glmc import (
-    class_balanced_weights,
     cumulative_alpha,
     cutmix_box,
     cutmix_label_lambda,
@@ -17,7 +17,6 @@ from glmc_ray.methods.glmc import (
     maxnorm_radii,
     mixed_targets,
     negative_cosine,
-    resampling_probabilities,
     sample_mix_lambda,
 )
 from glmc_ray.models import build_model
@@ -123,7 +122,7 @@ def _tiny_batch(num_classes=5, n=8):
 def test_method_step_runs_forward_backward(name):
     counts = [40, 20, 10, 5, 2]
     model = build_model(ModelConfig(width=4, projection_dim=8), len(counts))
-    method = build_method(MethodConfig(name=name, maxnorm_threshold=0.1), counts)
+    method = build_method(MethodConfig(name=name, glmc=GLMCConfig(maxnorm_threshold=0.1)), counts)
     out = method.step(model, _tiny_batch(), 0.5, torch.Generator().manual_seed(0))
     assert torch.isfinite(out.loss)
     out.loss.backward()
@@ -140,7 +139,7 @@ def test_method_step_runs_forward_backward(name):
 def test_glmc_alpha_moves_weight_between_heads():
     counts = [40, 20, 10, 5, 2]
     model = build_model(ModelConfig(width=4, projection_dim=8), len(counts))
-    method = build_method(MethodConfig(consistency_weight=0.0), counts)
+    method = build_method(MethodConfig(glmc=GLMCConfig(consistency_weight=0.0)), counts)
     for progress, trained, idle in ((0.0, "fc", "fc_cb"), (1.0, "fc_cb", "fc")):
         model.zero_grad()
         method.cfg.cumulative_shape = "linear"

@@ -12,7 +12,7 @@ from glmc_ray import rundir
 from glmc_ray.tensorboard_events import EpochEvents
 from glmc_ray.train import main
 from glmc_ray.worker import run_worker
-from tests.conftest import REPO, git_head, tensorboard_scalars
+from tests.conftest import REPO, Interrupted, StopAfter, git_head, tensorboard_scalars
 
 SMOKE = str(REPO / "configs/smoke.yaml")
 
@@ -31,11 +31,13 @@ def test_smoke_run_leaves_a_readable_run_directory(tmp_path, capsys):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1, 2]
     for key in ("lr", "loss", "loss_balanced", "loss_rebalanced", "loss_consistency", "alpha", "test_top1",
-                "test_top5", "test_many", "test_medium", "test_few", "val_balanced_top1", "images_per_s"):
+                "test_top5", "test_many", "test_medium", "test_few", "val_balanced_top1", "images_per_s",
+                "posthoc_tau", "test_posthoc_top1", "test_posthoc_few", "val_posthoc_balanced_top1"):
         assert key in records[-1], key
     assert records[0]["alpha"] == 1.0 and records[2]["alpha"] == pytest.approx(1 - (2 / 3) ** 2)
     final = json.loads((run / "final.json").read_text())
     assert len(final["last"]["test"]["per_class"]) == 10 and final["best_on_val"]["epoch"] is not None
+    assert len(final["last"]["test_posthoc"]["per_class"]) == 10 and final["last"]["posthoc"]["chosen_on"] == "val"
     assert final["last"]["test"]["top1"] > 15  # 10 classes: above chance after 3 epochs
     assert (run / "per_class.png").stat().st_size > 10_000 and (run / "best.pt").exists()
     assert config_lib.load(run / "config.yaml") == config_lib.load(SMOKE)
@@ -48,21 +50,6 @@ def test_smoke_run_leaves_a_readable_run_directory(tmp_path, capsys):
     assert "test_per_class" not in records[-1]  # metrics.jsonl stays one short line per epoch
 
 
-class _Interrupt(Exception):
-    pass
-
-
-class _StopAfter(rundir.LocalReporter):
-    def __init__(self, run, cfg, epochs):
-        super().__init__(run, cfg)
-        self.epochs = epochs
-
-    def report(self, record, checkpoint, is_best, per_class):
-        super().report(record, checkpoint, is_best, per_class)
-        if record["epoch"] + 1 == self.epochs:
-            raise _Interrupt
-
-
 def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     overrides = ["train.epochs=2", "data.val_fraction=0.0"]
     sets = [a for o in overrides for a in ("--set", o)]
@@ -71,8 +58,8 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
 
     cfg = config_lib.load(SMOKE, overrides)
     run = rundir.new_run_dir(tmp_path / "interrupted", cfg)
-    with pytest.raises(_Interrupt):
-        run_worker(cfg, _StopAfter(run, cfg, epochs=1))
+    with pytest.raises(Interrupted):
+        run_worker(cfg, StopAfter(run, cfg, epochs=1))
     with open(run / "metrics.jsonl", "a") as f:  # a line written after the checkpoint, then a cut-off one
         f.write(json.dumps({"epoch": 1, "loss": 0.0}) + "\n" + '{"epoch": 2, "lo')
     leftover = run / ".checkpoint.pt.x1y2.partial"  # what a kill during a checkpoint write leaves
@@ -113,17 +100,11 @@ def test_resume_rejects_new_settings_and_missing_checkpoint(tmp_path, capsys):
 def test_bf16_autocast_and_channels_last_path_runs_on_cpu(tmp_path):
     assert main(["--config", SMOKE, "--output", str(tmp_path), "--set", "train.epochs=1", "--set", "train.amp=bf16",
                  "--set", "data.synthetic_max_count=64",
-                 "--set", "train.memory_format=channels_last", "--set", "method.maxnorm_threshold=0.1"]) == 0
+                 "--set", "train.memory_format=channels_last", "--set", "method.glmc.maxnorm_threshold=0.1"]) == 0
     state = rundir.load_checkpoint(_only_run(tmp_path) / "checkpoint.pt")
     radii = state["model"]["maxnorm_radii"]
     assert not torch.isnan(radii).any()
     assert torch.all(state["model"]["fc_cb.weight"].norm(dim=1) <= radii + 1e-4)
-
-
-def test_ce_baseline_runs_in_the_same_loop(tmp_path):
-    assert main(["--config", SMOKE, "--output", str(tmp_path), "--set", "method.name=ce"]) == 0
-    record = json.loads((_only_run(tmp_path) / "metrics.jsonl").read_text().splitlines()[-1])
-    assert "loss_ce" in record and "loss_consistency" not in record
 
 
 def test_one_epoch_on_real_cifar10_lt(tmp_path, cifar_root):
@@ -131,7 +112,7 @@ def test_one_epoch_on_real_cifar10_lt(tmp_path, cifar_root):
     assert main(["--config", str(REPO / "configs/cifar10_lt.yaml"), "--data-root", str(cifar_root),
                  "--output", str(tmp_path), "--set", "model.width=4", "--set", "train.epochs=1",
                  "--set", "train.batch_size=128", "--set", "optim.lr=0.05",
-                 "--set", "method.cumulative_per_step=true", "--set", "train.progress_every=0"]) == 0
+                 "--set", "method.glmc.cumulative_per_step=true", "--set", "train.progress_every=0"]) == 0
     final = json.loads((_only_run(tmp_path) / "final.json").read_text())
     test = final["last"]["test"]
     assert sum(final["class_counts"]) == 12406

@@ -123,7 +123,7 @@ def build(cfg, device, rank: int, world_size: int, memory_format, rebalanced: bo
     (images, labels), test, counts, (mean, std) = load_arrays(cfg.data)
     (images, labels), val = hold_out(images, labels, cfg.data)
     counts = np.bincount(labels, minlength=len(counts)).tolist()
-    weights = per_sample_weights(labels, counts, cfg.method.resample_exponent) if rebalanced else None
+    weights = per_sample_weights(labels, counts, cfg.method.glmc.resample_exponent) if rebalanced else None
     plan = EpochPlan(len(labels), cfg.train.batch_size, weights, cfg.train.seed, rank, world_size)
     normalizer = Normalizer(mean, std, device, memory_format)
     train = InMemoryBatches(images, labels, plan, normalizer, device)

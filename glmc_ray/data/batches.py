@@ -15,8 +15,8 @@ from typing import Protocol
 import torch
 
 from glmc_ray.data.images import BadImageLog
+from glmc_ray.longtail import class_balanced_weights
 from glmc_ray.methods.base import Batch
-from glmc_ray.methods.glmc import class_balanced_weights
 
 
 class BatchSource(Protocol):

@@ -172,7 +172,7 @@ def build(cfg, device, rank: int, world_size: int, memory_format, rebalanced: bo
     data = cfg.data
     paths, labels = read_split_file(split_path(data, data.train_split), data.root)
     counts = class_counts(labels, data.train_split)
-    weights = per_sample_weights(labels, counts, cfg.method.resample_exponent) if rebalanced else None
+    weights = per_sample_weights(labels, counts, cfg.method.glmc.resample_exponent) if rebalanced else None
     plan = EpochPlan(len(labels), cfg.train.batch_size, weights, cfg.train.seed, rank, world_size)
     two_views = TwoViews(train_transform(data.augmentation, data.image_size))
     train_set = ImageListDataset(paths, labels, two_views, data.channels)

@@ -47,9 +47,34 @@ class Method(Protocol):
     name: str
     uses_rebalanced_stream: bool  # consumes Batch.rx1/rx2/ry (the class-rebalanced stream)
     uses_all_heads: bool  # every parameter gets a gradient each step
+    progress_per_step: bool  # `progress` moves every step (else it is epoch/epochs for a whole epoch)
+    logit_scale: float  # evaluation multiplies the inference logits by it (LDAM's s), so a post-hoc tau means
+    #                     what it means in the loss; argmax, hence the raw accuracy, does not change
 
     def alpha(self, progress: float) -> float: ...
 
     def step(self, model, batch: Batch, progress: float, generator: torch.Generator) -> StepOutput: ...
 
     def after_optimizer_step(self, model) -> None: ...
+
+
+class OneViewMethod:
+    """A loss on the inference head's logits of the uniform batch's first view (`model(batch.x1)`, fc_cb):
+    CE and the single-branch long-tail losses. Subclasses set `name` and implement `loss`."""
+
+    name = ""
+    uses_rebalanced_stream = False
+    uses_all_heads = False  # fc and the projection heads get no gradient (DDP must look for unused ones)
+    progress_per_step = False
+    logit_scale = 1.0
+
+    def alpha(self, progress: float) -> float:
+        return 1.0  # the uniform/re-balanced branch weight of GLMC: one branch here
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, progress: float) -> StepOutput: ...
+
+    def step(self, model, batch: Batch, progress: float, generator: torch.Generator) -> StepOutput:
+        return self.loss(model(batch.x1).float(), batch.y, progress)
+
+    def after_optimizer_step(self, model) -> None:
+        pass

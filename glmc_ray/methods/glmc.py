@@ -3,6 +3,12 @@
 Official behaviour (reference section 3) is the default; the fixes are explicit options:
 `mix_beta` is really used (the official `--beta` is dead; its effective value is 1.0) and
 `area_corrected_cutmix` labels the CutMix branch with the pasted area instead of lambda.
+
+`rebalanced_loss: balanced_softmax_unofficial` is NOT the official GLMC + BS: the README's GLMC + BS row
+(ImageNet-LT) has no code in any commit, so it cannot be recovered (methods-reference section 1(e)). This
+option is one plausible reading: Balanced Softmax replaces the class-weighted soft-label CE on the
+re-balanced head, i.e. the head's logits get log pi_c added and the mixed targets are not class-weighted
+(label_weight_exponent is then unused).
 """
 from __future__ import annotations
 
@@ -12,19 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from glmc_ray import longtail
 from glmc_ray.methods.base import Batch, StepOutput
-
-
-def class_balanced_weights(class_counts: torch.Tensor, exponent: float) -> torch.Tensor:
-    """w_c = n_c^-e / sum_j n_j^-e * C (mean weight 1). Used for the re-sampling (q) and label (gamma) weights."""
-    raw = class_counts.double().pow(-exponent)
-    return (raw / raw.sum() * len(class_counts)).float()
-
-
-def resampling_probabilities(class_counts: torch.Tensor, exponent: float) -> torch.Tensor:
-    """Per-class probability of a draw when each sample of class c has weight n_c^-q (WeightedRandomSampler)."""
-    mass = class_counts.double() * class_counts.double().pow(-exponent)
-    return (mass / mass.sum()).float()
 
 
 def cumulative_alpha(progress: float, shape: str = "power", exponent: float = 2.0) -> float:
@@ -125,11 +120,23 @@ class GLMC:
     name = "glmc"
     uses_rebalanced_stream = True
     uses_all_heads = True  # every head gets a gradient each step (DDP needs no unused-parameter search)
+    logit_scale = 1.0
 
     def __init__(self, cfg, class_counts: torch.Tensor):
-        self.cfg = cfg  # MethodConfig
+        self.cfg = cfg  # GLMCConfig
         self.num_classes = len(class_counts)
-        self.label_weights = class_balanced_weights(class_counts, cfg.label_weight_exponent)
+        self.progress_per_step = cfg.cumulative_per_step  # alpha per iteration instead of per epoch (official)
+        self.label_weights = longtail.class_balanced_weights(class_counts, cfg.label_weight_exponent)
+        self.log_prior = longtail.log_prior(class_counts)
+
+    def rebalanced_branch_loss(self, logits: torch.Tensor, batch: Batch, lam: float) -> torch.Tensor:
+        """The re-balanced head's loss on one mixed batch: class-weighted soft CE (official), or soft CE on
+        logits + log pi (balanced_softmax_unofficial)."""
+        if self.cfg.rebalanced_loss == "balanced_softmax_unofficial":
+            targets = mixed_targets(batch.y, batch.ry, lam, self.num_classes)
+            return soft_cross_entropy(logits.float() + self.log_prior.to(logits.device).float(), targets)
+        weights = self.label_weights.to(batch.y.device)
+        return soft_cross_entropy(logits, mixed_targets(batch.y, batch.ry, lam, self.num_classes, weights))
 
     def alpha(self, progress: float) -> float:
         return cumulative_alpha(progress, self.cfg.cumulative_shape, self.cfg.cumulative_exponent)
@@ -141,17 +148,15 @@ class GLMC:
         height, width = batch.x2.shape[-2:]
         box = cutmix_box(height, width, lam, generator)
         lam_local = cutmix_label_lambda(lam, box, height, width, cfg.area_corrected_cutmix)
-        weights = self.label_weights.to(batch.y.device)
         x_global = global_mixup(batch.x1, batch.rx1, lam)
         x_local = local_cutmix(batch.x2, batch.rx2, box)
         logits_g, logits_cb_g, z_g, p_g = model(x_global, all_heads=True)
         logits_l, logits_cb_l, z_l, p_l = model(x_local, all_heads=True)
         t_g = mixed_targets(batch.y, batch.ry, lam, self.num_classes)
         t_l = mixed_targets(batch.y, batch.ry, lam_local, self.num_classes)
-        tw_g = mixed_targets(batch.y, batch.ry, lam, self.num_classes, weights)
-        tw_l = mixed_targets(batch.y, batch.ry, lam_local, self.num_classes, weights)
         loss_balanced = soft_cross_entropy(logits_g, t_g) + soft_cross_entropy(logits_l, t_l)
-        loss_rebalanced = soft_cross_entropy(logits_cb_g, tw_g) + soft_cross_entropy(logits_cb_l, tw_l)
+        loss_rebalanced = (self.rebalanced_branch_loss(logits_cb_g, batch, lam)
+                           + self.rebalanced_branch_loss(logits_cb_l, batch, lam_local))
         loss_consistency = symmetric_consistency(p_g, z_g, p_l, z_l)
         alpha = self.alpha(progress)
         loss = alpha * loss_balanced + (1 - alpha) * loss_rebalanced + cfg.consistency_weight * loss_consistency
