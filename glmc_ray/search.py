@@ -5,12 +5,16 @@
       base_config.yaml                   the base config (the dataset's recipe) with --set applied
       study.db                           the Optuna study (SQLite; any SQLAlchemy URL via --storage-url)
       trials/<name>-<trial id>-<stamp>/  one normal run directory per trial (config, metrics, final.json)
-      trials.csv                         id, status, searched values, val_balanced_top1, test_top1, s, error
+      trials.csv                         id, status, searched values (empty where a trial's choices did not
+                                         search the field: another method's knobs), val_balanced_top1,
+                                         test_top1, s, error
       best_config.yaml                   the base config with the best values, full schedule: train it
       *.png                              Optuna's optimisation history, slice and importance plots
       fidelity.json, fidelity.png        the fidelity check: short vs full-schedule objective, Spearman
       final_seeds.json                   the winner and the recipe, full schedule, several train seeds
       full/<name>-<label>-seed<S>-<stamp>/  their full-schedule run directories (Tune's state in full/tune/)
+
+The space (`Space`, `load_space`, `apply_values`) is glmc_ray/search_space.py.
 
 Fidelity: every trial trains a complete, shortened schedule of `trial_epochs` epochs (default: the
 config's own train.epochs), so GLMC's cumulative alpha and the lr schedule both finish inside the trial,
@@ -26,10 +30,8 @@ trial's own process) or `ray_train.launch` (K workers under Ray Train) with a re
 """
 from __future__ import annotations
 
-import copy
 import csv
 import json
-import math
 import os
 import re
 import shlex
@@ -41,6 +43,7 @@ from pathlib import Path
 from glmc_ray import config as config_lib
 from glmc_ray import plots, provenance, rundir
 from glmc_ray.config import ConfigError
+from glmc_ray.search_space import Space, apply_values, same_value
 
 METRIC = "val_balanced_top1"  # the objective: balanced top-1 on the validation split, never the test set
 MODE = "max"
@@ -50,149 +53,6 @@ TRIALS_DIR = "trials"
 FULL_DIR = "full"  # full-schedule runs: the fidelity check and the final seeds
 RECIPE = "recipe"  # the label of the base config's own values
 SUMMARY_KEYS = ("top1", "balanced_top1", "many", "medium", "few")
-KINDS = ("float", "int", "choice")
-
-
-# ----------------------------------------------------------------------------------------------- space
-
-@dataclass(frozen=True)
-class Param:
-    """One searched field: `kind` float/int with `low`/`high` (and `log`), or choice with `choices`."""
-
-    key: str
-    kind: str
-    low: float | int | None = None
-    high: float | int | None = None
-    log: bool = False
-    choices: tuple = ()
-
-    def distribution(self):
-        import optuna
-
-        if self.kind == "float":
-            return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log)
-        if self.kind == "int":
-            return optuna.distributions.IntDistribution(self.low, self.high, log=self.log)
-        return optuna.distributions.CategoricalDistribution(list(self.choices))
-
-    def contains(self, value) -> bool:
-        if self.kind == "choice":
-            return value in self.choices
-        return self.low <= value <= self.high
-
-
-def set_dotted(values: dict, key: str, value) -> dict:
-    """Set `a.b` in a nested dict (sections are created; the config builder judges the key)."""
-    node = values
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{key}: {part!r} is not a section", key)
-    node[parts[-1]] = value
-    return values
-
-
-def apply_values(cfg: config_lib.Config, values: dict) -> config_lib.Config:
-    """A new config: `cfg` with each dotted key of `values` set, validated like any config."""
-    merged = config_lib.to_dict(cfg)
-    for key, value in values.items():
-        set_dotted(merged, key, copy.deepcopy(value))
-    return config_lib.from_dict(merged)
-
-
-def get_dotted(cfg: config_lib.Config, key: str):
-    node = cfg
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
-
-
-def _parse_param(where: str, key, spec, base: config_lib.Config) -> Param:
-    if not isinstance(key, str) or "." not in key:
-        raise ConfigError(f"{where}: {key}: expected a dotted config field such as optim.lr", str(key))
-    if not isinstance(spec, dict) or len([k for k in spec if k in KINDS]) != 1:
-        raise ConfigError(f"{where}: {key}: expected one of {{float: [low, high]}}, {{int: [low, high]}} "
-                          f"or {{choice: [a, b, ...]}} (float/int may add log: true), got {spec!r}", key)
-    kind = next(k for k in spec if k in KINDS)
-    extra = set(spec) - {kind, "log"} if kind != "choice" else set(spec) - {kind}
-    if extra:
-        raise ConfigError(f"{where}: {key}: unknown option(s) {', '.join(sorted(map(str, extra)))}", key)
-    log = spec.get("log", False)
-    if not isinstance(log, bool):
-        raise ConfigError(f"{where}: {key}: log must be true or false, got {log!r}", key)
-    values = spec[kind]
-    if kind == "choice":
-        if not isinstance(values, list) or len(values) < 2 or len({repr(v) for v in values}) != len(values):
-            raise ConfigError(f"{where}: {key}: choice needs a list of at least two distinct values, "
-                              f"got {values!r} (empty range)", key)
-    elif not isinstance(values, list) or len(values) != 2:
-        raise ConfigError(f"{where}: {key}: {kind} needs [low, high], got {values!r}", key)
-    else:
-        for value in values:
-            number = value if kind == "int" else _as_float(value)
-            ok = isinstance(number, int) if kind == "int" else isinstance(number, float)
-            if not ok or isinstance(number, bool):
-                what = "an integer" if kind == "int" else "a number"
-                raise ConfigError(f"{where}: {key}: {kind} bound {value!r} is not {what}", key)
-        values = [v if kind == "int" else _as_float(v) for v in values]
-    # each value (each bound, each choice) must make a config the trainer accepts: the field exists,
-    # has the right type and is in range (config.validate's own checks)
-    for value in values:
-        try:
-            built = apply_values(base, {key: value})
-        except ConfigError as err:
-            reason = str(err).removeprefix(f"{key}: ")
-            raise ConfigError(f"{where}: {key}: value {value!r}: {reason}", key) from None
-        if dataclass_field(built, key):
-            raise ConfigError(f"{where}: {key}: is a section, not a field", key)
-    if kind == "choice":
-        return Param(key, kind, choices=tuple(values))
-    low, high = values
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise ConfigError(f"{where}: {key}: bounds must be finite, got [{low}, {high}]", key)
-    if low >= high:
-        raise ConfigError(f"{where}: {key}: empty range [{low}, {high}] (low must be below high; "
-                          f"use --set for a fixed value)", key)
-    if log and low <= 0:
-        raise ConfigError(f"{where}: {key}: a log range needs low > 0, got {low}", key)
-    field_type = type(get_dotted(base, key))
-    if kind == "float" and field_type is int:
-        raise ConfigError(f"{where}: {key}: is an integer field; use {{int: [low, high]}}", key)
-    return Param(key, kind, low, high, log)
-
-
-def dataclass_field(cfg, key: str) -> bool:
-    import dataclasses
-
-    return dataclasses.is_dataclass(get_dotted(cfg, key))
-
-
-def _as_float(value):
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return float(value)
-    if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def load_space(path: str | Path, base: config_lib.Config) -> list[Param]:
-    """Read and validate a search-space YAML file against the base config; errors name the file and key."""
-    where = str(path)
-    values = config_lib.read_yaml_mapping(path, "search space file")
-    params = [_parse_param(where, key, spec, base) for key, spec in values.items()]
-    for param in params:
-        value = get_dotted(base, param.key)
-        if not param.contains(value):
-            raise ConfigError(f"{where}: {param.key}: the base config's value {value!r} is outside the space; "
-                              f"it is the first point evaluated, so widen the range or --set another base value",
-                              param.key)
-    return params
 
 
 # ----------------------------------------------------------------------------------------------- options
@@ -242,7 +102,7 @@ def trial_config(base, values: dict, trial_epochs: int | None) -> config_lib.Con
     return apply_values(base, values)
 
 
-def prepare(base, params: list[Param], opts: SearchOptions, source: str) -> None:
+def prepare(base, space: Space, opts: SearchOptions, source: str) -> None:
     """Every check that needs no Ray: validation split, trial schedule, the options."""
     opts.check()
     check_base(base, source)
@@ -390,7 +250,7 @@ def startup_trials(trials: int) -> int:
     return max(3, min(10, trials // 3))
 
 
-def _searcher(experiment: Path, base, params: list[Param], opts: SearchOptions):
+def _searcher(experiment: Path, base, space: Space, opts: SearchOptions):
     import warnings
 
     import optuna
@@ -398,10 +258,12 @@ def _searcher(experiment: Path, base, params: list[Param], opts: SearchOptions):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # multivariate TPE
-        sampler = optuna.samplers.TPESampler(seed=opts.seed, multivariate=True,
+        # group: TPE models each set of fields sampled together (a method's knobs) on the trials that
+        # sampled them, as the conditional (define-by-run) space asks for
+        sampler = optuna.samplers.TPESampler(seed=opts.seed, multivariate=True, group=True,
                                              n_startup_trials=startup_trials(opts.trials))
-    first = {p.key: get_dotted(base, p.key) for p in params}  # the recipe itself is trial 1
-    return OptunaSearch(space={p.key: p.distribution() for p in params}, metric=METRIC, mode=MODE,
+    first = space.point(base)  # the recipe itself is trial 1
+    return OptunaSearch(space=space, metric=METRIC, mode=MODE,
                         points_to_evaluate=[first], sampler=sampler, study_name=experiment.name,
                         storage=optuna.storages.RDBStorage(storage_url(experiment, opts)))
 
@@ -423,7 +285,7 @@ def check_output(output: str | Path) -> None:
                           f"trials write their run directories there; use an NFS mount every node sees") from None
 
 
-def search(base, params: list[Param], opts: SearchOptions, output: str | Path) -> tuple[Path, bool]:
+def search(base, space: Space, opts: SearchOptions, output: str | Path) -> tuple[Path, bool]:
     """Start a search (Ray must be connected); returns the experiment directory with its outputs and whether
     every trial ran (False after an interruption such as Ctrl-C: Tune saved its state, --resume continues)."""
     check_resources(opts)
@@ -431,13 +293,13 @@ def search(base, params: list[Param], opts: SearchOptions, output: str | Path) -
     experiment = new_experiment(output, base)
     config_lib.save(base, experiment / BASE_CONFIG)
     (experiment / SEARCH_FILE).write_text(json.dumps(
-        {"options": asdict(opts), "space": [asdict(p) for p in params]}, indent=1))
+        {"options": asdict(opts), "space": space.to_json()}, indent=1))
     print(f"experiment directory: {experiment}", flush=True)
     from ray import tune
 
     tuner = tune.Tuner(
         _trainable(experiment, base, opts),
-        tune_config=tune.TuneConfig(search_alg=_searcher(experiment, base, params, opts), num_samples=opts.trials,
+        tune_config=tune.TuneConfig(search_alg=_searcher(experiment, base, space, opts), num_samples=opts.trials,
                                     max_concurrent_trials=opts.concurrent),
         run_config=tune.RunConfig(name=experiment.name, storage_path=str(experiment.parent),
                                   failure_config=tune.FailureConfig(max_failures=0),
@@ -446,10 +308,10 @@ def search(base, params: list[Param], opts: SearchOptions, output: str | Path) -
     return experiment, write_outputs(experiment)
 
 
-def read_experiment(experiment: Path) -> tuple[config_lib.Config, list[Param], SearchOptions]:
+def read_experiment(experiment: Path) -> tuple[config_lib.Config, Space, SearchOptions]:
     saved = json.loads((experiment / SEARCH_FILE).read_text())
-    params = [Param(**{**p, "choices": tuple(p["choices"])}) for p in saved["space"]]
-    return config_lib.load(experiment / BASE_CONFIG), params, SearchOptions(**saved["options"])
+    return config_lib.load(experiment / BASE_CONFIG), Space.from_json(saved["space"]), \
+        SearchOptions(**saved["options"])
 
 
 def resume(experiment: str | Path) -> tuple[Path, bool]:
@@ -493,9 +355,11 @@ class FullRun:
         return f"{base_name}-{self.label}-seed{self.seed}"
 
 
-def full_job(row: dict, params: list[Param], base, seed: int) -> FullRun:
-    values = {p.key: row[p.key] for p in params}
-    is_recipe = all(values[p.key] == get_dotted(base, p.key) for p in params)
+def full_job(row: dict, space: Space, base, seed: int) -> FullRun:
+    """The full-schedule run of a trial's values (those its choices searched; the recipe's own are RECIPE)."""
+    values = space.active(row)
+    recipe = space.point(base)
+    is_recipe = values.keys() == recipe.keys() and all(same_value(v, recipe[k]) for k, v in values.items())
     return FullRun(RECIPE if is_recipe else row["trial_id"], values, seed)
 
 
@@ -538,15 +402,14 @@ def full_stages(experiment: Path, fidelity: int, seeds: int) -> dict | None:
     Their runs go to Tune as one list (the check's first), so no slot idles between the stages and a run
     both need is trained once; then each stage writes its report (fidelity.json, final_seeds.json). None
     when the runs were interrupted: nothing is reported, the same call continues them."""
-    rows, params = trial_rows(experiment)
+    rows, space = trial_rows(experiment)
     base, _, opts = read_experiment(experiment)
     ranked = sorted((r for r in rows if r["status"] == "complete"), key=lambda r: -r[METRIC])
     if not ranked:
         raise ConfigError(f"no trial of {experiment} completed: nothing to train with the full schedule")
     checked = _spread(ranked, fidelity) if fidelity else []
-    check_jobs = [full_job(r, params, base, base.train.seed) for r in checked]
-    groups = {"found": full_job(ranked[0], params, base, 0),
-              "recipe": FullRun(RECIPE, {p.key: get_dotted(base, p.key) for p in params}, 0)}
+    check_jobs = [full_job(r, space, base, base.train.seed) for r in checked]
+    groups = {"found": full_job(ranked[0], space, base, 0), "recipe": FullRun(RECIPE, space.point(base), 0)}
     train_seeds = [base.train.seed + i for i in range(seeds)]
     seed_jobs = [FullRun(job.label, job.values, seed) for job in groups.values() for seed in train_seeds]
     results = train_full(experiment, base, opts, check_jobs + seed_jobs)
@@ -640,11 +503,12 @@ def spearman(a: list[float], b: list[float]) -> float | None:
 
 # ----------------------------------------------------------------------------------------------- outputs
 
-def trial_rows(experiment: Path) -> tuple[list[dict], list[Param]]:
-    """One row per Tune trial, in creation order: id, status, searched values, objective, test top-1, s."""
+def trial_rows(experiment: Path) -> tuple[list[dict], Space]:
+    """One row per Tune trial, in creation order: id, status, searched values, objective, test top-1, s.
+    A field the trial's choices did not search (another method's knob) is None: an empty cell."""
     from ray.tune import ExperimentAnalysis
 
-    _, params, _ = read_experiment(experiment)
+    _, space, _ = read_experiment(experiment)
     analysis = ExperimentAnalysis(str(experiment))
     rows = []
     for trial in sorted(analysis.trials, key=_creation_number):
@@ -652,14 +516,14 @@ def trial_rows(experiment: Path) -> tuple[list[dict], list[Param]]:
         ok = trial.status == "TERMINATED" and last.get(METRIC) is not None
         rows.append({"number": _creation_number(trial), "trial_id": trial.trial_id,
                      "status": "complete" if ok else trial.status.lower(),
-                     **{p.key: trial.config.get(p.key) for p in params},
+                     **{p.key: trial.config.get(p.key) for p in space.all_params()},
                      METRIC: last.get(METRIC) if ok else None, "test_top1": last.get("test_top1"),
                      "seconds": round(last["time_total_s"], 1) if "time_total_s" in last else None,
                      "error": _error_line(trial)})
     for row in rows:
         if row["status"] == "error":
             row["status"] = "failed"
-    return rows, params
+    return rows, space
 
 
 def _error_line(trial) -> str:
@@ -680,8 +544,9 @@ def _creation_number(trial) -> int:
 
 def write_outputs(experiment: Path) -> bool:
     """trials.csv, best_config.yaml (full schedule) and Optuna's plots; returns whether every trial ran."""
-    rows, params = trial_rows(experiment)
-    columns = ["number", "trial_id", "status", *[p.key for p in params], METRIC, "test_top1", "seconds", "error"]
+    rows, space = trial_rows(experiment)
+    searched = [p.key for p in space.all_params()]  # a conditional field's cell is empty where it was not searched
+    columns = ["number", "trial_id", "status", *searched, METRIC, "test_top1", "seconds", "error"]
     with open(experiment / "trials.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
@@ -692,7 +557,7 @@ def write_outputs(experiment: Path) -> bool:
     base, _, opts = read_experiment(experiment)
     best = max(done, key=lambda r: r[METRIC]) if done else None
     if best is not None:  # train.epochs stays the base's: the full schedule
-        cfg = apply_values(base, {p.key: best[p.key] for p in params})
+        cfg = apply_values(base, space.active(best))
         config_lib.save(cfg, experiment / "best_config.yaml")
     write_plots(experiment)
     print(f"{len(rows)} trials ({len(done)} complete, {failed} failed, {unfinished} unfinished); "

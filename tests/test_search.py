@@ -12,14 +12,16 @@ from pathlib import Path
 import optuna
 import pytest
 import ray
+import yaml
 
 from glmc_ray import config as config_lib
-from glmc_ray import rundir, search
+from glmc_ray import rundir, search, search_space
 from glmc_ray.train import main as train_main
 from tests.conftest import REPO, git_head
 from tuning.search import main
 
 SMOKE = str(REPO / "configs/smoke.yaml")
+METHODS_SPACE = REPO / "configs/search/methods.yaml"
 FAST = ["--set", "data.synthetic_max_count=64", "--set", "data.synthetic_test_per_class=10"]
 
 
@@ -56,15 +58,15 @@ def _study(experiment):
 
 @pytest.mark.parametrize("text, key, words", [
     ("optim.lrr: {float: [0.01, 0.1]}", "optim.lrr", "unknown key"),
-    ("method.cumulative_exponent: {float: [1, two]}", "method.cumulative_exponent", "not a number"),
+    ("method.glmc.cumulative_exponent: {float: [1, two]}", "method.glmc.cumulative_exponent", "not a number"),
     ("train.epochs: {float: [1, 3]}", "train.epochs", "expected int"),
-    ("method.area_corrected_cutmix: {choice: [0, 1]}", "method.area_corrected_cutmix", "true or false"),
+    ("method.glmc.area_corrected_cutmix: {choice: [0, 1]}", "method.glmc.area_corrected_cutmix", "true or false"),
     ("optim.lr: {float: [-1, 0.1]}", "optim.lr", "out of range"),
     ("optim.momentum: {float: [0.5, 1.5]}", "optim.momentum", "out of range"),
-    ("method.cumulative_shape: {choice: [power, square]}", "method.cumulative_shape", "not one of"),
+    ("method.glmc.cumulative_shape: {choice: [power, square]}", "method.glmc.cumulative_shape", "not one of"),
     ("optim.lr: {float: [0.1, 0.01]}", "optim.lr", "empty range"),
     ("optim.lr: {float: [0.05, 0.05]}", "optim.lr", "empty range"),
-    ("method.cumulative_shape: {choice: []}", "method.cumulative_shape", "empty range"),
+    ("method.glmc.cumulative_shape: {choice: []}", "method.glmc.cumulative_shape", "empty range"),
     ("optim.lr: {float: [0.0, 0.1], log: true}", "optim.lr", "out of range"),
     ("optim.lr: 0.1", "optim.lr", "expected one of"),
     ("optim: {float: [0.1, 1]}", "optim", "dotted config field"),
@@ -73,22 +75,95 @@ def _study(experiment):
 def test_space_errors_name_the_file_and_the_key(tmp_path, text, key, words):
     path = _space(tmp_path, text)
     with pytest.raises(config_lib.ConfigError) as err:
-        search.load_space(path, config_lib.load(SMOKE))
+        search_space.load_space(path, config_lib.load(SMOKE))
     message = str(err.value)
     assert message.startswith(f"{path}: {key}") and words in message, message
     assert err.value.key == key
 
 
+COND = "method.name: {choice: [glmc, ldam_drw, ce]}\nwhen:\n"
+
+
+@pytest.mark.parametrize("text, start, words", [
+    (COND + "  method.name=class_balanced: {}", "when: method.name=class_balanced", "not one of method.name's choices"),
+    ("optim.lr: {float: [0.01, 0.1]}\nwhen:\n  optim.lr=0.05: {}", "when: optim.lr=0.05", "not searched as a {choice"),
+    (COND + "  method.glmc.cumulative_shape=power: {}", "when: method.glmc.cumulative_shape=power",
+     "not searched as a {choice"),
+    (COND + "  method.name: {}", "when: method.name", "expected KEY=VALUE"),
+    ("method.name: {choice: [glmc, ce]}\nwhen: [method.name=ce]", "when", "expected a mapping"),
+    (COND + "  method.name=ldam_drw: [method.ldam_drw.scale]", "when: method.name=ldam_drw", "expected the fields"),
+    (COND + "  method.name=ldam_drw: {method.ldam_drw.scale: {float: [10, 500]}}",
+     "method.ldam_drw.scale (when method.name=ldam_drw)", "out of range"),
+    (COND + "  method.name=ldam_drw: {method.ldam_drw.scale: {float: [50, 10]}}",
+     "method.ldam_drw.scale (when method.name=ldam_drw)", "empty range"),
+    (COND + "  method.name=glmc: {method.ldam_drw.scale: {float: [10, 50]}}",
+     "method.ldam_drw.scale (when method.name=glmc)", "move it under when: method.name=ldam_drw:"),
+    ("method.name: {choice: [glmc, ce]}\nmethod.glmc.mix_beta: {float: [0.2, 4]}", "method.glmc.mix_beta",
+     "search it under when: method.name=glmc:"),
+    (COND + "  method.name=glmc:\n    method.glmc.cumulative_shape: {choice: [power, linear]}\n    when:\n"
+     "      method.glmc.cumulative_shape=power: {method.glmc.cumulative_exponent: {float: [0, 4]}}",
+     "method.glmc.cumulative_exponent (when method.name=glmc, method.glmc.cumulative_shape=power)", "out of range"),
+    (COND + "  method.name=glmc:\n    when:\n      method.name=ce: {}", "when: method.name=ce", "already glmc"),
+    (COND + "  method.name=ce: {optim.lr: {float: [0.01, 0.1]}}\noptim.lr: {float: [0.01, 0.1]}",
+     "optim.lr (when method.name=ce)", "searched twice"),
+    ("method.name: {choice: [ce, ldam_drw]}\nwhen:\n  method.name=ldam_drw: {}", "method.name",
+     "base config's value 'glmc' is outside"),
+])
+def test_conditional_space_errors_name_the_file_and_the_key(tmp_path, text, start, words):
+    path = _space(tmp_path, text)
+    with pytest.raises(config_lib.ConfigError) as err:
+        search_space.load_space(path, config_lib.load(SMOKE))
+    message = str(err.value)
+    assert message.startswith(f"{path}: {start}") and words in message, message
+
+
+def test_methods_space_samples_only_the_chosen_method_s_knobs():
+    """Define-by-run sampling of configs/search/methods.yaml (Optuna, no Ray): each trial holds exactly the
+    fields its choices search, and its config has only its method's section."""
+    base = config_lib.load(SMOKE, ["method.glmc.maxnorm_threshold=0.1"])  # a GLMC setting the space leaves alone
+    space = search_space.load_space(METHODS_SPACE, base)
+    assert search_space.Space.from_json(json.loads(json.dumps(space.to_json()))) == space  # search.json round trip
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    methods = set()
+    for _ in range(40):
+        trial = study.ask()
+        space(trial)
+        params, method = trial.params, trial.params["method.name"]
+        methods.add(method)
+        assert all(key.split(".")[1] in ("name", method) for key in params if key.startswith("method.")), params
+        assert ("method.glmc.cumulative_exponent" in params) == (params.get("method.glmc.cumulative_shape") == "power")
+        assert space.active(params) == params
+        cfg = search.trial_config(base, params, 1)
+        assert set(config_lib.to_dict(cfg)["method"]) <= {"name", method}
+        assert all(search_space.get_dotted(cfg, key) == value for key, value in params.items())
+        if method == "glmc":  # the base's method: its section is the base's, with the sampled knobs
+            assert cfg.method.glmc.maxnorm_threshold == 0.1
+    assert methods == set(config_lib.METHOD_NAMES)
+    # the full-schedule runs take a trial's searched fields only (trials.csv's empty cells are None)
+    row = {"trial_id": "t", **{p.key: None for p in space.all_params()}, **space.point(base)}
+    assert search.full_job(row, space, base, 0) == search.FullRun(search.RECIPE, space.point(base), 0)
+    row.update({"method.name": "ldam_drw", "method.ldam_drw.max_margin": 0.3, "method.ldam_drw.scale": 20.0,
+                "method.ldam_drw.drw_start": 0.6})
+    job = search.full_job(row, space, base, 0)
+    assert job.label == "t" and set(job.values) == {"method.name", "optim.lr", "optim.weight_decay",
+                                                    "method.ldam_drw.max_margin", "method.ldam_drw.scale",
+                                                    "method.ldam_drw.drw_start"}
+
+
 def test_glmc_space_fits_both_cifar_recipes_and_applies_to_a_config():
     for recipe in ("smoke.yaml", "cifar100_lt.yaml", "cifar10_lt.yaml"):
         base = config_lib.load(REPO / "configs" / recipe)
-        params = search.load_space(REPO / "configs/search/glmc.yaml", base)
-        assert {p.key for p in params} >= {"method.consistency_weight", "method.mix_beta", "optim.lr",
-                                           "method.area_corrected_cutmix", "method.label_weight_exponent",
-                                           "method.resample_exponent", "method.cumulative_shape",
-                                           "method.cumulative_exponent", "optim.weight_decay"}
-    cfg = search.apply_values(base, {"method.cumulative_shape": "cosine", "optim.lr": 0.02})
-    assert cfg.method.cumulative_shape == "cosine" and cfg.optim.lr == 0.02 and cfg.train.epochs == base.train.epochs
+        space = search_space.load_space(REPO / "configs/search/glmc.yaml", base)
+        params = space.all_params()
+        assert "method.glmc.cumulative_exponent" not in {p.key for p in space.params}  # only with the power shape
+        assert space.point(base)["method.glmc.cumulative_exponent"] == base.method.glmc.cumulative_exponent
+        assert {p.key for p in params} >= {"method.glmc.consistency_weight", "method.glmc.mix_beta", "optim.lr",
+                                           "method.glmc.area_corrected_cutmix", "method.glmc.label_weight_exponent",
+                                           "method.glmc.resample_exponent", "method.glmc.cumulative_shape",
+                                           "method.glmc.cumulative_exponent", "optim.weight_decay"}
+    cfg = search_space.apply_values(base, {"method.glmc.cumulative_shape": "cosine", "optim.lr": 0.02})
+    assert cfg.method.glmc.cumulative_shape == "cosine" and cfg.optim.lr == 0.02
+    assert cfg.train.epochs == base.train.epochs
 
 
 def test_bad_input_is_one_error_line_before_any_trial(tmp_path, capsys):
@@ -120,37 +195,49 @@ def test_gpus_per_trial_beyond_the_cluster_is_refused(tmp_path, capsys, ray_sess
 
 
 def test_search_runs_trials_and_writes_a_trainable_best_config(tmp_path, ray_session):
-    space = _space(tmp_path, "method.consistency_weight: {float: [0.1, 20], log: true}\n"
-                             "method.cumulative_shape: {choice: [power, cosine, linear]}\n"
-                             "optim.lr: {float: [0.003, 0.1], log: true}\n")
+    # the method itself is searched (configs/search/methods.yaml): a trial samples its method's knobs only
     output = tmp_path / "runs"
-    assert main(["--config", SMOKE, *FAST, "--space", str(space), "--trials", "4", "--concurrent", "2",
+    assert main(["--config", SMOKE, *FAST, "--space", str(METHODS_SPACE), "--trials", "4", "--concurrent", "2",
                  "--trial-epochs", "1", "--output", str(output), "--seed", "1"]) == 0
     experiment = _only_experiment(output)
     rows = _rows(experiment)
     assert [int(r["number"]) for r in rows] == [1, 2, 3, 4] and all(r["status"] == "complete" for r in rows)
-    base = config_lib.load(SMOKE)  # trial 1 is the recipe itself
-    assert float(rows[0]["method.consistency_weight"]) == base.method.consistency_weight
-    assert rows[0]["method.cumulative_shape"] == base.method.cumulative_shape
+    base = config_lib.load(SMOKE)  # trial 1 is the recipe itself: GLMC, power shape
+    assert rows[0]["method.name"] == "glmc" and rows[0]["method.glmc.cumulative_shape"] == "power"
+    assert float(rows[0]["method.glmc.consistency_weight"]) == base.method.glmc.consistency_weight
+    assert float(rows[0]["method.glmc.cumulative_exponent"]) == base.method.glmc.cumulative_exponent
     assert float(rows[0]["optim.lr"]) == base.optim.lr
-    assert all(r["test_top1"] and float(r["seconds"]) > 0 for r in rows)
-    best_row = max(rows, key=lambda r: float(r["val_balanced_top1"]))
-    best = config_lib.load(experiment / "best_config.yaml")
-    assert best.method.consistency_weight == float(best_row["method.consistency_weight"])
-    assert best.method.cumulative_shape == best_row["method.cumulative_shape"]
-    assert best.optim.lr == float(best_row["optim.lr"])
-    assert best.train.epochs == base.train.epochs and best.data.synthetic_max_count == 64  # full schedule, --set kept
-    assert train_main(["--config", str(experiment / "best_config.yaml"), "--dry-run"]) == 0  # the trainer takes it
+    # TPE's random start with seed 1 samples ce, class_balanced and GLMC with the linear shape
+    assert len({r["method.name"] for r in rows}) >= 2
+    assert any(r["method.name"] == "glmc" and r["method.glmc.cumulative_shape"] != "power" for r in rows)
     study = _study(experiment)
     assert len(study.trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    runs = {p.name.split("-")[1]: p for p in (experiment / "trials").iterdir()}  # a normal run directory each
+    assert len(runs) == 4 and all((r / "final.json").exists() and (r / "metrics.jsonl").exists() for r in runs.values())
+    for row in rows:
+        method = row["method.name"]
+        searched = {k: v for k, v in row.items() if v != "" and k.startswith(("method.", "optim."))}
+        # never a knob of a method the trial did not choose; the power exponent only with the power shape
+        assert all(k.split(".")[1] in ("name", method) for k in searched if k.startswith("method.")), row
+        assert ("method.glmc.cumulative_exponent" in searched) == (searched.get("method.glmc.cumulative_shape")
+                                                                   == "power"), row
+        trial = study.trials[int(row["number"]) - 1]  # Optuna records the same fields, and only those
+        assert set(trial.params) == set(searched) and all(str(v) == searched[k] for k, v in trial.params.items())
+        saved = yaml.safe_load((runs[row["trial_id"]] / "config.yaml").read_text())  # what the trial trained
+        assert saved["method"]["name"] == method and set(saved["method"]) <= {"name", method}
+        cfg = config_lib.load(runs[row["trial_id"]] / "config.yaml")
+        assert all(str(search_space.get_dotted(cfg, k)) == v for k, v in searched.items()) and cfg.train.epochs == 1
     assert study.trials[0].params["optim.lr"] == base.optim.lr
+    best_row = max(rows, key=lambda r: float(r["val_balanced_top1"]))
+    best = config_lib.load(experiment / "best_config.yaml")
+    assert all(str(search_space.get_dotted(best, k)) == v for k, v in best_row.items() if v != "" and k.startswith(
+        ("method.", "optim.")))
+    assert best.train.epochs == base.train.epochs and best.data.synthetic_max_count == 64  # full schedule, --set kept
+    assert train_main(["--config", str(experiment / "best_config.yaml"), "--dry-run"]) == 0  # the trainer takes it
     assert study.best_value == pytest.approx(float(best_row["val_balanced_top1"]))
     for name in ("optimization_history.png", "slice.png", "param_importances.png"):
         assert (experiment / name).stat().st_size > 5_000, name
-    runs = sorted((experiment / "trials").iterdir())  # every trial is a normal run directory
-    assert len(runs) == 4 and all((r / "final.json").exists() and (r / "metrics.jsonl").exists() for r in runs)
-    assert config_lib.load(runs[0] / "config.yaml").train.epochs == 1
-    version = json.loads((runs[0] / "version.json").read_text())  # the search's command, not a Ray worker's
+    version = json.loads((runs[rows[0]["trial_id"]] / "version.json").read_text())  # the search's, not a worker's
     assert version["command"] == shlex.join(sys.orig_argv) and version["git_commit"] == git_head()
 
 
@@ -194,7 +281,7 @@ sys.exit(main(sys.argv[1:]))
 
 def test_a_killed_search_resumes_with_every_trial_once(tmp_path, ray_session):
     space = _space(tmp_path, "optim.lr: {float: [0.003, 0.1], log: true}\n"
-                             "method.consistency_weight: {float: [0.1, 20], log: true}\n")
+                             "method.glmc.consistency_weight: {float: [0.1, 20], log: true}\n")
     output = tmp_path / "runs"
     address = ray.get_runtime_context().gcs_address
     argv = ["--config", SMOKE, *FAST, "--space", str(space), "--trials", "4", "--concurrent", "1",
@@ -252,7 +339,7 @@ def test_spearman_is_the_correlation_of_ranks():
 
 def test_fidelity_check_and_final_seeds_train_the_full_schedule_once_per_run(tmp_path, ray_session):
     space = _space(tmp_path, "optim.lr: {float: [0.003, 0.1], log: true}\n"
-                             "method.label_weight_exponent: {float: [0.5, 2.0]}\n")
+                             "method.glmc.label_weight_exponent: {float: [0.5, 2.0]}\n")
     output = tmp_path / "runs"
     assert main(["--config", SMOKE, *FAST, "--set", "train.epochs=2", "--space", str(space), "--trials", "4",
                  "--concurrent", "2", "--trial-epochs", "1", "--output", str(output)]) == 0

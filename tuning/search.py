@@ -2,6 +2,8 @@
 
     python tuning/search.py --config configs/cifar100_lt.yaml --space configs/search/glmc.yaml \\
         --trials 64 --concurrent 4 --gpus-per-trial 0.25
+    python tuning/search.py --config configs/cifar100_lt.yaml --space configs/search/methods.yaml --trials 64
+        # methods.yaml searches the method too, each method's knobs only in the trials that chose it
 
 Optimises balanced top-1 on the validation split (never the test set); every trial trains a complete,
 shortened schedule (--trial-epochs). Outputs (trials.csv, best_config.yaml, plots, the Optuna study) go to
@@ -15,7 +17,7 @@ import sys
 from pathlib import Path
 
 from glmc_ray import config as config_lib
-from glmc_ray import search
+from glmc_ray import search, search_space
 from glmc_ray.errors import run_command
 
 
@@ -23,7 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python tuning/search.py", description=__doc__.split("\n\n")[0])
     config_lib.add_recipe_arguments(p, "base YAML recipe (its values are the first trial); needs a validation split",
                                     "data.val_fraction=0.1")
-    p.add_argument("--space", help="search space YAML, e.g. configs/search/glmc.yaml")
+    p.add_argument("--space", help="search space YAML, e.g. configs/search/glmc.yaml (GLMC's knobs) or "
+                                     "configs/search/methods.yaml (the method itself and each one's knobs)")
     p.add_argument("--trials", type=int, default=64, help="number of trials (default 64)")
     p.add_argument("--concurrent", type=int, default=4, help="trials running at once (default 4)")
     p.add_argument("--gpus-per-trial", type=float,
@@ -87,16 +90,16 @@ def _run_search(args) -> tuple[Path, bool]:
     if not args.space:
         raise config_lib.ConfigError("--space is required (e.g. configs/search/glmc.yaml)")
     base = config_lib.load_for_workers(args.config, args.overrides)
-    params = search.load_space(args.space, base)
+    space = search_space.load_space(args.space, base)
     opts = _options(args)
-    search.prepare(base, params, opts, args.config or "the default config")
+    search.prepare(base, space, opts, args.config or "the default config")
     from glmc_ray.data import ray_cpus
 
     # a trial streaming shards makes its own Ray Data streams (q is searched): their CPUs on top
     ray_train.connect(args.address, max(1, int(opts.concurrent * opts.cpus_per_trial)),
                       opts.concurrent * ray_cpus(base))
     _default_gpus(opts)
-    return search.search(base, params, opts, args.output)
+    return search.search(base, space, opts, args.output)
 
 
 def main(argv=None) -> int:
