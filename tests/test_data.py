@@ -135,3 +135,24 @@ def test_download_leaves_an_existing_layout_alone(cifar_root):
     """No network here: an attempt to fetch (or to re-check torchvision's md5) would raise."""
     cifar.download_cifar(cifar_root, "cifar10")
     assert not (cifar_root / ".cifar10.download.lock").exists()
+
+
+def test_the_simclr_preset_blurs_as_the_official_code_with_pils_filter():
+    """GLMC's ImageNet-LT list blurs with MoCo's GaussianBlur: PIL ImageFilter.GaussianBlur(radius=sigma),
+    sigma ~ U(0.1, 2), with p 0.5 (not torchvision's 23x23 kernel)."""
+    from PIL import Image, ImageFilter
+    from torchvision import transforms as T
+
+    from glmc_ray.data.images import PILGaussianBlur, train_transform
+
+    [blur] = [t for t in train_transform("simclr", 32).transforms if isinstance(t, T.RandomApply)]
+    assert blur.p == 0.5 and [type(t) for t in blur.transforms] == [PILGaussianBlur]
+    assert blur.transforms[0].sigma == (0.1, 2.0)
+    image = Image.fromarray((np.random.default_rng(0).random((48, 40, 3)) * 255).astype(np.uint8))
+    for seed in range(5):
+        torch.manual_seed(seed)
+        sigma = float(torch.empty(1).uniform_(0.1, 2.0))
+        torch.manual_seed(seed)
+        blurred = np.asarray(PILGaussianBlur((0.1, 2.0))(image))
+        assert 0.1 <= sigma <= 2.0
+        assert np.array_equal(blurred, np.asarray(image.filter(ImageFilter.GaussianBlur(radius=sigma))))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
 # What PIL raises for a missing, zero-length, truncated or corrupt file (UnidentifiedImageError is an OSError)
@@ -38,15 +38,32 @@ def decode(source: Path | bytes, channels: int, name: str = "") -> Image.Image |
         return Unreadable(name or str(source), f"{type(err).__name__}: {err}")
 
 
+class PILGaussianBlur:
+    """The official blur (MoCo's `moco.loader.GaussianBlur`, which GLMC imports): PIL's
+    `ImageFilter.GaussianBlur(radius=sigma)`, sigma ~ U(lo, hi) per image.
+
+    Not torchvision's `GaussianBlur(23, sigma)`: that is a full 23x23 kernel on the image, a slightly different
+    filter (PIL approximates the Gaussian by three box passes) and 2.6x the CPU cost of the whole list
+    (../shared/docs/augment-on-device.md). sigma is drawn from torch's generator, like torchvision's transforms,
+    so the seeding of decode workers covers it."""
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        sigma = float(torch.empty(1).uniform_(*self.sigma))
+        return image.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+
 def train_transform(augmentation: str, size: int) -> T.Compose:
     """PIL image -> uint8 (C, size, size) tensor.
 
-    simclr: the official (post-2023-05-28) ImageNet-LT list; GaussianBlur uses torchvision's kernel, sigma 0.1-2.
+    simclr: the official (post-2023-05-28) ImageNet-LT list, with the official PIL blur (PILGaussianBlur).
     crop_flip: the CIFAR recipe (pad by a side/8, random crop, flip) for small images, brought to `size` first.
     """
     if augmentation == "simclr":
         steps = [T.RandomResizedCrop(size), T.ColorJitter(0.4, 0.4, 0.4, 0.0), T.RandomGrayscale(p=0.2),
-                 T.RandomApply([T.GaussianBlur(kernel_size=23, sigma=(0.1, 2.0))], p=0.5), T.RandomHorizontalFlip()]
+                 T.RandomApply([PILGaussianBlur((0.1, 2.0))], p=0.5), T.RandomHorizontalFlip()]
     else:
         steps = [T.Resize(size), T.CenterCrop(size), T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip()]
     return T.Compose([*steps, T.PILToTensor()])
