@@ -132,6 +132,7 @@ class MethodConfig:
         """The chosen method's settings (None for a method without any)."""
         return getattr(self, self.name, None)
 
+
 @dataclass
 class OptimConfig:
     lr: float = 0.01  # for the global batch train.batch_size; scale linearly with it
