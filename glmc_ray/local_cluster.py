@@ -25,9 +25,21 @@ from pathlib import Path
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free now. The sockets stay bound until all are chosen: ports picked one at a
+    time can repeat (the kernel may hand a just-released port out again), and a head given the same port
+    for GCS and the client server fails to start."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @dataclass
@@ -43,8 +55,8 @@ class LocalCluster:
 
     def __init__(self, head_cpus: int = 1, worker_cpus: int = 1, root: str | Path | None = None):
         self.root = Path(root or tempfile.mkdtemp(prefix="glmc-cluster-", dir="/tmp"))
-        self.port = free_port()
-        self.env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{self.port}", "RAY_AUTH_MODE": "token",
+        self.port = 0  # chosen when the head starts
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token",
                     "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
         self.head = Node("head", head_cpus, self.root / "head")
         self.worker = Node("worker", worker_cpus, self.root / "worker")
@@ -61,19 +73,32 @@ class LocalCluster:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start_node(self, node: Node) -> None:
-        """`ray start` for `node` (the head, or a worker joining it); records the processes it started."""
-        node.temp_dir.mkdir(parents=True, exist_ok=True)
-        command = [str(Path(sys.executable).parent / "ray"), "start", f"--num-cpus={node.cpus}",
-                   f"--temp-dir={node.temp_dir}", f"--resources={{\"{node.name}_node\": 1}}",
-                   f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
-        if node is self.head:
-            command += ["--head", f"--port={self.port}", f"--dashboard-port={free_port()}",
-                        f"--ray-client-server-port={free_port()}"]
-        else:
-            command += [f"--address=127.0.0.1:{self.port}"]
-        subprocess.run(command, env=self.env, check=True, capture_output=True, text=True)
-        node.pids |= processes_under(node.temp_dir)
+    def start_node(self, node: Node, attempts: int = 3) -> None:
+        """`ray start` for `node` (the head, or a worker joining it); records the processes it started.
+
+        Ports are free when chosen but another process may take one before Ray binds it, so a failed start
+        is cleaned up and tried again on new ports; the last failure raises with Ray's own output."""
+        for attempt in range(1, attempts + 1):
+            node.temp_dir.mkdir(parents=True, exist_ok=True)
+            agent_port, gcs_port, dashboard_port, client_port = free_ports(4)
+            command = [str(Path(sys.executable).parent / "ray"), "start", f"--num-cpus={node.cpus}",
+                       f"--temp-dir={node.temp_dir}", f"--resources={{\"{node.name}_node\": 1}}",
+                       f"--dashboard-agent-listen-port={agent_port}", "--disable-usage-stats"]
+            if node is self.head:
+                self.port = gcs_port
+                self.env["RAY_ADDRESS"] = f"127.0.0.1:{self.port}"
+                command += ["--head", f"--port={self.port}", f"--dashboard-port={dashboard_port}",
+                            f"--ray-client-server-port={client_port}"]
+            else:
+                command += [f"--address=127.0.0.1:{self.port}"]
+            done = subprocess.run(command, env=self.env, capture_output=True, text=True)
+            node.pids |= processes_under(node.temp_dir)
+            if done.returncode == 0:
+                return
+            self.stop_node(node)
+            shutil.rmtree(node.temp_dir, ignore_errors=True)
+        raise RuntimeError(f"`ray start` for the {node.name} node failed {attempts} times; the last said:\n"
+                           f"{(done.stdout + done.stderr)[-3000:]}")
 
     def stop_node(self, node: Node, timeout: float = 10.0) -> None:
         """SIGKILL every process of `node` and their children, as a lost machine would vanish; returns once

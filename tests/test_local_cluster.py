@@ -7,7 +7,7 @@ import sys
 import time
 
 from glmc_ray import rundir
-from glmc_ray.local_cluster import LocalCluster, processes_under
+from glmc_ray.local_cluster import LocalCluster, free_ports, processes_under
 from tests.conftest import REPO
 
 SMOKE = str(REPO / "configs/smoke.yaml")
@@ -58,3 +58,10 @@ def test_a_lost_node_that_comes_back_ends_in_a_complete_run_with_each_epoch_once
     run = next((tmp_path / "runs").iterdir())
     assert [r["epoch"] for r in rundir.read_metrics(run)] == [0, 1, 2, 3]
     assert "restored checkpoint" in output  # the worker group restarted from the latest checkpoint
+
+
+def test_ports_chosen_together_are_distinct():
+    # one port at a time, the kernel can hand the same one out twice (CI once gave the head's GCS and client
+    # server the same port, and `ray start` failed)
+    ports = free_ports(200)
+    assert len(set(ports)) == 200
