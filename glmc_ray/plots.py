@@ -33,6 +33,28 @@ def per_class_plot(per_class: list, class_counts: list[int], path: Path, title: 
     _save(fig, path)
 
 
+def methods_per_class_plot(per_class: dict[str, list], class_counts: list[int], path: Path, title: str) -> None:
+    """Per-class test accuracy of several methods (one line each, classes sorted by training count), with the
+    training count behind them: where each method trades head classes for tail classes."""
+    order = sorted(range(len(class_counts)), key=lambda c: -class_counts[c])
+    fig, ax = plt.subplots(figsize=(max(7.0, min(18.0, 0.12 * len(order) + 5)), 4.5))
+    twin = ax.twinx()
+    twin.bar(range(len(order)), [class_counts[c] for c in order], color="0.88", width=0.8)
+    twin.set_yscale("log")
+    twin.set_ylabel("training images (log, grey bars)")
+    ax.set_zorder(twin.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    for label, accuracy in per_class.items():
+        ax.plot(range(len(order)), [accuracy[c] if accuracy[c] is not None else 0.0 for c in order],
+                marker="o", markersize=3, linewidth=1.2, label=label)
+    ax.set_xlabel("class (sorted by training count)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(5, len(per_class)), fontsize=8, frameon=False)
+    ax.set_title(title)
+    _save(fig, path)
+
+
 def fidelity_plot(pairs: list[dict], report: dict, path: Path) -> None:
     """Each checked configuration's objective after the short schedule (x) and the full one (y)."""
     fig, ax = plt.subplots(figsize=(5.5, 4.5))

@@ -1,0 +1,160 @@
+"""Every long-tail method under one protocol (issue 20): the same subset, validation split, seeds, schedule
+length and Many/Medium/Few groups; the last epoch of each run is reported, post-hoc tau is chosen on validation.
+
+Protocol (docs/benchmarks.md, "Reduced accuracy protocol", as bench/search.py runs it): real CIFAR-10-LT
+IF 100 (`glmc` subset, seed 3407), ResNet-32 width 16, batch 64, 10 epochs, cosine lr ending in epoch 10,
+10 % of the training images held out as the validation split. Each method keeps its official optimiser
+and knobs, compressed to this schedule (METHODS: the lr scaled linearly to batch 64 from the official
+batch; no warm-up, since 5 of 200 epochs is a quarter of one here; DRW from epoch 8 as 160/200).
+
+The runs are `tuning/search.py`'s full-schedule runs: Ray Tune trains them --concurrent at a time with one
+thread each, each in its own run directory; repeating the command with --experiment continues unfinished
+runs and reuses finished ones, so methods and seeds can be added to an experiment later.
+
+    python bench/methods.py --data-root ../shared/data [--methods ce bs ...] [--seeds 3407 3408]
+        [--experiment runs/bench-methods/<stamp>]
+
+Writes bench/results/methods_cifar10_lt.json (per run and per method: test top-1, balanced top-1, Many,
+Medium, the 3 rarest classes, validation balanced top-1, minutes; CE + post-hoc LA from the CE runs) and
+docs/img/methods_per_class.png (mean per-class test accuracy of each method against the class counts).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from glmc_ray import config as config_lib
+from glmc_ray import plots, rundir, search
+from glmc_ray.search import FULL_DIR, FullRun, SearchOptions
+
+sys.path.insert(0, str(Path(__file__).parent))
+from search import PROTOCOL  # noqa: E402  (bench/search.py: the same reduced protocol)
+
+LR_128 = 0.1 * 64 / 128  # the official lr 0.1 at batch 128 (LDAM, CB, LA, their CE), at batch 64
+# label: (what it is, the dotted values on top of configs/cifar10_lt.yaml + PROTOCOL)
+METHODS = {
+    "ce": ("CE (the LDAM codebase's ERM: lr 0.1 @128, wd 2e-4)",
+           {"method.name": "ce", "optim.lr": LR_128, "optim.weight_decay": 2e-4}),
+    "bs": ("Balanced Softmax (BALMS: lr 0.1 @512, wd 5e-4)",
+           {"method.name": "balanced_softmax", "optim.lr": 0.1 * 64 / 512, "optim.weight_decay": 5e-4}),
+    "la": ("LA loss, tau 1 (lr 0.1 @128 Nesterov, L2 1e-4 = wd 2e-4)",
+           {"method.name": "logit_adjusted", "optim.lr": LR_128, "optim.weight_decay": 2e-4,
+            "optim.nesterov": True}),
+    "ldam_drw": ("LDAM-DRW (max margin 0.5, s 30, cosine classifier, DRW beta 0.9999 from epoch 8; lr 0.1 @128, "
+                 "wd 2e-4)", {"method.name": "ldam_drw", "optim.lr": LR_128, "optim.weight_decay": 2e-4}),
+    "cb": ("CB softmax CE, beta 0.9999 (lr 0.1 @128, wd 2e-4)",
+           {"method.name": "class_balanced", "optim.lr": LR_128, "optim.weight_decay": 2e-4}),
+    "glmc": ("GLMC, the official README recipe (lr 0.01 @64, wd 5e-3, gamma 1.2, q 0, lambda_c 1)", {}),
+    "glmc_bs": ("GLMC + Balanced Softmax on the re-balanced head (unofficial option), recipe otherwise",
+                {"method.glmc.rebalanced_loss": "balanced_softmax_unofficial"}),
+    "glmc_found": ("GLMC with the searched recipe (docs/benchmarks.md, trial #14)",
+                   {"method.glmc.label_weight_exponent": 0.5942564728261792,
+                    "method.glmc.resample_exponent": 0.46563009113350284,
+                    "method.glmc.consistency_weight": 0.6124417029940649,
+                    "method.glmc.mix_beta": 0.31528938779208004, "method.glmc.area_corrected_cutmix": True,
+                    "method.glmc.cumulative_shape": "linear",
+                    "optim.lr": 0.006468766530035321, "optim.weight_decay": 0.0010986964850141486}),
+}
+POSTHOC = "ce_posthoc"  # CE's runs evaluated with logits - tau log(prior), tau chosen on validation
+PUBLISHED = {  # methods-reference.md: the published ordering at paper scale (200+ epochs, full width)
+    "cifar10_lt_if200_balms_readme": {"ce": 74.0, "bs": 79.8},
+    "cifar10_lt_if50_cb_issue5": {"ce": 75.98, "cb": 79.18},
+}
+
+
+def base_config(data_root: str, overrides: list[str]) -> config_lib.Config:
+    sets = [f"data.root={Path(data_root).resolve()}", *PROTOCOL, "name=methods", *overrides]
+    return config_lib.load("configs/cifar10_lt.yaml", sets)
+
+
+def run_summary(run: Path, split: str = "test") -> dict:
+    """One finished run: its last-epoch results on `split` ("test" or "test_posthoc"), validation balanced
+    top-1, the mean of the 3 rarest classes, and minutes of training steps (evaluation excluded)."""
+    final = json.loads((run / "final.json").read_text())
+    last, counts = final["last"], final["class_counts"]
+    rarest = sorted(range(len(counts)), key=lambda c: counts[c])[:3]
+    test = last[split]
+    val = last["val_posthoc" if split == "test_posthoc" else "val"]
+    return {"run": str(run), "top1": test["top1"], "balanced_top1": test["balanced_top1"], "many": test["many"],
+            "medium": test["medium"], "rarest3": statistics.mean(test["per_class"][c] for c in rarest),
+            "val_balanced_top1": val["balanced_top1"], "per_class": test["per_class"], "class_counts": counts,
+            "tau": last.get("posthoc", {}).get("tau") if split == "test_posthoc" else None,
+            "minutes": sum(r.get("train_seconds", 0.0) for r in rundir.read_metrics(run)) / 60}
+
+
+def aggregate(runs: list[dict]) -> dict:
+    out = {"seeds": len(runs)}
+    for key in ("top1", "balanced_top1", "many", "medium", "rarest3", "val_balanced_top1", "minutes"):
+        values = [r[key] for r in runs]
+        out[key] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    out["per_class"] = [statistics.mean(r["per_class"][c] for r in runs) for c in range(len(runs[0]["per_class"]))]
+    return out
+
+
+def table(summary: dict) -> str:
+    lines = ["| method | test top-1 | balanced | Many | Medium | 3 rarest | val bal. | min/run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, s in sorted(summary.items(), key=lambda kv: -kv[1]["top1"]["mean"]):
+        keys = ("top1", "balanced_top1", "many", "medium", "rarest3", "val_balanced_top1", "minutes")
+        cells = [f"{s[k]['mean']:.2f} ± {s[k]['std']:.2f}" if k == "top1" else f"{s[k]['mean']:.1f}" for k in keys]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", default="../shared/data")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[3407, 3408])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="change the protocol (a quick check: --set train.epochs=1); recorded in the JSON")
+    p.add_argument("--concurrent", type=int, default=2)
+    p.add_argument("--output", default="runs/bench-methods")
+    p.add_argument("--experiment", help="continue (or add methods or seeds to) this experiment directory")
+    p.add_argument("--json", default="bench/results/methods_cifar10_lt.json")
+    p.add_argument("--plot", default="docs/img/methods_per_class.png")
+    args = p.parse_args()
+
+    from glmc_ray import ray_train
+
+    base = base_config(args.data_root, args.overrides)
+    if args.experiment:
+        experiment = Path(args.experiment).resolve()
+    else:
+        experiment = rundir.new_stamped_folder(Path(args.output), "methods")
+    experiment.mkdir(parents=True, exist_ok=True)
+    jobs = [FullRun(label, METHODS[label][1], seed) for label in args.methods for seed in args.seeds]
+    opts = SearchOptions(space="", concurrent=args.concurrent, cpus_per_trial=1.0, gpus_per_trial=0.0)
+    search.set_environment()
+    ray_train.connect(None, args.concurrent)
+    print(f"experiment {experiment}: {len(jobs)} runs, {args.concurrent} at a time", flush=True)
+    results = search.train_full(experiment, base, opts, jobs)
+
+    # every finished run of the experiment counts, also those of earlier invocations (other seeds, methods)
+    runs: dict[str, list[dict]] = {}
+    for label in METHODS:
+        for run in sorted((experiment / FULL_DIR).glob(f"{base.name}-{label}-seed*")):
+            if (run / "final.json").is_file():
+                runs.setdefault(label, []).append(run_summary(run))
+                if label == "ce":
+                    runs.setdefault(POSTHOC, []).append(run_summary(run, "test_posthoc"))
+    summary = {label: aggregate(rs) for label, rs in runs.items()}
+    report = {"experiment": str(experiment), "protocol": PROTOCOL + args.overrides, "seeds": args.seeds,
+              "methods": {label: what for label, (what, _) in METHODS.items()}, "published": PUBLISHED,
+              "unfinished": [r for r in results if r["status"] != "complete"], "summary": summary, "runs": runs}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    if summary:
+        counts = next(iter(runs.values()))[0]["class_counts"]
+        title = f"CIFAR-10-LT IF 100, {base.train.epochs} epochs, last epoch (mean over {len(args.seeds)} seeds)"
+        plots.methods_per_class_plot({label: s["per_class"] for label, s in summary.items()}, counts,
+                                     Path(args.plot), title=title)
+    print(table(summary))
+    print(f"JSON in {args.json}, plot in {args.plot}; unfinished runs: {len(report['unfinished'])}")
+
+
+if __name__ == "__main__":
+    main()
