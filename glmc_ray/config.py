@@ -50,6 +50,10 @@ class DataConfig:
     std: list[float] = field(default_factory=list)
     image_size: int = 32  # training crop side (test: resized and centre-cropped to it); synthetic image side
     augmentation: str = "crop_flip"  # crop_flip: pad by side/8, random crop, flip (CIFAR) | simclr (ImageNet-LT)
+    # files, shards: where the augmentation after the crop runs (jitter, grayscale, blur, flip, normalise).
+    # cpu: all of it in the decode workers | device: decode workers crop and draw every parameter, the training
+    # device applies the rest batched (the same views on CPU and GPU) | auto: device when training on GPUs
+    augment_on: str = "auto"
     num_workers: int = 4  # files: DataLoader worker processes per training worker (decode + augment)
     decode_actors: int = 0  # shards: Ray Data decode actors per stream (0: autoscale from 1 to what the CPUs allow)
     decode_cpus: float = 1.0  # shards: CPUs each decode actor reserves (fractions over-commit small machines)
@@ -183,6 +187,7 @@ class Config:
 CHOICES = {
     "data.source": ("cifar10", "cifar100", "synthetic", "files", "shards"),
     "data.augmentation": ("crop_flip", "simclr"),
+    "data.augment_on": ("auto", "cpu", "device"),
     "data.subset_protocol": ("glmc", "ldam"),
     "model.arch": ("resnet32", "resnet50", "resnext50_32x4d"),
     "model.norm": ("batch", "group"),
@@ -455,6 +460,9 @@ def _validate_data(data: DataConfig) -> None:
             raise ConfigError(f"data.augmentation: in-memory sources (data.source={data.source}) augment on the "
                               f"device with crop_flip only; use data.source=files or shards for "
                               f"{data.augmentation}", "data.augmentation")
+        if data.augment_on == "cpu":
+            raise ConfigError(f"data.augment_on: in-memory sources (data.source={data.source}) hold the images on "
+                              f"the training device and augment there; use auto or device", "data.augment_on")
     else:
         for key in ("train_split", "test_split", "mean", "std"):
             if not getattr(data, key):

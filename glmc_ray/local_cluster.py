@@ -78,7 +78,7 @@ class LocalCluster:
 
         Ports are free when chosen but another process may take one before Ray binds it, so a failed start
         is cleaned up and tried again on new ports; the last failure raises with Ray's own output."""
-        for attempt in range(1, attempts + 1):
+        for _ in range(attempts):
             node.temp_dir.mkdir(parents=True, exist_ok=True)
             agent_port, gcs_port, dashboard_port, client_port = free_ports(4)
             command = [str(Path(sys.executable).parent / "ray"), "start", f"--num-cpus={node.cpus}",

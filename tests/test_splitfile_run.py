@@ -8,6 +8,7 @@ from tests.conftest import REPO, write_image_split
 
 
 def test_imagenet_lt_style_split_files_train_and_evaluate(tmp_path):
+    # the simclr list with its tail on the training device (DataLoader workers crop and draw the parameters)
     rng = np.random.default_rng(0)
     root = tmp_path / "imagenet"
     write_image_split(root, "train", [24, 8, 3], rng)
@@ -17,7 +18,7 @@ def test_imagenet_lt_style_split_files_train_and_evaluate(tmp_path):
                  "--set", "data.image_size=32", "--set", "data.num_workers=1", "--set", "train.batch_size=8",
                  "--set", "train.epochs=2", "--set", "optim.warmup_epochs=1", "--set", "optim.lr=0.01",
                  "--set", "data.train_split=splits/train.txt", "--set", "data.test_split=splits/test.txt",
-                 "--set", "train.progress_every=0"]) == 0
+                 "--set", "train.progress_every=0", "--set", "data.augment_on=device"]) == 0
     run = next((tmp_path / "runs").iterdir())
     final = json.loads((run / "final.json").read_text())
     assert final["class_counts"] == [24, 8, 3]

@@ -3,7 +3,7 @@
   build(cfg, device, rank, world_size, memory_format, rebalanced, dataset_shard) -> DataBundle
   training_class_counts(cfg) -> per-class training counts, without a device
 and, for a source that streams through Ray Data (shards),
-  ray_datasets(cfg, rebalanced) -> the Datasets a Ray Train run splits across its workers
+  ray_datasets(cfg, rebalanced, gpu) -> the Datasets a Ray Train run splits across its workers
   ray_cpus(cfg) -> the logical CPUs those streams need at the least
 
 The loop, the methods and the Ray Train code only see a `DataBundle` and its `.train.epoch(e)` / `len()`.
@@ -37,10 +37,11 @@ def training_class_counts(cfg) -> list[int]:
     return source_module(cfg).training_class_counts(cfg)
 
 
-def ray_datasets(cfg, rebalanced: bool = True) -> dict:
-    """Ray Datasets (or callables making them) keyed by the names `build` reads with `dataset_shard`."""
+def ray_datasets(cfg, rebalanced: bool = True, gpu: bool = False) -> dict:
+    """Ray Datasets (or callables making them) keyed by the names `build` reads with `dataset_shard`; `gpu`:
+    the workers that read them train on GPUs."""
     module = source_module(cfg)
-    return module.ray_datasets(cfg, rebalanced) if hasattr(module, "ray_datasets") else {}
+    return module.ray_datasets(cfg, rebalanced, gpu) if hasattr(module, "ray_datasets") else {}
 
 
 def ray_cpus(cfg) -> float:

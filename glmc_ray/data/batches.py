@@ -51,6 +51,7 @@ class StepPlan:
     rebalanced: torch.Tensor | None
     global_size: int
     seed: int  # for per-sample randomness drawn over the global batch (augmentation)
+    positions: torch.Tensor  # the share's places in the epoch's order (draw numbers, for the rebalanced stream)
 
 
 @dataclass
@@ -86,4 +87,4 @@ class EpochPlan:
             if self.sample_weights is not None:
                 rebalanced = torch.multinomial(self.sample_weights, size, replacement=True, generator=g)[share]
             step_seed = int(torch.randint(2**62, (1,), generator=g))
-            yield StepPlan(perm[start:stop][share], rebalanced, size, step_seed)
+            yield StepPlan(perm[start:stop][share], rebalanced, size, step_seed, torch.arange(start, stop)[share])

@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from glmc_ray.data.batches import DataBundle, EpochPlan, per_sample_weights
+from glmc_ray.data.device_augment import STREAM_IDS, DeviceTail, KeyedViews, augment_on_device, first_rows, view_key
 from glmc_ray.data.images import BadImageLog, Normalizer, TwoViews, Unreadable, decode, test_transform, train_transform
 from glmc_ray.methods.base import Batch
 
@@ -67,7 +68,10 @@ def class_counts(labels: list[int], path) -> list[int]:
 
 
 class ImageListDataset(torch.utils.data.Dataset):
-    """Image files (or in-memory uint8 arrays, for the official-style CIFAR baseline) with their labels."""
+    """Image files (or in-memory uint8 arrays, for the official-style CIFAR baseline) with their labels.
+
+    An item is an index, or (index, view keys) for a `KeyedViews` transform: then each view is (uint8 crop,
+    its parameters) for the device tail."""
 
     def __init__(self, images, labels, transform, channels: int = 3):
         self.images, self.labels, self.transform, self.channels = images, labels, transform, channels
@@ -75,11 +79,14 @@ class ImageListDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index):
+    def __getitem__(self, item):
+        index, keys = item if isinstance(item, tuple) else (item, None)
         image = self.images[index]
         decoded = decode(image, self.channels) if isinstance(image, Path) else Image.fromarray(image)
         if isinstance(decoded, Unreadable):
             return decoded
+        if keys is not None:
+            return tuple(self.transform(decoded, key) for key in keys), self.labels[index]
         return self.transform(decoded), self.labels[index]
 
 
@@ -110,17 +117,24 @@ class ReadableBatches:
 
 
 class _PlannedBatchSampler(torch.utils.data.Sampler):
-    """Feeds a DataLoader the index lists of one stream of the current epoch's plan."""
+    """Feeds a DataLoader the index lists of one stream of the current epoch's plan; with `keyed`, each index
+    with the keys of its two views (from its place in the stream's epoch order, not its batch or worker)."""
 
-    def __init__(self, plan: EpochPlan, stream: str):
-        self.plan, self.stream, self.epoch = plan, stream, 0
+    def __init__(self, plan: EpochPlan, stream: str, keyed: bool = False):
+        self.plan, self.stream, self.epoch, self.keyed = plan, stream, 0, keyed
 
     def __len__(self) -> int:
         return len(self.plan)
 
     def __iter__(self):
         for step in self.plan.steps(self.epoch):
-            yield getattr(step, self.stream).tolist()
+            indices = getattr(step, self.stream).tolist()
+            if not self.keyed:
+                yield indices
+                continue
+            stream = STREAM_IDS[self.stream]
+            yield [(index, tuple(view_key(self.plan.seed, self.epoch, stream, position, view) for view in (0, 1)))
+                   for index, position in zip(indices, step.positions.tolist(), strict=True)]
 
 
 class LoaderBatches:
@@ -128,17 +142,17 @@ class LoaderBatches:
 
     The dataset returns ((view1, view2), label) as uint8; the uniform and rebalanced streams are two loaders
     over the same dataset following the same plan, zipped positionally as in the official code, and
-    normalised on the device by `normalizer`.
+    finished on the device by `finish`: a `Normalizer`, or a `DeviceTail` when each view is (crop, parameters).
 
     Unreadable images are dropped from their batch (named and counted in `bad_images` under "train"); the
     two streams are then cut to the shorter one, since the method pairs them position by position.
     """
 
-    def __init__(self, dataset, plan: EpochPlan, num_workers: int, normalizer: Normalizer, bad_images: BadImageLog,
-                 pin_memory: bool = False):
-        self.plan, self.normalizer = plan, normalizer
+    def __init__(self, dataset, plan: EpochPlan, num_workers: int, finish: Normalizer | DeviceTail,
+                 bad_images: BadImageLog, pin_memory: bool = False):
+        self.plan, self.finish = plan, finish
         streams = ["uniform"] + (["rebalanced"] if plan.sample_weights is not None else [])
-        self.samplers = [_PlannedBatchSampler(plan, s) for s in streams]
+        self.samplers = [_PlannedBatchSampler(plan, s, keyed=isinstance(finish, DeviceTail)) for s in streams]
         self.loaders = [ReadableBatches(torch.utils.data.DataLoader(
             dataset, batch_sampler=s, num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_readable,
             persistent_workers=num_workers > 0), bad_images, "train") for s in self.samplers]
@@ -149,14 +163,15 @@ class LoaderBatches:
     def epoch(self, epoch: int) -> Iterator[Batch]:
         for sampler in self.samplers:
             sampler.epoch = epoch
-        n = self.normalizer
+        def n(view, k=None):
+            return self.finish(first_rows(view, k))
         if len(self.loaders) == 1:
             for (x1, x2), y in self.loaders[0]:
                 yield Batch(n(x1), n(x2), y)
             return
         for ((x1, x2), y), ((rx1, rx2), ry) in zip(*self.loaders, strict=True):
             k = min(len(y), len(ry))
-            yield Batch(n(x1[:k]), n(x2[:k]), y[:k], n(rx1[:k]), n(rx2[:k]), ry[:k])
+            yield Batch(n(x1, k), n(x2, k), y[:k], n(rx1, k), n(rx2, k), ry[:k])
 
 
 def split_path(data, split: str) -> Path:
@@ -174,12 +189,15 @@ def build(cfg, device, rank: int, world_size: int, memory_format, rebalanced: bo
     counts = class_counts(labels, data.train_split)
     weights = per_sample_weights(labels, counts, cfg.method.glmc.resample_exponent) if rebalanced else None
     plan = EpochPlan(len(labels), cfg.train.batch_size, weights, cfg.train.seed, rank, world_size)
-    two_views = TwoViews(train_transform(data.augmentation, data.image_size))
-    train_set = ImageListDataset(paths, labels, two_views, data.channels)
     pin = torch.device(device).type == "cuda"
-    bad_images = BadImageLog(data.max_bad_images)
     normalizer = Normalizer(data.mean, data.std, device, memory_format)
-    train = LoaderBatches(train_set, plan, data.num_workers, normalizer, bad_images, pin_memory=pin)
+    if augment_on_device(data, pin):
+        views, finish = KeyedViews(data.augmentation, data.image_size), DeviceTail(normalizer)
+    else:
+        views, finish = TwoViews(train_transform(data.augmentation, data.image_size)), normalizer
+    train_set = ImageListDataset(paths, labels, views, data.channels)
+    bad_images = BadImageLog(data.max_bad_images)
+    train = LoaderBatches(train_set, plan, data.num_workers, finish, bad_images, pin_memory=pin)
     evals = {}
     for name, split in (("val", data.val_split), ("test", data.test_split)):
         if split:

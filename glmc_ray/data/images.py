@@ -94,8 +94,11 @@ class Normalizer:
         self.device, self.memory_format = device, memory_format
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.to(self.device, non_blocking=True).float() - self.mean) / self.std
-        return x.contiguous(memory_format=self.memory_format)
+        return self.normalize(images.to(self.device, non_blocking=True).float())
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Float pixels on the 0-255 scale, already on the device."""
+        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
 
 class BadImageLog:

@@ -34,13 +34,23 @@ import torch
 
 from glmc_ray.data import shard_format
 from glmc_ray.data.batches import DataBundle
+from glmc_ray.data.device_augment import (
+    PARAMS,
+    STREAM_IDS,
+    DeviceTail,
+    KeyedViews,
+    augment_on_device,
+    first_rows,
+    view_key,
+)
 from glmc_ray.data.images import BadImageLog, Normalizer, Unreadable, decode, test_transform, train_transform
 from glmc_ray.longtail import class_balanced_weights
 from glmc_ray.methods.base import Batch
 
 COLUMNS = shard_format.SCHEMA.names  # image, label, path, index
-# A read block: the shard's columns and `damage`, "" for the rows of a row group that decodes
-BLOCK_SCHEMA = pa.schema([*shard_format.SCHEMA, pa.field("damage", pa.string())])
+# A read block: the shard's columns, `damage` ("" for the rows of a row group that decodes) and `execution`
+# (the how-manyth pass over the shards this is: the epoch of a training stream)
+BLOCK_SCHEMA = pa.schema([*shard_format.SCHEMA, pa.field("damage", pa.string()), pa.field("execution", pa.int64())])
 STREAMS = {"uniform": "train", "rebalanced": "train_rebalanced"}  # stream -> Ray Train dataset name
 MARGIN_SIGMAS = 5.0  # the re-balanced stream runs short of the uniform one with probability ~3e-7 an epoch
 DECODE_BATCH = 32  # rows per Decode call (per-row work dominates; small batches keep the actors' memory low)
@@ -75,17 +85,19 @@ class ShardDamaged(ValueError):
     """Rows of a shard that no longer decode as Parquet: the shard changed after it was built."""
 
 
-def read_shard(path: str) -> Iterator[pa.Table]:
+def read_shard(path: str, execution: int = 0) -> Iterator[pa.Table]:
     """A read task: the shard at `path`, one block per row group (BLOCK_SCHEMA). An I/O error raises, as in any
     read; a row group whose bytes do not decode becomes as many rows carrying its damage."""
     for part in shard_format.row_groups(shard_format.fetch(path), path, COLUMNS):
         if isinstance(part, shard_format.Damage):
             rows = part.rows or 1  # a footer that no longer decodes: its row count is unknown here
             yield pa.table({"image": [b""] * rows, "label": [-1] * rows, "path": [path] * rows,
-                            "index": [-1] * rows, "damage": [str(part)] * rows}, schema=BLOCK_SCHEMA)
+                            "index": [-1] * rows, "damage": [str(part)] * rows, "execution": [execution] * rows},
+                           schema=BLOCK_SCHEMA)
         else:
             damage = pa.array([""] * part.num_rows, pa.string())
-            yield pa.Table.from_arrays([*part.columns, damage], schema=BLOCK_SCHEMA)
+            passes = pa.array([execution] * part.num_rows, pa.int64())
+            yield pa.Table.from_arrays([*part.columns, damage, passes], schema=BLOCK_SCHEMA)
 
 
 def shard_source(paths: list[str], seed: int, shuffle: bool):
@@ -103,11 +115,11 @@ def shard_source(paths: list[str], seed: int, shuffle: bool):
             return None  # the manifest's bytes are encoded images; decoded, they are larger
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            order = list(paths)
+            order, execution = list(paths), self.executions
             if shuffle:
-                np.random.default_rng([seed, self.executions]).shuffle(order)
+                np.random.default_rng([seed, execution]).shuffle(order)
             self.executions += 1
-            return [ReadTask(functools.partial(read_shard, path),
+            return [ReadTask(functools.partial(read_shard, path, execution),
                              BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[path]),
                              schema=BLOCK_SCHEMA, per_task_row_limit=per_task_row_limit)
                     for path in order]
@@ -119,31 +131,60 @@ class Decode:
     """Ray Data actor: decode and augment encoded images into uint8 views (duplicates, if `rates` repeats rows,
     get their own augmentations).
 
+    With `keyed` (training with the tail on the device) a view is the crop and its parameters (`p1`, `p2`), both
+    drawn from a key made of the stream's seed, the pass over the shards, the image's id and its copy number:
+    the same image in the same epoch gets the same views whichever actor, batch or worker handles it.
+
     Unreadable images become rows with `ok` False and zero pixels, so the worker can name and count them; rows
     of a damaged row group (a non-empty `damage`) pass through once, without pixels, for the worker to stop at."""
 
-    def __init__(self, augmentation: str, size: int, channels: int, train: bool, rates=None):
-        transform = train_transform(augmentation, size) if train else test_transform(augmentation, size)
-        self.transform, self.views, self.channels = transform, 2 if train else 1, channels
-        self.size, self.rates, self.train = size, rates, train
+    def __init__(self, augmentation: str, size: int, channels: int, train: bool, rates=None, keyed: bool = False,
+                 seed: int = 0, stream: int = 0):
+        if keyed and train:
+            self.transform = KeyedViews(augmentation, size)
+        else:
+            self.transform = train_transform(augmentation, size) if train else test_transform(augmentation, size)
+        self.views, self.channels, self.keyed = 2 if train else 1, channels, keyed and train
+        self.size, self.rates, self.train, self.seed, self.stream = size, rates, train, seed, stream
         self.rng = np.random.default_rng()
 
-    def _rows(self, batch: dict, damaged: np.ndarray) -> np.ndarray:
+    def _rows(self, batch: dict, damaged: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+        """The rows to emit, in order, and each one's copy number (0 unless `rates` repeats it)."""
         rows = np.arange(len(batch["label"]))
         if not self.train:
-            return rows
+            return rows, np.zeros_like(rows)
+        copies = np.ones_like(rows)
         if self.rates is not None:
             labels = np.where(damaged, 0, batch["label"])  # damaged rows have no label (-1)
-            rows = np.repeat(rows, np.where(damaged, 1, self.rng.poisson(self.rates[labels])))
-        return self.rng.permutation(rows)  # new order inside each block every epoch; spreads duplicates
+            copies = np.where(damaged, 1, rng.poisson(self.rates[labels]))
+        rows = np.repeat(rows, copies)
+        copy = np.arange(len(rows)) - np.repeat(np.cumsum(copies) - copies, copies)
+        order = rng.permutation(len(rows))  # new order inside each block every epoch; spreads duplicates
+        return rows[order], copy[order]
+
+    def _rng(self, batch: dict):
+        """Keyed: the Poisson draws and the order come from the batch's first image and the pass, as the views do."""
+        if not self.keyed or "execution" not in batch or not len(batch["label"]):
+            return self.rng
+        return np.random.default_rng([self.seed, self.stream, int(batch["execution"][0]),
+                                      int(batch["index"][0]) + 1])
+
+    def _draw(self, image, batch: dict, row: int, copy: int) -> list:
+        if not self.keyed:
+            return [(self.transform(image), None) for _ in range(self.views)]
+        execution = int(batch["execution"][row]) if "execution" in batch else 0
+        position = f"{int(batch['index'][row])}.{copy}"
+        return [self.transform(image, view_key(self.seed, execution, self.stream, position, v))
+                for v in range(self.views)]
 
     def __call__(self, batch: dict) -> dict:
         damage = batch.get("damage", np.full(len(batch["label"]), "", dtype=object))  # absent: not from a read task
         damaged = damage != ""
-        rows = self._rows(batch, damaged)
+        rows, copies = self._rows(batch, damaged, self._rng(batch))
         views = np.zeros((self.views, len(rows), self.channels, self.size, self.size), dtype=np.uint8)
+        params = np.zeros((self.views, len(rows), PARAMS), dtype=np.float32)
         ok, reasons = np.ones(len(rows), dtype=bool), [""] * len(rows)
-        for i, row in enumerate(rows):
+        for i, (row, copy) in enumerate(zip(rows, copies, strict=True)):
             if damaged[row]:
                 ok[i] = False
                 continue
@@ -151,33 +192,43 @@ class Decode:
             if isinstance(image, Unreadable):
                 ok[i], reasons[i] = False, image.reason
                 continue
-            for v in range(self.views):
-                views[v, i] = self.transform(image).numpy()
+            for v, (crop, drawn) in enumerate(self._draw(image, batch, row, int(copy))):
+                views[v, i] = crop.numpy()
+                if drawn is not None:
+                    params[v, i] = drawn.numpy()
         out = {f"x{v + 1}": views[v] for v in range(self.views)}
+        if self.keyed:
+            out |= {f"p{v + 1}": params[v] for v in range(self.views)}
         return {**out, "label": batch["label"][rows].astype(np.int64), "index": batch["index"][rows],
                 "path": batch["path"][rows], "ok": ok, "reason": np.array(reasons, dtype=object),
                 "damage": damage[rows]}
 
 
-def stream(data, paths: list[str], seed: int, train: bool, rates=None):
-    """A Ray Dataset of decoded rows of the shards at `paths` (lazy: each iteration is a new execution)."""
+def stream(data, paths: list[str], seed: int, train: bool, rates=None, keyed: bool = False, stream_id: int = 0):
+    """A Ray Dataset of decoded rows of the shards at `paths` (lazy: each iteration is a new execution);
+    `keyed`: crops and their parameters for the device tail."""
     import ray.data
 
     dataset = ray.data.read_datasource(shard_source(paths, seed, shuffle=train), override_num_blocks=len(paths))
     pool = ray.data.ActorPoolStrategy(min_size=1, max_size=data.decode_actors or None)
     return dataset.map_batches(
         Decode, fn_constructor_kwargs={"augmentation": data.augmentation, "size": data.image_size,
-                                       "channels": data.channels, "train": train, "rates": rates},
+                                       "channels": data.channels, "train": train, "rates": rates, "keyed": keyed,
+                                       "seed": seed, "stream": stream_id},
         batch_size=DECODE_BATCH, compute=pool, num_cpus=data.decode_cpus)
 
 
-def ray_datasets(cfg, rebalanced: bool = True) -> dict:
-    """The training streams, as callables Ray Train calls when a worker group starts (also after a restart)."""
+def ray_datasets(cfg, rebalanced: bool = True, gpu: bool = False) -> dict:
+    """The training streams, as callables Ray Train calls when a worker group starts (also after a restart).
+    `gpu`: the workers train on GPUs (data.augment_on auto then puts the tail there)."""
     data, (manifest, paths) = cfg.data, open_split(cfg.data, cfg.data.train_split)
-    datasets = {STREAMS["uniform"]: lambda: stream(data, paths, cfg.train.seed, train=True)}
+    keyed = augment_on_device(data, gpu)
+    datasets = {STREAMS["uniform"]: lambda: stream(data, paths, cfg.train.seed, train=True, keyed=keyed,
+                                                   stream_id=STREAM_IDS["uniform"])}
     if rebalanced:
         rates = poisson_rates(manifest["class_counts"], cfg.method.glmc.resample_exponent)
-        datasets[STREAMS["rebalanced"]] = lambda: stream(data, paths, cfg.train.seed + 1, train=True, rates=rates)
+        datasets[STREAMS["rebalanced"]] = lambda: stream(data, paths, cfg.train.seed + 1, train=True, rates=rates,
+                                                         keyed=keyed, stream_id=STREAM_IDS["rebalanced"])
     return datasets
 
 
@@ -205,7 +256,7 @@ def kept_rows(num_classes: int, bad_images: BadImageLog, split: str):
                 path = rows["path"][ok][int(labels.argmax())]
                 raise ValueError(f"{path}: label {int(labels.max())} is outside the training manifest's "
                                  f"{num_classes} classes")
-            return {**{k: torch.from_numpy(rows[k][ok]) for k in ("x1", "x2", "index") if k in rows},
+            return {**{k: torch.from_numpy(rows[k][ok]) for k in ("x1", "x2", "p1", "p2", "index") if k in rows},
                     "label": labels}
     return KeptRows()
 
@@ -233,25 +284,31 @@ def _repeating(batches: RowBatches) -> Iterator[dict]:
 
 
 class ShardBatches:
-    """The training batch source: the uniform stream read once per epoch, zipped with the re-balanced one."""
+    """The training batch source: the uniform stream read once per epoch, zipped with the re-balanced one;
+    views finished on the device by `finish` (a Normalizer, or a DeviceTail for crops with parameters)."""
 
-    def __init__(self, uniform: RowBatches, rebalanced: RowBatches | None, steps: int, normalizer: Normalizer):
-        self.uniform, self.rebalanced, self.steps, self.normalizer = uniform, rebalanced, steps, normalizer
+    def __init__(self, uniform: RowBatches, rebalanced: RowBatches | None, steps: int,
+                 finish: Normalizer | DeviceTail):
+        self.uniform, self.rebalanced, self.steps, self.finish = uniform, rebalanced, steps, finish
 
     def __len__(self) -> int:
         return self.steps
 
+    def _view(self, rows: dict, v: int, k: int | None = None) -> torch.Tensor:
+        view = (rows[f"x{v}"], rows[f"p{v}"]) if isinstance(self.finish, DeviceTail) else rows[f"x{v}"]
+        return self.finish(first_rows(view, k))
+
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        n = self.normalizer
+        n = self._view
         second = _repeating(self.rebalanced) if self.rebalanced is not None else None
         for rows in self.uniform:
             if second is None:
-                yield Batch(n(rows["x1"]), n(rows["x2"]), rows["label"])
+                yield Batch(n(rows, 1), n(rows, 2), rows["label"])
                 continue
             other = next(second)
             k = min(len(rows["label"]), len(other["label"]))  # bad images dropped: the method pairs by position
-            yield Batch(n(rows["x1"][:k]), n(rows["x2"][:k]), rows["label"][:k], n(other["x1"][:k]),
-                        n(other["x2"][:k]), other["label"][:k])
+            yield Batch(n(rows, 1, k), n(rows, 2, k), rows["label"][:k], n(other, 1, k), n(other, 2, k),
+                        other["label"][:k])
 
 
 class EvalBatches:
@@ -279,8 +336,10 @@ def build(cfg, device, rank: int, world_size: int, memory_format, rebalanced: bo
         raise ValueError(f"train.batch_size {train.batch_size} is smaller than the {world_size} workers")
     per_rank_batch = train.batch_size // world_size
     steps = math.ceil(rows // world_size / per_rank_batch)
+    gpu = torch.device(device).type == "cuda"
     if dataset_shard is None:
-        dataset_shard = {name: make().iterator() for name, make in ray_datasets(cfg, rebalanced).items()}.__getitem__
+        streams = ray_datasets(cfg, rebalanced, gpu)
+        dataset_shard = {name: make().iterator() for name, make in streams.items()}.__getitem__
     bad_images = BadImageLog(data.max_bad_images)
 
     def rows_of(shard, batch_size, split, buffer=0):
@@ -300,4 +359,5 @@ def build(cfg, device, rank: int, world_size: int, memory_format, rebalanced: bo
             mine = paths[rank::world_size]
             dataset = stream(data, mine, train.seed, train=False) if mine else None
             evals[name] = EvalBatches(rows_of(dataset, train.eval_batch_size, name), normalizer)
-    return DataBundle(ShardBatches(uniform, second, steps, normalizer), evals, counts, bad_images)
+    finish = DeviceTail(normalizer) if augment_on_device(data, gpu) else normalizer
+    return DataBundle(ShardBatches(uniform, second, steps, finish), evals, counts, bad_images)
