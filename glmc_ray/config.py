@@ -163,6 +163,9 @@ class TrainConfig:
     posthoc_tau_max: float = 2.0
     posthoc_tau_step: float = 0.1
     progress_every: int = 50  # print a progress line every k steps (0: only per epoch)
+    # steps between looks at the loss for inf/NaN (each look is a host read, which on a GPU waits for the
+    # queue); the run stops naming the first bad step whatever this is, up to this many steps later
+    finite_check_every: int = 50
     threads: int = 0  # torch intra-op threads (0: torch default)
 
 
@@ -394,6 +397,8 @@ def validate(cfg: Config) -> None:
         (cfg.train.epochs > 0, "train.epochs", cfg.train.epochs, "a positive integer"),
         (cfg.train.batch_size > 0, "train.batch_size", cfg.train.batch_size, "a positive integer"),
         (cfg.train.eval_every > 0, "train.eval_every", cfg.train.eval_every, "a positive integer"),
+        (cfg.train.finite_check_every > 0, "train.finite_check_every", cfg.train.finite_check_every,
+         "a positive integer (1: every step)"),
         (0 <= cfg.train.posthoc_tau_max <= 10, "train.posthoc_tau_max", cfg.train.posthoc_tau_max,
          "in [0, 10] (0: no post-hoc adjustment)"),
         (0 < cfg.train.posthoc_tau_step and cfg.train.posthoc_tau_max / cfg.train.posthoc_tau_step <= 1000,

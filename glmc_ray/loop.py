@@ -114,37 +114,66 @@ def non_finite_state(model: torch.nn.Module) -> list[str]:
     return bad
 
 
+class Divergence:
+    """The first step of the epoch whose loss is not finite, kept on the device: marking a step reads nothing
+    back to the host (on a GPU every read waits for the queue to drain), and `check` reads one value."""
+
+    def __init__(self, device: torch.device):
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+        self.loss = torch.zeros((), device=device)
+
+    def mark(self, step: int, loss: torch.Tensor) -> None:
+        first = (self.step < 0) & ~torch.isfinite(loss)
+        self.step = torch.where(first, step, self.step)
+        self.loss = torch.where(first, loss.float(), self.loss)
+
+    def check(self, epoch: int, lr: float) -> None:
+        step = int(self.step)
+        if step >= 0:
+            raise FloatingPointError(f"non-finite loss {float(self.loss)} at epoch {epoch} step {step} (lr {lr}); "
+                                     f"{kept_checkpoint(epoch)}")
+
+
 def train_epoch(t: Trainee, data: DataBundle, epoch: int, cfg, dist: Dist) -> dict:
-    """One pass over the batch source; returns the epoch's mean loss terms, lr and throughput."""
+    """One pass over the batch source; returns the epoch's mean loss terms, lr and throughput.
+
+    Nothing is read back from the device per step: the loss terms are summed there, and a non-finite loss is
+    noted there and looked at every train.finite_check_every steps, at each progress line and at the end of
+    the epoch (the run stops naming the first bad step; the weights it went on to change are never saved)."""
     steps, epochs = len(data.train), cfg.train.epochs
     generator = epoch_generator(cfg.train.seed, epoch, stream=1)  # same on all ranks: one lambda per global batch
     sums: dict[str, torch.Tensor] = {}
+    host_sums: dict[str, float] = {}  # terms a method reports as Python numbers
+    divergence, every, check_every = Divergence(t.device), cfg.train.progress_every, cfg.train.finite_check_every
     images, start, lr = 0, time.perf_counter(), t.optimizer.param_groups[0]["lr"]
     for step, batch in enumerate(data.train.epoch(epoch)):
         batch = batch.to(t.device, t.memory_format)
         progress = (epoch + step / steps if t.method.progress_per_step else epoch) / epochs
         with t.autocast():
             out = t.method.step(t.model, batch, progress, generator)
-        if not torch.isfinite(out.loss):
-            terms = {k: float(v.detach()) if torch.is_tensor(v) else v for k, v in out.terms.items()}
-            raise FloatingPointError(f"non-finite loss {float(out.loss.detach())} at epoch {epoch} step {step} "
-                                     f"(terms {terms}, lr {lr}); {kept_checkpoint(epoch)}")
+        divergence.mark(step, out.loss.detach())
         t.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         t.optimizer.step()
         t.method.after_optimizer_step(t.raw_model)
         for key, value in {"loss": out.loss, **out.terms}.items():
-            value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
-            sums[key] = sums.get(key, 0) + value.to(t.device)
+            if torch.is_tensor(value):
+                sums[key] = sums.get(key, 0) + value.detach().float()
+            else:
+                host_sums[key] = host_sums.get(key, 0.0) + float(value)
         images += len(batch) * dist.world_size
-        every = cfg.train.progress_every
-        if dist.is_main and every and (step + 1) % every == 0:
+        progress_line = dist.is_main and every and (step + 1) % every == 0
+        if progress_line or (step + 1) % check_every == 0:
+            divergence.check(epoch, lr)
+        if progress_line:
             print(f"  epoch {epoch} step {step + 1}/{steps} loss {float(out.loss.detach()):.4f} "
                   f"{images / (time.perf_counter() - start):.0f} img/s", flush=True)
-    names = sorted(sums)
-    means = dist.all_reduce(torch.stack([sums[k] for k in names])) / (dist.world_size * steps)
+    divergence.check(epoch, lr)
+    names = sorted(sums) + sorted(host_sums)
+    totals = [sums[k] for k in sorted(sums)] + [torch.tensor(host_sums[k], device=t.device) for k in sorted(host_sums)]
+    means = dist.all_reduce(torch.stack(totals)) / (dist.world_size * steps)
     seconds = time.perf_counter() - start
-    record = {"epoch": epoch, "lr": lr, **{k: float(v) for k, v in zip(names, means, strict=True)}}
+    record = {"epoch": epoch, "lr": lr, **{k: float(v) for k, v in zip(names, means.tolist(), strict=True)}}
     record.update(alpha=t.method.alpha(epoch / epochs), images_per_s=images / seconds, train_seconds=seconds)
     return record
 

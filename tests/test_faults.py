@@ -29,6 +29,58 @@ def test_nan_at_the_first_epoch_says_nothing_was_kept_and_leaves_no_run_director
     assert "intact" not in err and not list(tmp_path.iterdir())
 
 
+def test_a_nan_between_checks_names_its_own_step_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    """The loss is looked at every train.finite_check_every steps, yet the error names the first bad step."""
+    from glmc_ray.data.arrays import InMemoryBatches
+
+    epoch_batches = InMemoryBatches.epoch
+
+    def poisoned(self, epoch):
+        for step, batch in enumerate(epoch_batches(self, epoch)):
+            if (epoch, step) == (1, 3):
+                batch.x1 = batch.x1 * float("nan")
+            yield batch
+
+    monkeypatch.setattr(InMemoryBatches, "epoch", poisoned)
+    assert main(["--config", SMOKE, "--output", str(tmp_path), "--set", "train.finite_check_every=1000"]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss nan at epoch 1 step 3 " in err and "the checkpoint after epoch 0 is kept" in err
+    assert _epochs(next(tmp_path.iterdir())) == [0]
+
+
+def _host_reads_per_epoch(tmp_path, monkeypatch, batch_size: int) -> int:
+    """Reads of a 0-dim tensor's value (bool, float, int, item) made inside one training epoch."""
+    reads = {"on": False, "count": 0}
+    for name in ("__bool__", "__float__", "__int__", "__index__", "item"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original):
+            if reads["on"] and self.dim() == 0:
+                reads["count"] += 1
+            return _original(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    train_epoch = loop.train_epoch
+
+    def watched(*args):
+        reads["on"] = True
+        try:
+            return train_epoch(*args)
+        finally:
+            reads["on"] = False
+    monkeypatch.setattr(loop, "train_epoch", watched)
+    assert main(["--config", SMOKE, "--output", str(tmp_path), "--set", "train.epochs=1",
+                 "--set", f"train.batch_size={batch_size}", "--set", "train.finite_check_every=1000"]) == 0
+    return reads["count"]
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
+    """On a GPU each read of a device value waits for the queue: the count per epoch must not grow with the
+    steps (10 steps at batch 64, 40 at batch 16)."""
+    few = _host_reads_per_epoch(tmp_path / "few", monkeypatch, 64)
+    many = _host_reads_per_epoch(tmp_path / "many", monkeypatch, 16)
+    assert many == few, (few, many)
+
+
 def test_non_finite_weights_are_never_checkpointed(tmp_path, capsys, monkeypatch):
     """An exploding but finite loss can leave inf BatchNorm variances: the epoch is refused, its predecessor kept."""
     train_epoch = loop.train_epoch

@@ -20,6 +20,7 @@ differs, by about half a level on average (tests/test_device_augment.py measures
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 
@@ -98,11 +99,17 @@ def _blend(x: torch.Tensor, degenerate: torch.Tensor, factor: torch.Tensor) -> t
     return (degenerate + f * (x - degenerate)).clamp(0, 255).floor()
 
 
+@functools.cache
+def _orders(device: torch.device) -> torch.Tensor:
+    """ORDERS on the device, copied there once (a copy per batch would wait on the host)."""
+    return torch.tensor(ORDERS, device=device)
+
+
 def color_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """Brightness, contrast and saturation (PIL's ImageEnhance, which torchvision's ColorJitter calls on PIL
     images) in each sample's order (ORDERS[params[:, ORDER]]): at step k every sample applies its k-th
     operation; the other two get factor 1 at that step, which changes nothing."""
-    order = torch.tensor(ORDERS, device=x.device)[params[:, ORDER].long()]  # (N, 3)
+    order = _orders(x.device)[params[:, ORDER].long()]  # (N, 3)
     ones = torch.ones_like(params[:, 0])
     for k in range(3):
         b = torch.where(order[:, k] == 0, params[:, BRIGHTNESS], ones)

@@ -58,7 +58,7 @@ def sample_mix_lambda(beta: float, generator: torch.Generator) -> float:
 def maxnorm_radii(weight: torch.Tensor, fraction: float) -> torch.Tensor:
     """LTWB MaxNorm thresholds: min + fraction * (max - min) of the current per-class row norms."""
     norms = weight.detach().norm(dim=1)
-    return torch.full_like(norms, float(norms.min() + fraction * (norms.max() - norms.min())))
+    return (norms.min() + fraction * (norms.max() - norms.min())).expand_as(norms).clone()  # no host read
 
 
 @torch.no_grad()
