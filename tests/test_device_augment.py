@@ -3,6 +3,8 @@
 samplers, T2 op parity with torchvision's functionals and with PIL, T3 per-sample randomness, T4 pixel
 statistics against the PIL reference pipeline, T5 replay. T6 (CUDA) is in the GPU check script and below,
 skipped without CUDA."""
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -29,7 +31,7 @@ from glmc_ray.data.device_augment import (
     view_key,
 )
 from glmc_ray.data.files import _PlannedBatchSampler
-from glmc_ray.data.images import train_transform
+from glmc_ray.data.images import Unreadable, decode_tensor, train_transform
 from glmc_ray.data.shards import Decode
 
 KS_5_PERCENT_400 = 0.096  # two-sample KS critical value at 5 % for 400 against 400
@@ -211,13 +213,7 @@ def test_t5_files_views_do_not_depend_on_batch_size_or_worker_count():
 
 def test_t5_shard_views_do_not_depend_on_how_rows_are_batched():
     rng = np.random.default_rng(0)
-    encoded = []
-    for _ in range(6):
-        image = Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
-        import io
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG")
-        encoded.append(buffer.getvalue())
+    encoded = [_encoded(Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)), "JPEG") for _ in range(6)]
     batch = {"image": np.array(encoded, dtype=object), "label": np.arange(6), "path": np.array(["p"] * 6, object),
              "index": np.arange(10, 16), "execution": np.full(6, 4)}
     decode = Decode("simclr", 16, 3, train=True, keyed=True, seed=9)
@@ -240,3 +236,34 @@ def test_t6_cpu_and_cuda_tails_agree_within_a_level():
     cpu = augment_tail(crops, params)
     cuda = augment_tail(crops.cuda(), params.cuda()).cpu()
     assert (cpu - cuda).abs().max() <= 1
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, quality=95) if fmt == "JPEG" else image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_tensor_decode_reads_what_the_dataset_holds_and_names_what_it_cannot(tmp_path):
+    rgb = TF.to_pil_image(_image(7, 64)[0])
+    reference = TF.pil_to_tensor(rgb).float()
+    for fmt, image in (("JPEG", rgb), ("JPEG", rgb.convert("CMYK")), ("PNG", rgb), ("BMP", rgb)):
+        decoded = decode_tensor(_encoded(image, fmt), 3)  # BMP: torchvision does not read it, PIL does
+        assert decoded.shape == (3, 64, 64) and decoded.dtype == torch.uint8, fmt
+        assert (decoded.float() - reference).abs().mean() < 6, fmt  # JPEG's loss; CMYK round trip
+    assert decode_tensor(_encoded(rgb, "JPEG"), 1).shape == (1, 64, 64)
+    truncated = _encoded(rgb, "JPEG")[:300]
+    assert isinstance(decode_tensor(truncated, 3, "a.JPEG"), Unreadable)
+    assert isinstance(decode_tensor(tmp_path / "missing.JPEG", 3), Unreadable)
+
+
+def test_crops_from_tensors_and_from_pil_images_agree():
+    """The device path crops torchvision's decoded tensors; the box is the same for the same key and the pixels
+    are PIL's bilinear resize within a level or two."""
+    pil = TF.to_pil_image(_image(8, 200)[0])
+    views = KeyedViews("simclr", 64)
+    for position in range(8):
+        key = view_key(1, 0, 0, position, 0)
+        (from_pil, p1), (from_tensor, p2) = views(pil, key), views(TF.pil_to_tensor(pil), key)
+        assert torch.equal(p1, p2)
+        assert (from_pil.float() - from_tensor.float()).abs().mean() < 2

@@ -56,15 +56,17 @@ class KeyedViews:
     def __init__(self, augmentation: str, size: int):
         self.augmentation, self.size = augmentation, size
 
-    def __call__(self, image: Image.Image, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, image: Image.Image | torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`image`: PIL, or uint8 (C, H, W) (`decode_tensor`'s, cropped by torchvision's tensor kernels,
+        bilinear with antialiasing, as PIL's resize)."""
         if self.augmentation != "simclr":
             image = TF.pad(TF.center_crop(TF.resize(image, self.size), self.size), self.size // 8)
         box, params = self.draw(image, key)
-        crop = TF.resized_crop(image, *box, [self.size, self.size]) if self.augmentation == "simclr" \
-            else TF.crop(image, *box)
-        return TF.pil_to_tensor(crop), params
+        crop = TF.resized_crop(image, *box, [self.size, self.size], antialias=True) \
+            if self.augmentation == "simclr" else TF.crop(image, *box)
+        return (crop if torch.is_tensor(crop) else TF.pil_to_tensor(crop)), params
 
-    def draw(self, image: Image.Image, key: int) -> tuple[tuple[int, int, int, int], torch.Tensor]:
+    def draw(self, image: Image.Image | torch.Tensor, key: int) -> tuple[tuple[int, int, int, int], torch.Tensor]:
         """The crop box (top, left, height, width) in `image` and the tail's parameters; only the image's size
         is read. Every draw is one of torchvision's samplers, on the generator seeded by `key`."""
         with torch.random.fork_rng(devices=[]):  # torchvision's samplers draw from the global generator

@@ -12,7 +12,16 @@ from torch.utils.data import default_collate
 
 from glmc_ray.data.batches import DataBundle, EpochPlan, per_sample_weights
 from glmc_ray.data.device_augment import STREAM_IDS, DeviceTail, KeyedViews, augment_on_device, first_rows, view_key
-from glmc_ray.data.images import BadImageLog, Normalizer, TwoViews, Unreadable, decode, test_transform, train_transform
+from glmc_ray.data.images import (
+    BadImageLog,
+    Normalizer,
+    TwoViews,
+    Unreadable,
+    decode,
+    decode_tensor,
+    test_transform,
+    train_transform,
+)
 from glmc_ray.methods.base import Batch
 
 
@@ -82,7 +91,10 @@ class ImageListDataset(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, keys = item if isinstance(item, tuple) else (item, None)
         image = self.images[index]
-        decoded = decode(image, self.channels) if isinstance(image, Path) else Image.fromarray(image)
+        if not isinstance(image, Path):
+            decoded = Image.fromarray(image)
+        else:  # the device tail's crops are cut from torchvision's tensors, the CPU list's from PIL images
+            decoded = decode(image, self.channels) if keys is None else decode_tensor(image, self.channels)
         if isinstance(decoded, Unreadable):
             return decoded
         if keys is not None:

@@ -43,7 +43,15 @@ from glmc_ray.data.device_augment import (
     first_rows,
     view_key,
 )
-from glmc_ray.data.images import BadImageLog, Normalizer, Unreadable, decode, test_transform, train_transform
+from glmc_ray.data.images import (
+    BadImageLog,
+    Normalizer,
+    Unreadable,
+    decode,
+    decode_tensor,
+    test_transform,
+    train_transform,
+)
 from glmc_ray.longtail import class_balanced_weights
 from glmc_ray.methods.base import Batch
 
@@ -188,7 +196,8 @@ class Decode:
             if damaged[row]:
                 ok[i] = False
                 continue
-            image = decode(bytes(batch["image"][row]), self.channels, str(batch["path"][row]))
+            read = decode_tensor if self.keyed else decode  # the device tail crops tensors
+            image = read(bytes(batch["image"][row]), self.channels, str(batch["path"][row]))
             if isinstance(image, Unreadable):
                 ok[i], reasons[i] = False, image.reason
                 continue
