@@ -234,13 +234,14 @@ def small_block_stream(data, paths: list[str], seed: int):
 
 
 def torch_views():
-    """The training collate's work: the views and labels of readable rows as torch tensors."""
+    """The training collate's work: the views (and their parameters, for the device tail) and labels of
+    readable rows as torch tensors."""
     from ray.data.collate_fn import NumpyBatchCollateFn
 
     class TorchViews(NumpyBatchCollateFn):
         def __call__(self, rows: dict) -> dict:
             ok = rows["ok"]
-            return {k: torch.from_numpy(rows[k][ok]) for k in ("x1", "x2", "label")}
+            return {k: torch.from_numpy(rows[k][ok]) for k in ("x1", "x2", "p1", "p2", "label") if k in rows}
     return TorchViews()
 
 

@@ -1,0 +1,211 @@
+"""How many CPU cores keep one GPU fed, per design of the ImageNet-LT input (issue 21): the CPU ms per two-view
+224-px row of each design, one thread, side by side in each round, and the pipelines that deliver them.
+
+Designs (one row = one image decoded once and augmented into two views, the official ImageNet-LT list):
+  (a) old_list      PIL decode + the list with torchvision's GaussianBlur(23) (before issue 21), all on the CPU
+  (b) official      PIL decode + the official list with PIL's ImageFilter blur (data.augment_on: cpu)
+  (c) device_tail   the CPU side of data.augment_on: device: torchvision decode + two keyed crops and their
+                    parameters; the tail (jitter, grayscale, blur, flip) runs on the training device. Its cost,
+                    were it run on this CPU instead, is measured apart (tail_on_cpu, batches of 64).
+  (d) gpu_decode    the JPEG decoded on the GPU as well (torchvision.io.decode_jpeg(device="cuda")): CPU cost
+                    about zero; measured only where CUDA is present (bench/gpu_check.py).
+
+Pipelines, N processes each, rounds alternating: a DataLoader over the files and Ray Data over Parquet shards,
+each with the official list (b) and with the device tail's CPU side (c); the rows/s once running, per core,
+and Ray Data's object-store peak. From the CPU ms per row it prints the cores that one GPU needs at 5,000
+two-view rows/s (an H100 on GLMC's two ResNet-50 passes) and writes bench/results/feed.json.
+
+    python bench/feed.py [--images 1500] [--rounds 3] [--processes 2] [--serial-images 100]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torchvision import transforms as T
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode_throughput import (  # noqa: E402
+    BATCH,
+    ROWS_PER_SLOT,
+    SLOTS_PER_GPU,
+    ObjectStore,
+    describe,
+    encoded_images,
+    image_tree,
+    machine,
+    median,
+    ray_data_pipeline,
+    shard_set,
+    timed_epoch,
+)
+
+from glmc_ray.data.device_augment import PARAMS, KeyedViews, augment_tail, view_key  # noqa: E402
+from glmc_ray.data.files import ImageListDataset, ReadableBatches, collate_readable, read_split_file  # noqa: E402
+from glmc_ray.data.images import BadImageLog, TwoViews, decode, decode_tensor, train_transform  # noqa: E402
+from glmc_ray.data.shards import stream  # noqa: E402
+
+ROWS_PER_GPU = SLOTS_PER_GPU * ROWS_PER_SLOT  # 5,000 two-view rows/s
+SIZE = 224
+
+
+def old_list() -> T.Compose:
+    """The simclr list as it was before issue 21: torchvision's 23x23 GaussianBlur on the PIL image."""
+    steps = train_transform("simclr", SIZE).transforms
+    return T.Compose([T.RandomApply([T.GaussianBlur(23, (0.1, 2.0))], p=0.5) if isinstance(s, T.RandomApply)
+                      else s for s in steps])
+
+
+def serial_ms_per_row(encoded: list[bytes]) -> dict[str, float]:
+    """CPU ms per row of each design, one thread, the same images one after the other."""
+    lists = {"old_list": TwoViews(old_list()), "official": TwoViews(train_transform("simclr", SIZE))}
+    views = KeyedViews("simclr", SIZE)
+    out = {}
+    for name, two_views in lists.items():
+        start = time.perf_counter()
+        for data in encoded:
+            two_views(decode(data, 3))
+        out[name] = (time.perf_counter() - start) * 1e3 / len(encoded)
+    start, crops, params = time.perf_counter(), [], []
+    for position, data in enumerate(encoded):
+        image = decode_tensor(data, 3)
+        for view in (0, 1):
+            crop, drawn = views(image, view_key(0, 0, 0, position, view))
+            crops.append(crop)
+            params.append(drawn)
+    out["device_tail"] = (time.perf_counter() - start) * 1e3 / len(encoded)
+    crops, params = torch.stack(crops), torch.stack(params)
+    batch, start = min(BATCH, len(crops)), time.perf_counter()
+    for first in range(0, len(crops) - batch + 1, batch):
+        augment_tail(crops[first:first + batch], params[first:first + batch])
+    tail_views = (len(crops) // batch) * batch
+    out["tail_on_cpu"] = (time.perf_counter() - start) * 1e3 / tail_views * 2  # per row: two views
+    return out
+
+
+class KeyedShuffle(torch.utils.data.Sampler):
+    """Shuffled batches of (index, view keys), as the files source's keyed sampler feeds its DataLoader."""
+
+    def __init__(self, size: int):
+        self.size, self.epoch = size, 0
+
+    def __len__(self) -> int:
+        return (self.size + BATCH - 1) // BATCH
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.epoch)).tolist()
+        self.epoch += 1
+        for first in range(0, self.size, BATCH):
+            yield [(i, (view_key(0, self.epoch, 0, first + n, 0), view_key(0, self.epoch, 0, first + n, 1)))
+                   for n, i in enumerate(order[first:first + BATCH])]
+
+
+def dataloader_pipeline(split: Path, workers: int, keyed: bool):
+    """data.source=files: the CPU list, or the device tail's CPU side (crops and parameters) when `keyed`."""
+    paths, labels = read_split_file(split, split.parent)
+    transform = KeyedViews("simclr", SIZE) if keyed else TwoViews(train_transform("simclr", SIZE))
+    dataset = ImageListDataset(paths, labels, transform, channels=3)
+    sampling = {"batch_sampler": KeyedShuffle(len(labels))} if keyed else {"batch_size": BATCH, "shuffle": True}
+    loader = torch.utils.data.DataLoader(dataset, num_workers=workers, collate_fn=collate_readable,
+                                         persistent_workers=True, **sampling)
+    batches = ReadableBatches(loader, BadImageLog(0), "train")
+    return lambda: timed_epoch(batches, lambda batch: len(batch[1]))
+
+
+def pipelines(split: Path, shards: list[str], processes: int, store: ObjectStore) -> dict:
+    from glmc_ray import config as config_lib
+
+    data = config_lib.load("configs/imagenet_lt.yaml", ["data.source=shards", f"data.decode_actors={processes}",
+                                                        "data.decode_cpus=1"]).data
+    return {"dataloader": dataloader_pipeline(split, processes, keyed=False),
+            "dataloader_device_tail": dataloader_pipeline(split, processes, keyed=True),
+            "ray_data": ray_data_pipeline(stream(data, shards, seed=0, train=True), store),
+            "ray_data_device_tail": ray_data_pipeline(stream(data, shards, seed=0, train=True, keyed=True), store)}
+
+
+def cores(ms_per_row: float) -> float:
+    return ROWS_PER_GPU * ms_per_row / 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=1500, help="images in the generated tree")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--processes", type=int, default=2, help="DataLoader workers = Ray Data decode actors")
+    p.add_argument("--serial-images", type=int, default=100, help="images per round of the serial measurement")
+    p.add_argument("--cache", default="/tmp/glmc_bench_images", help="generated images and shards (reused)")
+    p.add_argument("--json", default="bench/results/feed.json")
+    args = p.parse_args()
+    torch.set_num_threads(1)  # per-core figures; workers and actors run one thread each
+    host, cache = machine(), Path(args.cache)
+    split = image_tree(cache, args.images)
+    shards = shard_set(split, cache / f"shards_{args.images}", None)
+    encoded = encoded_images(shards)
+    images = describe(encoded)
+    print(json.dumps(images), flush=True)
+
+    import ray
+    import ray.data
+
+    ray.init(address="local", num_cpus=args.processes + 2, log_to_driver=False)  # + read and list tasks
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    store = ObjectStore()
+    runners = pipelines(split, shards, args.processes, store)
+    for name in ("dataloader", "dataloader_device_tail"):  # start the persistent workers
+        print(f"warm-up {name}: {runners[name]().seconds:.1f} s", flush=True)
+    epochs, serial, loads = {name: [] for name in runners}, [], []
+    for round_index in range(args.rounds):
+        serial.append(serial_ms_per_row(encoded[:args.serial_images]))
+        print(f"round {round_index} serial ms/row: " + ", ".join(f"{k} {v:.2f}" for k, v in serial[-1].items()),
+              flush=True)
+        for name, run in runners.items():
+            epoch = run()
+            epochs[name].append(epoch)
+            print(f"round {round_index} {name:24s} {epoch.running_rate:6.1f} rows/s running, "
+                  f"{epoch.epoch_rate:6.1f} epoch, first batch {epoch.first_batch_seconds:.1f} s"
+                  + (f", object store peak {epoch.store_peak_mb:.0f} MB" if epoch.store_peak_mb else ""), flush=True)
+        loads.append(os.getloadavg()[0])
+
+    ms = {name: median(r[name] for r in serial) for name in serial[0]}
+    ratios = {name: median(r["old_list"] / r[name] for r in serial) for name in ("official", "device_tail")}
+    rates = {name: {"running_rows_per_s": median(e.running_rate for e in runs),
+                    "running_rows_per_s_per_core": median(e.running_rate for e in runs) / args.processes,
+                    "epoch_rows_per_s": median(e.epoch_rate for e in runs),
+                    "first_batch_seconds": median(e.first_batch_seconds for e in runs),
+                    **({"object_store_peak_mb": max(e.store_peak_mb for e in runs)} if runs[0].store_peak_mb else {})}
+             for name, runs in epochs.items()}
+    pipeline_ratio = {kind: median(d.running_rate / c.running_rate for d, c in
+                                   zip(epochs[f"{kind}_device_tail"], epochs[kind], strict=True))
+                      for kind in ("dataloader", "ray_data")}
+    feeding = {"rows_per_s": ROWS_PER_GPU,
+               **{f"serial_{name}": cores(value) for name, value in ms.items() if name != "tail_on_cpu"},
+               **{f"pipeline_{name}": ROWS_PER_GPU / figures["running_rows_per_s_per_core"]
+                  for name, figures in rates.items()}}
+    report = {"machine": {**host, "load_average_by_round": loads}, "settings": vars(args) | {"batch": BATCH,
+              "params_per_view": PARAMS}, "images": images, "serial_ms_per_row": ms,
+              "serial_speedup_over_old_list": ratios, "pipelines": rates,
+              "pipeline_device_tail_over_cpu_list": pipeline_ratio, "cores_per_gpu": feeding,
+              "serial_rounds": serial, "epochs": {n: [asdict(e) for e in runs] for n, runs in epochs.items()}}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    print(f"\nCPU ms per row, 1 thread (median of {args.rounds} rounds): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
+    print(f"speed-up over the old list, per round: official {ratios['official']:.2f}x, device tail's CPU side "
+          f"{ratios['device_tail']:.2f}x")
+    for name, figures in rates.items():
+        per_core = figures["running_rows_per_s_per_core"]
+        print(f"{name:24s} {figures['running_rows_per_s']:6.1f} rows/s running ({per_core:.1f} per core), "
+              f"first batch {figures['first_batch_seconds']:.1f} s")
+    print(f"cores for one GPU at {ROWS_PER_GPU} rows/s: " + ", ".join(f"{k} {v:.0f}" for k, v in feeding.items()
+                                                                     if k != "rows_per_s"))
+    print(f"JSON in {args.json}")
+
+
+if __name__ == "__main__":
+    main()
