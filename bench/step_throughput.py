@@ -16,6 +16,10 @@ writes bench/results/step_throughput.json. Also prints the compute floor: the FL
 the two-pass step could be here.
 
     python bench/step_throughput.py --data-root ../shared/data [--width 16] [--steps 15] [--rounds 3]
+    python bench/step_throughput.py --synthetic --device cuda --amp bf16     # on a GPU (bench/gpu_check.py)
+
+--synthetic trains on generated CIFAR-sized long-tailed data (10 classes, 5,000 down to 50 images, 32 px) where
+the real CIFAR-10 is not at hand; --device cuda times with CUDA synchronisation, --amp bf16 under autocast.
 """
 from __future__ import annotations
 
@@ -74,15 +78,15 @@ def official_batches(cfg, data_bundle):
     images = source.padded[:, :, 4:-4, 4:-4].permute(0, 2, 3, 1).numpy()
     labels = source.labels.tolist()
     return LoaderBatches(ImageListDataset(list(images), labels, TwoViews(augment)), source.plan, num_workers=4,
-                         normalizer=lambda x: x, bad_images=data_bundle.bad_images)  # normalised in the workers
+                         finish=lambda x: x, bad_images=data_bundle.bad_images)  # normalised in the workers
 
 
-def make_variant(name, cfg, data_official, data_fast):
+def make_variant(name, cfg, data_official, data_fast, device):
     memory_format = torch.channels_last if name in ("glmc", "glmc_fused", "ce") else torch.contiguous_format
     method_cfg = cfg.method
     if name == "ce":
         method_cfg = config_lib.from_dict({**config_lib.to_dict(cfg), "method": {"name": "ce"}}).method
-    trainee = build_trainee(cfg, data_fast.class_counts, torch.device("cpu"), memory_format)
+    trainee = build_trainee(cfg, data_fast.class_counts, device, memory_format)
     if name == "glmc_fused":
         trainee.method = FusedGLMC(method_cfg.glmc, torch.as_tensor(data_fast.class_counts))
     else:
@@ -97,11 +101,14 @@ def time_block(trainee, source, memory_format, epoch, steps, warmup=3):
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
-        batch = next(iterator).to("cpu", memory_format)
-        out = trainee.method.step(trainee.model, batch, 0.5, generator)
+        batch = next(iterator).to(trainee.device, memory_format)
+        with trainee.autocast():
+            out = trainee.method.step(trainee.model, batch, 0.5, generator)
         trainee.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         trainee.optimizer.step()
+        if trainee.device.type == "cuda":
+            torch.cuda.synchronize()  # the step is done when the GPU is, not when its kernels are queued
         if i >= warmup:
             times.append(time.perf_counter() - start)
     del iterator  # stops the DataLoader workers so they do not run during other variants' blocks
@@ -117,13 +124,17 @@ def pass_gflop(trainee, batch) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def sgemm_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """This CPU's best fp32 matrix-multiply rate with the current torch threads (the practical peak)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def sgemm_gflops(device: torch.device, dtype=torch.float32, n: int = 2048, repeats: int = 10) -> float:
+    """The device's best matrix-multiply rate in `dtype` (the practical peak; on a CPU with its torch threads)."""
+    if device.type == "cuda":
+        n *= 4
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best / 1e9
 
@@ -134,15 +145,21 @@ def main() -> None:
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--synthetic", action="store_true", help="generated CIFAR-sized data instead of CIFAR-10")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--amp", default="off", choices=("off", "bf16"), help="autocast of every variant")
     p.add_argument("--json", default="bench/results/step_throughput.json")
     args = p.parse_args()
-    cfg = config_lib.load("configs/cifar10_lt.yaml", [f"data.root={Path(args.data_root).resolve()}",
-                                                      f"model.width={args.width}"])
-    data_fast = build_data(cfg, torch.device("cpu"), memory_format=torch.channels_last)
+    data = ["data.source=synthetic", "data.synthetic_max_count=5000", "data.synthetic_test_per_class=10"] \
+        if args.synthetic else [f"data.root={Path(args.data_root).resolve()}"]
+    cfg = config_lib.load("configs/cifar10_lt.yaml", [*data, f"model.width={args.width}", f"train.amp={args.amp}",
+                                                      f"train.device={args.device}"])
+    device = torch.device(args.device)
+    data_fast = build_data(cfg, device, memory_format=torch.channels_last)
     data_official = build_data(cfg, torch.device("cpu"))
     data_official.train = official_batches(cfg, data_official)
     names = ["official_style", "glmc", "glmc_contiguous", "glmc_fused", "ce"]
-    variants = {n: make_variant(n, cfg, data_official, data_fast) for n in names}
+    variants = {n: make_variant(n, cfg, data_official, data_fast, device) for n in names}
     samples = {n: [] for n in names}
     for round_index in range(args.rounds):
         for name in names:
@@ -152,14 +169,16 @@ def main() -> None:
     per_step = {n: statistics.median(v) for n, v in samples.items()}
     batch = cfg.train.batch_size
     glmc, source, memory_format = variants["glmc"]
-    gflop = pass_gflop(glmc, next(iter(source.epoch(0))).to("cpu", memory_format))
-    peak = sgemm_gflops()
+    gflop = pass_gflop(glmc, next(iter(source.epoch(0))).to(device, memory_format))
+    peak = sgemm_gflops(device, torch.bfloat16 if args.amp == "bf16" else torch.float32)
     floor = {"gflop_per_pass": gflop, "sgemm_gflops": peak, "glmc_step_floor_seconds": 2 * gflop / peak,
              "glmc_achieved_gflops": 2 * gflop / per_step["glmc"],
              "step_seconds_for_2x_official_style": per_step["official_style"] / 2}
     floor["gflops_needed_for_2x"] = 2 * gflop / floor["step_seconds_for_2x_official_style"]
     report = {
         "width": args.width, "batch_size": batch, "steps_per_block": args.steps, "rounds": args.rounds,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "amp": args.amp,
+        "data": "synthetic" if args.synthetic else "cifar10_lt",
         "threads": torch.get_num_threads(),
         "seconds_per_step": per_step,
         "images_per_s": {n: batch / s for n, s in per_step.items()},
@@ -172,7 +191,7 @@ def main() -> None:
     for name in names:
         print(f"{name:16s} {per_step[name] * 1000:7.1f} ms/step {batch / per_step[name]:6.1f} img/s "
               f"x{report['speedup_vs_official_style'][name]:.2f} vs official-style")
-    print(f"compute floor: 2 passes x {gflop:.1f} GFLOP at this CPU's sgemm peak {peak:.0f} GFLOP/s = "
+    print(f"compute floor: 2 passes x {gflop:.1f} GFLOP at this device's matmul peak {peak:.0f} GFLOP/s = "
           f"{floor['glmc_step_floor_seconds'] * 1000:.0f} ms/step. GLMC runs at {floor['glmc_achieved_gflops']:.0f} "
           f"GFLOP/s ({floor['glmc_achieved_gflops'] / peak:.0%} of peak); 2x the official-style step needs "
           f"{floor['step_seconds_for_2x_official_style'] * 1000:.0f} ms/step = {floor['gflops_needed_for_2x']:.0f} "

@@ -267,3 +267,19 @@ def test_crops_from_tensors_and_from_pil_images_agree():
         (from_pil, p1), (from_tensor, p2) = views(pil, key), views(TF.pil_to_tensor(pil), key)
         assert torch.equal(p1, p2)
         assert (from_pil.float() - from_tensor.float()).abs().mean() < 2
+
+
+def test_the_gpu_check_script_runs_its_parts_on_the_cpu(tmp_path):
+    """bench/gpu_check.py is what a lent GPU runs as it is: its code must not rot between GPU sessions."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--images", "48", "--skip", "step",
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["tail"]["pass"] and report["nvjpeg"]["fallbacks_to_cpu"] >= 1  # the PNG named .JPEG
+    assert report["training"]["test_top1"] is not None and report["feed"]["eager"]["rows_per_s"] > 0
