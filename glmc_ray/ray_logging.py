@@ -10,6 +10,10 @@ that configuration and reaches the console at any level.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
+
+RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
 
 
 class _ForwardTo(logging.Handler):
@@ -100,3 +104,22 @@ def quiet_snapshot_notice(verbose: bool) -> None:
     """On the driver: no "A run snapshot was found" notice on the console (the controller's copy is in its
     log file) unless `verbose`."""
     logging.getLogger(SNAPSHOT_NOTICE_LOGGER).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's INFO lines (execution plans, the progress it logs every few seconds when stdout is not a
+    terminal, "registers for logging ...") to its log file only, <Ray session>/logs/ray-data/ray-data.log;
+    its warnings stay on the console.
+
+    Through Ray Data's own setting, RAY_DATA_LOGGING_CONFIG (ray_data_logging.yaml: its default with the console
+    at WARNING), which the processes of a Ray instance started after this inherit: decode actors, Ray Train's
+    split coordinators. Ray Data reads it when imported; in this process, if it was imported already, its
+    console handler is lowered here too. A value the user set wins."""
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))
+    if os.environ["RAY_DATA_LOGGING_CONFIG"] != str(RAY_DATA_LOGGING):
+        return
+    from ray.data._internal.logging import SessionFileHandler
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, SessionFileHandler):
+            handler.setLevel(logging.WARNING)

@@ -344,6 +344,9 @@ def connect(address: str | None, workers: int, data_cpus: float = 0.0) -> None:
     import ray
     from ray._private.services import canonicalize_bootstrap_address
 
+    from glmc_ray.ray_logging import quiet_ray_data
+
+    quiet_ray_data()
     if ray.is_initialized():
         return
     # Ray's own discovery (RAY_ADDRESS, then a cluster started on this node), resolved to host:port first:
