@@ -36,13 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as TF
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from glmc_ray.data.device_augment import KeyedViews, augment_tail, view_key  # noqa: E402
-from glmc_ray.data.images import decode_tensor  # noqa: E402
+from glmc_ray.data.device_augment import JpegDecoder, KeyedViews, augment_tail, view_key  # noqa: E402
+from glmc_ray.data.images import BadImageLog, decode_tensor  # noqa: E402
 
 SIZE = 224
 ROWS_PER_GPU = 5000  # two-view rows/s that one H100 needs on GLMC's two ResNet-50 passes (issue 21)
@@ -74,19 +73,12 @@ def tail_parity(encoded: list[bytes], device: torch.device) -> dict:
 
 
 def gpu_decode(encoded: list[bytes], device: torch.device) -> tuple[list[torch.Tensor], int]:
-    """Decode a batch on `device` (one batched call); what it refuses is decoded on the CPU one by one."""
-    data = [torch.frombuffer(bytearray(e), dtype=torch.uint8) for e in encoded]
-    try:
-        return [t.to(device) for t in decode_jpeg(data, mode=ImageReadMode.RGB, device=device)], 0
-    except RuntimeError:
-        images, fallbacks = [], 0
-        for one in data:
-            try:
-                images.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
-                fallbacks += 1
-                images.append(decode_tensor(one.numpy().tobytes(), 3).to(device))
-        return images, fallbacks
+    """The training path's decoder (data.decode_on: device): one batched call on `device`, what it refuses
+    decoded on the CPU and counted."""
+    decoder = JpegDecoder(device, 3, SIZE, BadImageLog(len(encoded)))
+    images, kept = decoder.decode(encoded, [f"image {i}" for i in range(len(encoded))])
+    assert bool(kept.all()), "an image no decoder reads"
+    return images, decoder.cpu_decoded
 
 
 def nvjpeg_against_cpu(encoded: list[bytes], device: torch.device) -> dict:
@@ -112,9 +104,9 @@ def feed(encoded: list[bytes], device: torch.device, batch: int, rounds: int = 3
             wall, cpu = time.perf_counter(), time.process_time()
             images, _ = gpu_decode(chunk, device)
             crops, params = [], []
-            for position, image in enumerate(images):
+            for position, image in enumerate(images):  # the boxes: drawn on the CPU from the sizes
                 for view in (0, 1):
-                    box, drawn = views.draw(image, view_key(0, round_index, 0, position, view))
+                    box, drawn = views.draw_for_size(*image.shape[-2:], view_key(0, round_index, 0, position, view))
                     crops.append(TF.resized_crop(image, *box, [SIZE, SIZE], antialias=True))
                     params.append(drawn)
             out = tail(torch.stack(crops), torch.stack(params).to(device))

@@ -57,6 +57,9 @@ class DataConfig:
     num_workers: int = 4  # files: DataLoader worker processes per training worker (decode + augment)
     decode_actors: int = 0  # shards: Ray Data decode actors per stream (0: autoscale from 1 to what the CPUs allow)
     decode_cpus: float = 1.0  # shards: CPUs each decode actor reserves (fractions over-commit small machines)
+    # shards, with the tail on the device: where JPEGs are decoded. device: on the training device (nvJPEG on a
+    # GPU; the decode actors only read image headers, draw the crops and parameters); cpu: in the decode actors
+    decode_on: str = "cpu"
     # shards: decoded rows each worker mixes across shards (~0.3 MB a row at 224 px), on top of a new shard
     # order and a new row order inside each shard every epoch
     shuffle_buffer: int = 1024
@@ -191,6 +194,7 @@ CHOICES = {
     "data.source": ("cifar10", "cifar100", "synthetic", "files", "shards"),
     "data.augmentation": ("crop_flip", "simclr"),
     "data.augment_on": ("auto", "cpu", "device"),
+    "data.decode_on": ("cpu", "device"),
     "data.subset_protocol": ("glmc", "ldam"),
     "model.arch": ("resnet32", "resnet50", "resnext50_32x4d"),
     "model.norm": ("batch", "group"),
@@ -472,6 +476,12 @@ def _validate_data(data: DataConfig) -> None:
         for key in ("train_split", "test_split", "mean", "std"):
             if not getattr(data, key):
                 raise ConfigError(f"data.{key}: required for data.source={data.source}", f"data.{key}")
+    if data.decode_on == "device" and (data.source != "shards" or data.augmentation != "simclr"
+                                       or data.augment_on == "cpu"):
+        raise ConfigError(f"data.decode_on: device decodes the JPEGs of data.source=shards on the training device "
+                          f"with the simclr list's tail there (data.augmentation=simclr, data.augment_on auto or "
+                          f"device); got source {data.source}, augmentation {data.augmentation}, augment_on "
+                          f"{data.augment_on}", "data.decode_on")
         if data.val_fraction:
             raise ConfigError(f"data.val_fraction: data.source={data.source} takes its validation set from "
                               f"data.val_split", "data.val_fraction")

@@ -283,3 +283,41 @@ def test_the_gpu_check_script_runs_its_parts_on_the_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert report["tail"]["pass"] and report["nvjpeg"]["fallbacks_to_cpu"] >= 1  # the PNG named .JPEG
     assert report["training"]["test_top1"] is not None and report["feed"]["eager"]["rows_per_s"] > 0
+
+
+def test_jpegs_decoded_on_the_device_give_the_crops_the_decode_actors_would_cut():
+    """data.decode_on: device ships the encoded image and the boxes drawn from its header; decoding and
+    cropping on the device (here the CPU's decode_jpeg) gives the crops the actors cut from their own decode.
+    A PNG named .JPEG is decoded on the CPU instead and counted; a truncated JPEG is an unreadable image."""
+    from glmc_ray.data.device_augment import JpegDecoder
+    from glmc_ray.data.images import BadImageLog
+
+    pictures = [TF.to_pil_image(_image(seed, 90)[0]) for seed in range(6)]
+    encoded = [_encoded(p, "JPEG") for p in pictures[:4]] + [_encoded(pictures[4], "PNG")]
+    encoded.append(_encoded(pictures[5], "JPEG")[:700])  # the header reads, the pixels do not
+    batch = {"image": np.array(encoded, dtype=object), "label": np.arange(6),
+             "path": np.array([f"img{i}.JPEG" for i in range(6)], object), "index": np.arange(6),
+             "execution": np.zeros(6)}
+    headers = Decode("simclr", 32, 3, train=True, keyed=True, seed=2, decode_on_device=True)(batch)
+    pixels = Decode("simclr", 32, 3, train=True, keyed=True, seed=2)(batch)
+    assert "x1" not in headers and headers["ok"].all()
+    assert np.array_equal(headers["index"], pixels["index"])  # the same keyed order inside the block
+    log = BadImageLog(5)
+    decoder = JpegDecoder(torch.device("cpu"), 3, 32, log)
+    images, kept = decoder.decode(list(headers["jpeg"]), list(headers["path"]))
+    assert kept.tolist() == (headers["index"] != 5).tolist() == pixels["ok"].tolist()
+    assert decoder.cpu_decoded == 1 and log.take("train") == 1
+    for v in (1, 2):
+        crops = decoder.crops(images, torch.from_numpy(headers[f"box{v}"])[kept])
+        assert torch.equal(crops, torch.from_numpy(pixels[f"x{v}"][pixels["ok"]]))
+        assert np.array_equal(headers[f"p{v}"][kept.numpy()], pixels[f"p{v}"][pixels["ok"]])
+
+
+def test_decoding_on_the_device_needs_the_shards_and_the_simclr_tail():
+    from glmc_ray import config as config_lib
+    from glmc_ray.config import ConfigError
+
+    sets = ["data.source=files", "data.train_split=t.txt", "data.test_split=t.txt", "data.mean=[0.5]",
+            "data.std=[0.2]", "data.augmentation=simclr", "data.decode_on=device"]
+    with pytest.raises(ConfigError, match="data.decode_on: device decodes the JPEGs of data.source=shards"):
+        config_lib.load(None, sets)

@@ -124,10 +124,10 @@ def _epochs(run):
 
 
 def test_train_in_process_from_shards(shard_root, tmp_path):
-    """As a user runs it, in its own process and Ray instance: Ray Data's execution plans and logged progress
-    stay in its log file, the console shows our lines."""
+    """As a user runs it, in its own process and Ray instance, the simclr list's tail on the device: Ray Data's
+    execution plans and logged progress stay in its log file, the console shows our lines."""
     args = ["-m", "glmc_ray.train", "--data-root", str(shard_root), "--output", str(tmp_path),
-            *_sets([*SHARD_RUN, "train.epochs=1"])]
+            *_sets([*SHARD_RUN, "train.epochs=1", "data.augmentation=simclr", "data.augment_on=device"])]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     console = done.stdout + done.stderr
@@ -142,11 +142,11 @@ def test_train_in_process_from_shards(shard_root, tmp_path):
 
 
 def test_two_worker_run_from_shards_resumes_after_the_driver_is_killed(shard_root, tmp_path):
-    """With the simclr list's tail on the training device: crops and parameters through Ray Data."""
+    """With the JPEGs decoded on the training device: encoded images, crop boxes and parameters through Ray Data."""
     address = ray.get_runtime_context().gcs_address
     args = ["-m", "glmc_ray.train", "--data-root", str(shard_root), "--output", str(tmp_path), "--workers", "2",
             "--address", address, *_sets([*SHARD_RUN, "train.epochs=2", "train.eval_every=2",
-                                           "data.augmentation=simclr", "data.augment_on=device"])]
+                                           "data.augmentation=simclr", "data.decode_on=device"])]
     driver = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while not list(tmp_path.glob("*/metrics.jsonl")) and time.monotonic() < deadline and driver.poll() is None:

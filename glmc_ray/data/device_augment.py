@@ -22,13 +22,18 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import itertools
+import sys
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as TF
+
+from glmc_ray.data.images import UNREADABLE_IMAGE_ERRORS, Unreadable, decode_tensor
 
 # One view's parameters, a row of PARAMS floats: the three jitter factors, the jitter order (an index into
 # ORDERS), grayscale (0/1), blur (0/1), the blur sigma, horizontal flip (0/1)
@@ -65,6 +70,10 @@ class KeyedViews:
         crop = TF.resized_crop(image, *box, [self.size, self.size], antialias=True) \
             if self.augmentation == "simclr" else TF.crop(image, *box)
         return (crop if torch.is_tensor(crop) else TF.pil_to_tensor(crop)), params
+
+    def draw_for_size(self, height: int, width: int, key: int) -> tuple[tuple[int, int, int, int], torch.Tensor]:
+        """`draw` for an image known by its size only (a JPEG header): simclr's box and parameters."""
+        return self.draw(torch.empty(1, 1, 1, dtype=torch.uint8).expand(3, height, width), key)
 
     def draw(self, image: Image.Image | torch.Tensor, key: int) -> tuple[tuple[int, int, int, int], torch.Tensor]:
         """The crop box (top, left, height, width) in `image` and the tail's parameters; only the image's size
@@ -158,9 +167,65 @@ def augment_tail(views: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 
 
 def augment_on_device(data, gpu: bool) -> bool:
-    """data.augment_on resolved: auto is the device where the workers train on GPUs. On CPU workers the decode
-    workers (processes of their own) run the tail side by side, off the training process."""
-    return data.augment_on == "device" or (data.augment_on == "auto" and gpu)
+    """data.augment_on resolved: auto is the device where the workers train on GPUs (and wherever the JPEGs are
+    decoded there). On CPU workers the decode workers (processes of their own) run the tail side by side, off
+    the training process."""
+    return data.augment_on == "device" or (data.augment_on == "auto" and (gpu or data.decode_on == "device"))
+
+
+def header_size(encoded: bytes) -> tuple[int, int] | str:
+    """(height, width) from an image's header (PIL reads no pixels), or why it cannot be read."""
+    try:
+        with Image.open(io.BytesIO(encoded)) as image:
+            return image.height, image.width
+    except UNREADABLE_IMAGE_ERRORS as err:
+        return f"{type(err).__name__}: {err}"
+
+
+class JpegDecoder:
+    """JPEGs decoded on the training device (`data.decode_on: device`): one batched
+    `torchvision.io.decode_jpeg(device=...)` call (nvJPEG on a GPU, libjpeg-turbo on a CPU); what it refuses
+    (a CMYK JPEG on some GPUs, a PNG named .JPEG) is decoded on the CPU (`decode_tensor`), named once and
+    counted; what nothing decodes is an unreadable image for `bad_images`. Then each view's crop, from the box
+    the decode actor drew on the header's size."""
+
+    def __init__(self, device: torch.device, channels: int, size: int, bad_images):
+        self.device, self.size, self.bad_images = torch.device(device), size, bad_images
+        self.mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+        self.channels, self.cpu_decoded, self.named = channels, 0, set()
+
+    def decode(self, encoded: list[bytes], paths: list[str]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The images on the device, and which rows have one (unreadable rows are left out of the list)."""
+        data = [torch.frombuffer(bytearray(e), dtype=torch.uint8) for e in encoded]
+        try:
+            return list(decode_jpeg(data, mode=self.mode, device=self.device)), torch.ones(len(data), dtype=torch.bool)
+        except RuntimeError:  # one refused image fails the batched call: decode one by one
+            pass
+        images, kept, bad = [], torch.ones(len(data), dtype=torch.bool), []
+        for row, (one, path) in enumerate(zip(data, paths, strict=True)):
+            try:
+                images.append(decode_jpeg(one, mode=self.mode, device=self.device))
+                continue
+            except RuntimeError as err:
+                reason = str(err).splitlines()[-1]
+            image = decode_tensor(encoded[row], self.channels, path)
+            if isinstance(image, Unreadable):
+                kept[row] = False
+                bad.append(image)
+                continue
+            self.cpu_decoded += 1
+            if path not in self.named:
+                self.named.add(path)
+                print(f"note: {path} decoded on the CPU, not by {self.device.type}'s JPEG decoder ({reason}); "
+                      f"{self.cpu_decoded} so far", file=sys.stderr, flush=True)
+            images.append(image.to(self.device))
+        self.bad_images.add("train", bad)
+        return images, kept
+
+    def crops(self, images: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, size, size): each image's box (top, left, height, width), resized as KeyedViews does."""
+        return torch.stack([TF.resized_crop(image, *box, [self.size, self.size], antialias=True)
+                            for image, box in zip(images, boxes.tolist(), strict=True)])
 
 
 class DeviceTail:
@@ -174,10 +239,3 @@ class DeviceTail:
         crops, params = view
         crops = crops.to(self.normalizer.device, non_blocking=True)
         return self.normalizer.normalize(augment_tail(crops, params))
-
-
-def first_rows(view, k: int | None):
-    """The first k rows of a view: a tensor, or a (crops, parameters) pair; all of it when k is None."""
-    if k is None:
-        return view
-    return view[:k] if isinstance(view, torch.Tensor) else [part[:k] for part in view]

@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from glmc_ray.data.batches import DataBundle, EpochPlan, per_sample_weights
-from glmc_ray.data.device_augment import STREAM_IDS, DeviceTail, KeyedViews, augment_on_device, first_rows, view_key
+from glmc_ray.data.device_augment import STREAM_IDS, DeviceTail, KeyedViews, augment_on_device, view_key
 from glmc_ray.data.images import (
     BadImageLog,
     Normalizer,
@@ -176,7 +176,7 @@ class LoaderBatches:
         for sampler in self.samplers:
             sampler.epoch = epoch
         def n(view, k=None):
-            return self.finish(first_rows(view, k))
+            return self.finish(_first_rows(view, k))
         if len(self.loaders) == 1:
             for (x1, x2), y in self.loaders[0]:
                 yield Batch(n(x1), n(x2), y)
@@ -184,6 +184,14 @@ class LoaderBatches:
         for ((x1, x2), y), ((rx1, rx2), ry) in zip(*self.loaders, strict=True):
             k = min(len(y), len(ry))
             yield Batch(n(x1, k), n(x2, k), y[:k], n(rx1, k), n(rx2, k), ry[:k])
+
+
+def _first_rows(view, k: int | None):
+    """The first k rows of a view: a tensor, or a (crops, parameters) pair; all of it when k is None."""
+    if k is None:
+        return view
+    return view[:k] if isinstance(view, torch.Tensor) else [part[:k] for part in view]
+
 
 
 def split_path(data, split: str) -> Path:

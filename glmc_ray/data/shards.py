@@ -38,9 +38,10 @@ from glmc_ray.data.device_augment import (
     PARAMS,
     STREAM_IDS,
     DeviceTail,
+    JpegDecoder,
     KeyedViews,
     augment_on_device,
-    first_rows,
+    header_size,
     view_key,
 )
 from glmc_ray.data.images import (
@@ -147,12 +148,13 @@ class Decode:
     of a damaged row group (a non-empty `damage`) pass through once, without pixels, for the worker to stop at."""
 
     def __init__(self, augmentation: str, size: int, channels: int, train: bool, rates=None, keyed: bool = False,
-                 seed: int = 0, stream: int = 0):
+                 seed: int = 0, stream: int = 0, decode_on_device: bool = False):
         if keyed and train:
             self.transform = KeyedViews(augmentation, size)
         else:
             self.transform = train_transform(augmentation, size) if train else test_transform(augmentation, size)
         self.views, self.channels, self.keyed = 2 if train else 1, channels, keyed and train
+        self.headers_only = decode_on_device and self.keyed  # ship the JPEG and its boxes, not pixels
         self.size, self.rates, self.train, self.seed, self.stream = size, rates, train, seed, stream
         self.rng = np.random.default_rng()
 
@@ -177,18 +179,42 @@ class Decode:
         return np.random.default_rng([self.seed, self.stream, int(batch["execution"][0]),
                                       int(batch["index"][0]) + 1])
 
+    def _keys(self, batch: dict, row: int, copy: int) -> list[int]:
+        execution = int(batch["execution"][row]) if "execution" in batch else 0
+        position = f"{int(batch['index'][row])}.{copy}"
+        return [view_key(self.seed, execution, self.stream, position, v) for v in range(self.views)]
+
     def _draw(self, image, batch: dict, row: int, copy: int) -> list:
         if not self.keyed:
             return [(self.transform(image), None) for _ in range(self.views)]
-        execution = int(batch["execution"][row]) if "execution" in batch else 0
-        position = f"{int(batch['index'][row])}.{copy}"
-        return [self.transform(image, view_key(self.seed, execution, self.stream, position, v))
-                for v in range(self.views)]
+        return [self.transform(image, key) for key in self._keys(batch, row, copy)]
+
+    def _boxes(self, batch: dict, rows: np.ndarray, copies: np.ndarray, damaged: np.ndarray) -> dict:
+        """decode_on device: per row the encoded image, and per view its crop box (from the header's size) and
+        parameters; a header that does not read makes the row unreadable."""
+        boxes = np.zeros((self.views, len(rows), 4), dtype=np.int64)
+        params = np.zeros((self.views, len(rows), PARAMS), dtype=np.float32)
+        ok, reasons = ~damaged[rows], [""] * len(rows)
+        for i, (row, copy) in enumerate(zip(rows, copies, strict=True)):
+            size = header_size(bytes(batch["image"][row])) if ok[i] else ""
+            if isinstance(size, str):
+                ok[i], reasons[i] = False, size
+                continue
+            for v, key in enumerate(self._keys(batch, row, int(copy))):
+                box, drawn = self.transform.draw_for_size(*size, key)
+                boxes[v, i], params[v, i] = box, drawn.numpy()
+        return {"jpeg": batch["image"][rows], **{f"box{v + 1}": boxes[v] for v in range(self.views)},
+                **{f"p{v + 1}": params[v] for v in range(self.views)}, "ok": ok,
+                "reason": np.array(reasons, dtype=object)}
 
     def __call__(self, batch: dict) -> dict:
         damage = batch.get("damage", np.full(len(batch["label"]), "", dtype=object))  # absent: not from a read task
         damaged = damage != ""
         rows, copies = self._rows(batch, damaged, self._rng(batch))
+        common = {"label": batch["label"][rows].astype(np.int64), "index": batch["index"][rows],
+                  "path": batch["path"][rows], "damage": damage[rows]}
+        if self.headers_only:
+            return {**self._boxes(batch, rows, copies, damaged), **common}
         views = np.zeros((self.views, len(rows), self.channels, self.size, self.size), dtype=np.uint8)
         params = np.zeros((self.views, len(rows), PARAMS), dtype=np.float32)
         ok, reasons = np.ones(len(rows), dtype=bool), [""] * len(rows)
@@ -208,14 +234,13 @@ class Decode:
         out = {f"x{v + 1}": views[v] for v in range(self.views)}
         if self.keyed:
             out |= {f"p{v + 1}": params[v] for v in range(self.views)}
-        return {**out, "label": batch["label"][rows].astype(np.int64), "index": batch["index"][rows],
-                "path": batch["path"][rows], "ok": ok, "reason": np.array(reasons, dtype=object),
-                "damage": damage[rows]}
+        return {**out, **common, "ok": ok, "reason": np.array(reasons, dtype=object)}
 
 
 def stream(data, paths: list[str], seed: int, train: bool, rates=None, keyed: bool = False, stream_id: int = 0):
     """A Ray Dataset of decoded rows of the shards at `paths` (lazy: each iteration is a new execution);
-    `keyed`: crops and their parameters for the device tail."""
+    `keyed`: crops and their parameters for the device tail (with data.decode_on device: the JPEGs, their
+    crop boxes and parameters)."""
     import ray.data
 
     dataset = ray.data.read_datasource(shard_source(paths, seed, shuffle=train), override_num_blocks=len(paths))
@@ -223,7 +248,8 @@ def stream(data, paths: list[str], seed: int, train: bool, rates=None, keyed: bo
     return dataset.map_batches(
         Decode, fn_constructor_kwargs={"augmentation": data.augmentation, "size": data.image_size,
                                        "channels": data.channels, "train": train, "rates": rates, "keyed": keyed,
-                                       "seed": seed, "stream": stream_id},
+                                       "seed": seed, "stream": stream_id,
+                                       "decode_on_device": data.decode_on == "device"},
         batch_size=DECODE_BATCH, compute=pool, num_cpus=data.decode_cpus)
 
 
@@ -265,8 +291,11 @@ def kept_rows(num_classes: int, bad_images: BadImageLog, split: str):
                 path = rows["path"][ok][int(labels.argmax())]
                 raise ValueError(f"{path}: label {int(labels.max())} is outside the training manifest's "
                                  f"{num_classes} classes")
-            return {**{k: torch.from_numpy(rows[k][ok]) for k in ("x1", "x2", "p1", "p2", "index") if k in rows},
-                    "label": labels}
+            tensors = ("x1", "x2", "p1", "p2", "box1", "box2", "index")
+            out = {k: torch.from_numpy(rows[k][ok]) for k in tensors if k in rows}
+            if "jpeg" in rows:  # decoded on the device: the encoded images, and their paths to name a bad one
+                out |= {"jpeg": [bytes(b) for b in rows["jpeg"][ok]], "path": [str(p) for p in rows["path"][ok]]}
+            return {**out, "label": labels}
     return KeptRows()
 
 
@@ -294,30 +323,37 @@ def _repeating(batches: RowBatches) -> Iterator[dict]:
 
 class ShardBatches:
     """The training batch source: the uniform stream read once per epoch, zipped with the re-balanced one;
-    views finished on the device by `finish` (a Normalizer, or a DeviceTail for crops with parameters)."""
+    views finished on the device by `finish`: a Normalizer, or a DeviceTail for crops with parameters, after
+    `decoder` has decoded and cropped the JPEGs there when they travel encoded (data.decode_on: device)."""
 
     def __init__(self, uniform: RowBatches, rebalanced: RowBatches | None, steps: int,
-                 finish: Normalizer | DeviceTail):
+                 finish: Normalizer | DeviceTail, decoder: JpegDecoder | None = None):
         self.uniform, self.rebalanced, self.steps, self.finish = uniform, rebalanced, steps, finish
+        self.decoder = decoder
 
     def __len__(self) -> int:
         return self.steps
 
-    def _view(self, rows: dict, v: int, k: int | None = None) -> torch.Tensor:
-        view = (rows[f"x{v}"], rows[f"p{v}"]) if isinstance(self.finish, DeviceTail) else rows[f"x{v}"]
-        return self.finish(first_rows(view, k))
+    def _finished(self, rows: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(view 1, view 2, labels) of the rows, on the device; rows whose image nothing decodes are left out."""
+        if self.decoder is not None:
+            images, kept = self.decoder.decode(rows["jpeg"], rows["path"])
+            return (*(self.finish((self.decoder.crops(images, rows[f"box{v}"][kept]), rows[f"p{v}"][kept]))
+                      for v in (1, 2)), rows["label"][kept])
+        if isinstance(self.finish, DeviceTail):
+            return (*(self.finish((rows[f"x{v}"], rows[f"p{v}"])) for v in (1, 2)), rows["label"])
+        return self.finish(rows["x1"]), self.finish(rows["x2"]), rows["label"]
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        n = self._view
         second = _repeating(self.rebalanced) if self.rebalanced is not None else None
         for rows in self.uniform:
+            x1, x2, y = self._finished(rows)
             if second is None:
-                yield Batch(n(rows, 1), n(rows, 2), rows["label"])
+                yield Batch(x1, x2, y)
                 continue
-            other = next(second)
-            k = min(len(rows["label"]), len(other["label"]))  # bad images dropped: the method pairs by position
-            yield Batch(n(rows, 1, k), n(rows, 2, k), rows["label"][:k], n(other, 1, k), n(other, 2, k),
-                        other["label"][:k])
+            rx1, rx2, ry = self._finished(next(second))
+            k = min(len(y), len(ry))  # bad images dropped: the method pairs the streams by position
+            yield Batch(x1[:k], x2[:k], y[:k], rx1[:k], rx2[:k], ry[:k])
 
 
 class EvalBatches:
@@ -369,4 +405,5 @@ def build(cfg, device, rank: int, world_size: int, memory_format, rebalanced: bo
             dataset = stream(data, mine, train.seed, train=False) if mine else None
             evals[name] = EvalBatches(rows_of(dataset, train.eval_batch_size, name), normalizer)
     finish = DeviceTail(normalizer) if augment_on_device(data, gpu) else normalizer
-    return DataBundle(ShardBatches(uniform, second, steps, finish), evals, counts, bad_images)
+    decoder = JpegDecoder(device, data.channels, data.image_size, bad_images) if data.decode_on == "device" else None
+    return DataBundle(ShardBatches(uniform, second, steps, finish, decoder), evals, counts, bad_images)
