@@ -17,6 +17,9 @@ call PIL's ImageEnhance and convert("L")), in float on the 0-255 scale: each ble
 luma in PIL's fixed point, the contrast mean rounded. It blurs with a separable 23-tap Gaussian (torchvision's
 gaussian_blur, reflect border, rounded) where the official list uses PIL's three box passes: the one op that
 differs, by about half a level on average (tests/test_device_augment.py measures it).
+
+With `data.decode_on: device` the decode actors read only each JPEG's header and draw the boxes from its size
+(`KeyedViews.draw_for_size`); `JpegDecoder` decodes the batch on the training device and cuts the crops there.
 """
 from __future__ import annotations
 
