@@ -7,8 +7,9 @@ Designs (one row = one image decoded once and augmented into two views, the offi
   (c) device_tail   the CPU side of data.augment_on: device: torchvision decode + two keyed crops and their
                     parameters; the tail (jitter, grayscale, blur, flip) runs on the training device. Its cost,
                     were it run on this CPU instead, is measured apart (tail_on_cpu, batches of 64).
-  (d) gpu_decode    the JPEG decoded on the GPU as well (torchvision.io.decode_jpeg(device="cuda")): CPU cost
-                    about zero; measured only where CUDA is present (bench/gpu_check.py).
+  (d) gpu_decode    data.decode_on: device: the CPU reads each JPEG's header and draws the boxes and parameters
+                    (gpu_decode_cpu_side, measured here); decode, crops and tail run on the GPU, measured where
+                    CUDA is present (bench/gpu_check.py, "feed").
 
 Pipelines, N processes each, rounds alternating: a DataLoader over the files and Ray Data over Parquet shards,
 each with the official list (b) and with the device tail's CPU side (c); the rows/s once running, per core,
@@ -46,7 +47,7 @@ from decode_throughput import (  # noqa: E402
     timed_epoch,
 )
 
-from glmc_ray.data.device_augment import PARAMS, KeyedViews, augment_tail, view_key  # noqa: E402
+from glmc_ray.data.device_augment import PARAMS, KeyedViews, augment_tail, header_size, view_key  # noqa: E402
 from glmc_ray.data.files import ImageListDataset, ReadableBatches, collate_readable, read_split_file  # noqa: E402
 from glmc_ray.data.images import BadImageLog, TwoViews, decode, decode_tensor, train_transform  # noqa: E402
 from glmc_ray.data.shards import stream  # noqa: E402
@@ -80,6 +81,12 @@ def serial_ms_per_row(encoded: list[bytes]) -> dict[str, float]:
             crops.append(crop)
             params.append(drawn)
     out["device_tail"] = (time.perf_counter() - start) * 1e3 / len(encoded)
+    start = time.perf_counter()  # (d): the decode actors read the header and draw; the GPU decodes
+    for position, data in enumerate(encoded):
+        size = header_size(data)
+        for view in (0, 1):
+            views.draw_for_size(*size, view_key(0, 0, 0, position, view))
+    out["gpu_decode_cpu_side"] = (time.perf_counter() - start) * 1e3 / len(encoded)
     crops, params = torch.stack(crops), torch.stack(params)
     batch, start = min(BATCH, len(crops)), time.perf_counter()
     for first in range(0, len(crops) - batch + 1, batch):
@@ -173,7 +180,8 @@ def main() -> None:
         loads.append(os.getloadavg()[0])
 
     ms = {name: median(r[name] for r in serial) for name in serial[0]}
-    ratios = {name: median(r["old_list"] / r[name] for r in serial) for name in ("official", "device_tail")}
+    ratios = {name: median(r["old_list"] / r[name] for r in serial)
+              for name in ("official", "device_tail", "gpu_decode_cpu_side")}
     rates = {name: {"running_rows_per_s": median(e.running_rate for e in runs),
                     "running_rows_per_s_per_core": median(e.running_rate for e in runs) / args.processes,
                     "epoch_rows_per_s": median(e.epoch_rate for e in runs),
@@ -196,8 +204,7 @@ def main() -> None:
     Path(args.json).write_text(json.dumps(report, indent=1))
     print(f"\nCPU ms per row, 1 thread (median of {args.rounds} rounds): "
           + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
-    print(f"speed-up over the old list, per round: official {ratios['official']:.2f}x, device tail's CPU side "
-          f"{ratios['device_tail']:.2f}x")
+    print("speed-up over the old list, per round: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     for name, figures in rates.items():
         per_core = figures["running_rows_per_s_per_core"]
         print(f"{name:24s} {figures['running_rows_per_s']:6.1f} rows/s running ({per_core:.1f} per core), "
