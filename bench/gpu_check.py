@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from torchvision.transforms import functional as TF
+from torchvision.transforms.v2 import functional as TF2
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -107,7 +107,7 @@ def feed(encoded: list[bytes], device: torch.device, batch: int, rounds: int = 3
             for position, image in enumerate(images):  # the boxes: drawn on the CPU from the sizes
                 for view in (0, 1):
                     box, drawn = views.draw_for_size(*image.shape[-2:], view_key(0, round_index, 0, position, view))
-                    crops.append(TF.resized_crop(image, *box, [SIZE, SIZE], antialias=True))
+                    crops.append(TF2.resized_crop(image, *box, [SIZE, SIZE], antialias=True))
                     params.append(drawn)
             out = tail(torch.stack(crops), torch.stack(params).to(device))
             if device.type == "cuda":

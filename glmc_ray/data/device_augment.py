@@ -35,6 +35,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as TF
+from torchvision.transforms.v2 import functional as TF2
 
 from glmc_ray.data.images import UNREADABLE_IMAGE_ERRORS, Unreadable, decode_tensor
 
@@ -65,13 +66,17 @@ class KeyedViews:
         self.augmentation, self.size = augmentation, size
 
     def __call__(self, image: Image.Image | torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`image`: PIL, or uint8 (C, H, W) (`decode_tensor`'s, cropped by torchvision's tensor kernels,
+        """`image`: PIL, or uint8 (C, H, W) (`decode_tensor`'s, cropped by torchvision's v2 uint8 kernel,
         bilinear with antialiasing, as PIL's resize)."""
         if self.augmentation != "simclr":
             image = TF.pad(TF.center_crop(TF.resize(image, self.size), self.size), self.size // 8)
         box, params = self.draw(image, key)
-        crop = TF.resized_crop(image, *box, [self.size, self.size], antialias=True) \
-            if self.augmentation == "simclr" else TF.crop(image, *box)
+        if self.augmentation != "simclr":
+            crop = TF.crop(image, *box)
+        elif torch.is_tensor(image):  # v2's uint8 kernel: 3x the speed of v1's, which resizes in float
+            crop = TF2.resized_crop(image, *box, [self.size, self.size], antialias=True)
+        else:
+            crop = TF.resized_crop(image, *box, [self.size, self.size], antialias=True)
         return (crop if torch.is_tensor(crop) else TF.pil_to_tensor(crop)), params
 
     def draw_for_size(self, height: int, width: int, key: int) -> tuple[tuple[int, int, int, int], torch.Tensor]:
@@ -227,7 +232,7 @@ class JpegDecoder:
 
     def crops(self, images: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, size, size): each image's box (top, left, height, width), resized as KeyedViews does."""
-        return torch.stack([TF.resized_crop(image, *box, [self.size, self.size], antialias=True)
+        return torch.stack([TF2.resized_crop(image, *box, [self.size, self.size], antialias=True)
                             for image, box in zip(images, boxes.tolist(), strict=True)])
 
 
