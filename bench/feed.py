@@ -37,6 +37,8 @@ from decode_throughput import (  # noqa: E402
     ROWS_PER_SLOT,
     SLOTS_PER_GPU,
     ObjectStore,
+    dataloader_pipeline,
+    decode_config,
     describe,
     encoded_images,
     image_tree,
@@ -47,8 +49,15 @@ from decode_throughput import (  # noqa: E402
     timed_epoch,
 )
 
+from glmc_ray.data.batches import EpochPlan  # noqa: E402
 from glmc_ray.data.device_augment import PARAMS, KeyedViews, augment_tail, header_size, view_key  # noqa: E402
-from glmc_ray.data.files import ImageListDataset, ReadableBatches, collate_readable, read_split_file  # noqa: E402
+from glmc_ray.data.files import (  # noqa: E402
+    ImageListDataset,
+    ReadableBatches,
+    _PlannedBatchSampler,
+    collate_readable,
+    read_split_file,
+)
 from glmc_ray.data.images import BadImageLog, TwoViews, decode, decode_tensor, train_transform  # noqa: E402
 from glmc_ray.data.shards import stream  # noqa: E402
 
@@ -96,42 +105,26 @@ def serial_ms_per_row(encoded: list[bytes]) -> dict[str, float]:
     return out
 
 
-class KeyedShuffle(torch.utils.data.Sampler):
-    """Shuffled batches of (index, view keys), as the files source's keyed sampler feeds its DataLoader."""
-
-    def __init__(self, size: int):
-        self.size, self.epoch = size, 0
-
-    def __len__(self) -> int:
-        return (self.size + BATCH - 1) // BATCH
-
-    def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.epoch)).tolist()
-        self.epoch += 1
-        for first in range(0, self.size, BATCH):
-            yield [(i, (view_key(0, self.epoch, 0, first + n, 0), view_key(0, self.epoch, 0, first + n, 1)))
-                   for n, i in enumerate(order[first:first + BATCH])]
-
-
-def dataloader_pipeline(split: Path, workers: int, keyed: bool):
-    """data.source=files: the CPU list, or the device tail's CPU side (crops and parameters) when `keyed`."""
+def keyed_dataloader_pipeline(split: Path, workers: int):
+    """data.source=files with the device tail's CPU side: the source's own keyed sampler over a shuffled epoch
+    plan feeds (index, view keys) batches; the workers return crops and parameters."""
     paths, labels = read_split_file(split, split.parent)
-    transform = KeyedViews("simclr", SIZE) if keyed else TwoViews(train_transform("simclr", SIZE))
-    dataset = ImageListDataset(paths, labels, transform, channels=3)
-    sampling = {"batch_sampler": KeyedShuffle(len(labels))} if keyed else {"batch_size": BATCH, "shuffle": True}
-    loader = torch.utils.data.DataLoader(dataset, num_workers=workers, collate_fn=collate_readable,
-                                         persistent_workers=True, **sampling)
+    dataset = ImageListDataset(paths, labels, KeyedViews("simclr", SIZE), channels=3)
+    sampler = _PlannedBatchSampler(EpochPlan(len(labels), BATCH, None, seed=0), "uniform", keyed=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                         collate_fn=collate_readable, persistent_workers=True)
     batches = ReadableBatches(loader, BadImageLog(0), "train")
-    return lambda: timed_epoch(batches, lambda batch: len(batch[1]))
+
+    def epoch():
+        sampler.epoch += 1  # a new order and new keys each pass, as over a run's epochs
+        return timed_epoch(batches, lambda batch: len(batch[1]))
+    return epoch
 
 
 def pipelines(split: Path, shards: list[str], processes: int, store: ObjectStore) -> dict:
-    from glmc_ray import config as config_lib
-
-    data = config_lib.load("configs/imagenet_lt.yaml", ["data.source=shards", f"data.decode_actors={processes}",
-                                                        "data.decode_cpus=1"]).data
-    return {"dataloader": dataloader_pipeline(split, processes, keyed=False),
-            "dataloader_device_tail": dataloader_pipeline(split, processes, keyed=True),
+    data = decode_config(processes)
+    return {"dataloader": dataloader_pipeline(split, processes),
+            "dataloader_device_tail": keyed_dataloader_pipeline(split, processes),
             "ray_data": ray_data_pipeline(stream(data, shards, seed=0, train=True), store),
             "ray_data_device_tail": ray_data_pipeline(stream(data, shards, seed=0, train=True, keyed=True), store)}
 

@@ -73,12 +73,17 @@ def _study(experiment):
     ("optim.lr: {float: [0.1, 1]}", "optim.lr", "base config's value 0.05 is outside"),
 ])
 def test_space_errors_name_the_file_and_the_key(tmp_path, text, key, words):
+    path, err = _space_error(tmp_path, text)
+    assert str(err).startswith(f"{path}: {key}") and words in str(err), str(err)
+    assert err.key == key
+
+
+def _space_error(tmp_path, text) -> tuple:
+    """The space file written from `text`, and the ConfigError that loading it over the smoke config raises."""
     path = _space(tmp_path, text)
     with pytest.raises(config_lib.ConfigError) as err:
         search_space.load_space(path, config_lib.load(SMOKE))
-    message = str(err.value)
-    assert message.startswith(f"{path}: {key}") and words in message, message
-    assert err.value.key == key
+    return path, err.value
 
 
 COND = "method.name: {choice: [glmc, ldam_drw, ce]}\nwhen:\n"
@@ -110,11 +115,8 @@ COND = "method.name: {choice: [glmc, ldam_drw, ce]}\nwhen:\n"
      "base config's value 'glmc' is outside"),
 ])
 def test_conditional_space_errors_name_the_file_and_the_key(tmp_path, text, start, words):
-    path = _space(tmp_path, text)
-    with pytest.raises(config_lib.ConfigError) as err:
-        search_space.load_space(path, config_lib.load(SMOKE))
-    message = str(err.value)
-    assert message.startswith(f"{path}: {start}") and words in message, message
+    path, err = _space_error(tmp_path, text)
+    assert str(err).startswith(f"{path}: {start}") and words in str(err), str(err)
 
 
 def test_methods_space_samples_only_the_chosen_method_s_knobs():
