@@ -79,7 +79,7 @@ def _snapshot_problem(fs, snapshot: str) -> str | None:
 
 
 def _fall_back(run: Path, fs, experiment: str, snapshot: str, problem: str) -> Resume:
-    folders = _checkpoint_folders(fs, experiment)
+    folders = checkpoint_folders(fs, experiment)
     if not folders and problem == "is missing":  # a run that never committed an epoch: a fresh start
         _rewrite_metrics(run, [])
         return Resume()
@@ -107,7 +107,7 @@ def _fall_back(run: Path, fs, experiment: str, snapshot: str, problem: str) -> R
     return Resume(chosen)
 
 
-def _checkpoint_folders(fs, experiment: str) -> list[tuple[int, str]]:
+def checkpoint_folders(fs, experiment: str) -> list[tuple[int, str]]:
     infos = fs.get_file_info(pyarrow.fs.FileSelector(experiment, allow_not_found=True))
     return [(int(m.group(1)), info.path) for info in infos
             if info.type == pyarrow.fs.FileType.Directory and (m := FOLDER.match(info.base_name))]
@@ -155,7 +155,7 @@ def delete_untracked_checkpoints(result) -> None:
     if result.checkpoint is None:
         return
     tracked = {result.checkpoint.path, *(c.path for c, _ in result.best_checkpoints or [])}
-    for _, folder in _checkpoint_folders(result.filesystem, result.path):
+    for _, folder in checkpoint_folders(result.filesystem, result.path):
         if folder not in tracked:
             result.filesystem.delete_dir(folder)
 

@@ -11,6 +11,8 @@ config, data and divergence errors end the run at once (`fail_fast_callback`).
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import tempfile
@@ -20,7 +22,8 @@ from pathlib import Path
 import torch
 
 from glmc_ray import config as config_lib
-from glmc_ray import provenance, ray_resume, rundir
+from glmc_ray import provenance, ray_resume, run_mirror, rundir
+from glmc_ray import storage as storage_lib
 from glmc_ray.errors import exit_code
 from glmc_ray.loop import Dist
 from glmc_ray.methods import METHODS
@@ -28,6 +31,7 @@ from glmc_ray.ray_resume import STATE_FILE
 
 SCORE = "checkpoint_score"
 PER_CLASS = "test_per_class"  # rank 0's per-class test accuracy travels with its metrics to the controller
+STORAGE_FILE = "storage.json"  # in a Ray Train run directory: where its checkpoints are (what a resume needs)
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "9p")
 
 
@@ -114,9 +118,9 @@ def has_validation(cfg) -> bool:
     return cfg.data.val_fraction > 0 or bool(cfg.data.val_split)
 
 
-def metrics_callback(run: Path):
+def metrics_callback(run: Path, remote: str | None = None):
     """A controller-side callback that keeps `<run>/metrics.jsonl` (and the TensorBoard events) equal to the
-    committed epochs."""
+    committed epochs, and their copy at `remote` (run_mirror) when the run has one."""
     from ray.train import UserCallback
 
     from glmc_ray.tensorboard_events import EpochEvents
@@ -124,12 +128,15 @@ def metrics_callback(run: Path):
     class MetricsFile(UserCallback):
         def __init__(self):
             self.events = EpochEvents(run)
+            self.pushed = None
 
         def after_report(self, run_context, metrics, checkpoint):
             record = {k: v for k, v in metrics[0].items() if k not in (SCORE, PER_CLASS)}
             rundir.truncate_metrics(run, record["epoch"])  # a replayed epoch replaces, never duplicates
             rundir.append_metrics(run, record)
             self.events.write(record, metrics[0][PER_CLASS])
+            if remote is not None:
+                self.pushed = run_mirror.push(run, remote, self.pushed)
 
     return MetricsFile()
 
@@ -228,13 +235,13 @@ def check_shared_storage(storage: str, nodes: int, hosts: int) -> None:
     """
     if nodes <= 1 or hosts <= 1 or "://" in storage:
         return
-    fstype = _filesystem_type(Path(storage))
+    fstype = filesystem_type(Path(storage))
     if fstype not in NETWORK_FILESYSTEMS:
         raise ValueError(f"--storage {storage} is on a node-local filesystem ({fstype}); a run on {nodes} nodes "
                          f"needs storage that every node sees: s3://bucket/path, gs://..., or an NFS mount")
 
 
-def _filesystem_type(path: Path) -> str:
+def filesystem_type(path: Path) -> str:
     path = path.resolve()
     best, fstype = "", "unknown"
     with open("/proc/mounts") as mounts:
@@ -272,6 +279,8 @@ def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | No
     """Check the request, then make the run directory (or take `resume`'s) and run the loop under a
     TorchTrainer; the run's name and storage make it resumable. Nothing is written when a check fails.
 
+    `storage`: where Ray Train keeps the checkpoints (default: the run directory's parent; a resume takes the
+    one the run recorded). Storage elsewhere (s3://...) also gets a copy of the run directory, every epoch.
     `ray_verbose` shows Ray Train's own INFO lines on the console (always in its log files); `callbacks`:
     extra Ray Train UserCallbacks (the search forwards each epoch to Tune with one)."""
     from glmc_ray.ray_logging import quiet_snapshot_notice
@@ -280,8 +289,9 @@ def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | No
     quiet_snapshot_notice(ray_verbose)  # reading the run's snapshot on a resume would print Ray's notice
     if resume is not None and (resume / rundir.CHECKPOINT).exists():
         raise ValueError(f"{resume} was trained in-process; resume it without Ray options")
-    storage = storage or str(resume.parent if resume is not None else Path(output).resolve())
+    storage = run_storage(resume, storage) or str(Path(output).resolve())
     check_shared_storage(storage, scaling.nodes, cluster_hosts())
+    storage_lib.check_writable(storage, "--storage")
     restore_from = None
     if resume is not None:
         restore_from = ray_resume.prepare(resume, storage).folder
@@ -289,12 +299,47 @@ def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | No
     run = resume or rundir.new_run_dir(output, cfg)
     print(f"run directory: {run} ({scaling.workers} {'GPU' if scaling.use_gpu else 'CPU'} workers "
           f"on {scaling.nodes} node(s))", flush=True)
-    with rundir.removed_if_failed_start(run, fresh=resume is None):
-        return run, _fit(cfg, run, storage, scaling, ray_verbose, callbacks, restore_from)
+    remote = storage_lib.join(storage, run.name)
+    mirrored = storage_lib.is_uri(storage) or Path(storage).resolve() != run.parent.resolve()
+    with rundir.removed_if_failed_start(run, fresh=resume is None), \
+            _removed_if_no_checkpoint(remote if mirrored and resume is None else None):
+        if resume is None:
+            if mirrored:
+                storage_lib.check_free(remote, "--storage", "run")
+            (run / STORAGE_FILE).write_text(json.dumps({"storage": storage}) + "\n")
+        final = _fit(cfg, run, storage, scaling, ray_verbose, callbacks, restore_from, remote if mirrored else None)
+        return run, final
+
+
+def run_storage(resume: Path | None, storage: str | None) -> str | None:
+    """The storage a run uses: the one given, or the one a resumed run recorded (a different one is refused:
+    its checkpoints would not be found there)."""
+    recorded = None
+    if resume is not None and (resume / STORAGE_FILE).is_file():
+        recorded = json.loads((resume / STORAGE_FILE).read_text())["storage"]
+    if storage and recorded and storage_lib.join(storage) != storage_lib.join(recorded):
+        raise ValueError(f"--storage {storage}: {resume} keeps its checkpoints in {recorded} ({STORAGE_FILE}); "
+                         f"resume it without --storage")
+    return storage or recorded or (str(resume.parent) if resume is not None else None)
+
+
+@contextlib.contextmanager
+def _removed_if_no_checkpoint(remote: str | None):
+    """A fresh run that fails before its first checkpoint leaves nothing on storage (Ray made the prefix)."""
+    try:
+        yield
+    except BaseException:
+        if remote is not None:
+            fs, path = storage_lib.resolve(remote)
+            if not ray_resume.checkpoint_folders(fs, path):
+                fs.delete_dir_contents(path, missing_dir_ok=True)
+                if not storage_lib.is_uri(remote):
+                    fs.delete_dir(path)
+        raise
 
 
 def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, callbacks: list = (),
-         restore_from: str | None = None) -> dict:
+         restore_from: str | None = None, remote: str | None = None) -> dict:
     from ray.train import CheckpointConfig, ControllerError, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -315,7 +360,7 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, call
                 num_to_keep=cfg.dist.keep_checkpoints,
                 checkpoint_score_attribute=SCORE, checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures, controller_failure_limit=3),
-            callbacks=[metrics_callback(run), fail_fast_callback(),
+            callbacks=[metrics_callback(run, remote), fail_fast_callback(),
                        restart_notice_callback(run, cfg.dist.max_failures), controller_console_callback(),
                        *callbacks],
             # Ray Train's INFO lines (each rank's "Reporting training result" dump every epoch, which
@@ -335,6 +380,8 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, call
     ray_resume.delete_untracked_checkpoints(result)  # those from before a resume that fell back (none otherwise)
     final = result.return_value
     rundir.write_final(run, final, cfg)
+    if remote is not None:
+        run_mirror.push(run, remote)
     return final
 
 

@@ -18,7 +18,6 @@ import os
 import pickle
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,49 +27,11 @@ from glmc_ray import config as config_lib
 from glmc_ray import provenance
 from glmc_ray.errors import OutputError
 from glmc_ray.loop import kept_checkpoint
+from glmc_ray.storage import PARTIAL_SUFFIX, atomic_write, remove_partial_writes  # noqa: F401 (used from rundir)
 from glmc_ray.tensorboard_events import EpochEvents
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-
-
-PARTIAL_SUFFIX = ".partial"  # temp files of atomic_write; a kill can leave one, the next start removes it
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then rename over `path`: a crash leaves the old file or the new one, never half.
-
-    The file gets the mode a plain open() would give (mkstemp makes 0600, which other users of a shared
-    run folder could not read)."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
-    except OSError as err:
-        raise OutputError(f"cannot write {path}: {err.strerror or err}") from err
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except OSError as err:  # a full disk, a quota, storage gone read-only: the old file is untouched
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {err.strerror or err}") from err
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def remove_partial_writes(run: Path) -> list[Path]:
-    """Delete temp files that a killed atomic_write left in `run`; returns what was removed."""
-    leftovers = sorted(run.glob(f".*{PARTIAL_SUFFIX}"))
-    for path in leftovers:
-        path.unlink(missing_ok=True)
-    return leftovers
 
 
 def save_checkpoint(state: dict, path: Path) -> None:

@@ -14,6 +14,14 @@
       final_seeds.json                   the winner and the recipe, full schedule, several train seeds
       full/<name>-<label>-seed<S>-<stamp>/  their full-schedule run directories (Tune's state in full/tune/)
 
+With `--output s3://bucket/searches` (or any URI) the experiment lives on object storage and no folder has to be
+shared: Tune keeps its state there itself (its `storage_path`), each trial trains in a node-local scratch folder
+and copies its run directory to <experiment>/trials/<run> after every epoch (run_mirror: a resumed trial pulls it
+back), and the driver works in a local copy of the experiment's own files (GLMC_STAGING, default
+~/.cache/glmc-ray/searches/<experiment>) that it uploads whenever a trial starts or ends and when the outputs are
+written. The SQLite study is one of those files; a study that must outlive the head node goes in a database
+off it (--storage-url postgresql://...).
+
 The space (`Space`, `load_space`, `apply_values`) is glmc_ray/search_space.py.
 
 Fidelity: every trial trains a complete, shortened schedule of `trial_epochs` epochs (default: the
@@ -37,11 +45,14 @@ import re
 import shlex
 import statistics
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 from glmc_ray import config as config_lib
-from glmc_ray import plots, provenance, rundir
+from glmc_ray import plots, provenance, run_mirror, rundir, storage
 from glmc_ray.config import ConfigError
 from glmc_ray.search_space import Space, apply_values, same_value
 
@@ -113,11 +124,27 @@ def prepare(base, space: Space, opts: SearchOptions, source: str) -> None:
     if opts.storage_url:  # fail before anything is made; the default SQLite file is made in the experiment
         import optuna
 
+        if opts.storage_url.startswith("sqlite:///"):
+            warn_sqlite_on_network(Path(opts.storage_url.removeprefix("sqlite:///")), "--storage-url")
+
         try:
             optuna.storages.RDBStorage(opts.storage_url)
         except Exception as err:
             raise ConfigError(f"--storage-url {opts.storage_url}: cannot open it as an Optuna RDB storage "
                               f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def warn_sqlite_on_network(path: Path, option: str) -> None:
+    """SQLite's file locking is unreliable on network filesystems; Optuna's docs advise against a SQLite study
+    there. Said once on stderr: the search driver is the study's only writer, which makes it work in practice."""
+    from glmc_ray.ray_train import NETWORK_FILESYSTEMS, filesystem_type
+
+    kind = filesystem_type(path)
+    if kind in NETWORK_FILESYSTEMS:
+        print(f"warning: {option} {path} is on {kind}: the Optuna study's SQLite file would be on a network "
+              f"filesystem, where SQLite's locking is unreliable (Optuna's docs advise against it); give "
+              f"--storage-url postgresql://... (a study that outlives the head node) or a sqlite:/// path on a "
+              f"local disk", file=sys.stderr, flush=True)
 
 
 def check_resources(opts: SearchOptions) -> None:
@@ -158,11 +185,6 @@ def report_evaluated(records: list[dict]) -> None:
             tune.report(dict(record))
 
 
-def _find_run(parent: Path, name: str) -> Path | None:
-    runs = sorted(parent.glob(f"{name}-*")) if parent.is_dir() else []
-    return runs[-1] if runs else None
-
-
 def run_trial(values: dict, base: dict, opts: dict, experiment: str, command: str) -> None:
     """The Tune function trainable: one trial = one normal run directory under <experiment>/trials/."""
     from ray import tune
@@ -170,26 +192,58 @@ def run_trial(values: dict, base: dict, opts: dict, experiment: str, command: st
     options = SearchOptions(**opts)
     cfg = trial_config(config_lib.from_dict(base), values, options.trial_epochs)
     cfg.name = f"{cfg.name}-{tune.get_context().get_trial_id()}"
-    _train(cfg, options, Path(experiment) / TRIALS_DIR, command)
+    _train(cfg, options, storage.join(experiment, TRIALS_DIR), command)
 
 
-def _train(cfg, options: SearchOptions, parent: Path, command: str) -> None:
-    """Train `cfg` in the run directory named cfg.name under `parent`: a new one, or the one an interrupted
-    trial left (continued from its checkpoint; a finished one is only reported again)."""
+def _train(cfg, options: SearchOptions, parent: str, command: str) -> None:
+    """Train `cfg` in the run directory named cfg.name under `parent` (a folder or URI): a new one, or the one
+    an interrupted trial left (continued from its checkpoint; a finished one is only reported again). Under
+    a URI the run trains in a node-local scratch folder and its copy under `parent` is kept current."""
     os.environ[provenance.COMMAND_ENV] = command  # version.json names the search, not this Ray worker
     if options.gpus_per_trial == 0 and cfg.train.threads == 0:  # CPU trials share the node's cores
         cfg.train.threads = max(1, int(options.cpus_per_trial // options.workers_per_trial) or 1)
-    existing = _find_run(parent, cfg.name)
-    if existing is not None and (existing / "final.json").exists():  # finished before an interruption
-        report_evaluated(rundir.read_metrics(existing))
+    existing = run_mirror.find(parent, cfg.name)
+    if existing is not None and storage.exists(storage.join(existing, "final.json")):  # finished before
+        report_evaluated(_read_metrics(existing))
         return
+    if not storage.is_uri(parent):
+        _train_in(cfg, options, Path(parent), Path(existing) if existing else None, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="glmc-trial-") as scratch:
+        local = run_mirror.pull(existing, Path(scratch) / storage.name(existing)) if existing else None
+        _train_in(cfg, options, Path(scratch), local, parent)
+
+
+def _read_metrics(run: str) -> list[dict]:
+    fs, path = storage.resolve(run)
+    text = storage.read_text(fs, f"{path}/{rundir.METRICS}")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _train_in(cfg, options: SearchOptions, parent: Path, existing: Path | None, remote: str | None) -> None:
     if options.workers_per_trial > 1:
-        _run_ray_trial(cfg, options, parent, existing)
+        _run_ray_trial(cfg, options, parent, existing, remote)
     else:
-        _run_local_trial(cfg, parent, existing)
+        _run_local_trial(cfg, parent, existing, remote)
 
 
-def _run_local_trial(cfg, parent: Path, existing: Path | None) -> None:
+class MirroredTuneReporter(TuneReporter):
+    """TuneReporter whose run directory is copied to `remote`/<run> after every epoch and at the end."""
+
+    def __init__(self, run: Path, cfg, remote: str):
+        super().__init__(run, cfg)
+        self.remote, self.pushed = storage.join(remote, run.name), None
+
+    def report(self, record: dict, checkpoint, is_best: bool, per_class: list | None) -> None:
+        super().report(record, checkpoint, is_best, per_class)
+        self.pushed = run_mirror.push(self.run, self.remote, self.pushed)
+
+    def finish(self, final: dict) -> None:
+        super().finish(final)
+        run_mirror.push(self.run, self.remote, self.pushed)
+
+
+def _run_local_trial(cfg, parent: Path, existing: Path | None, remote: str | None) -> None:
     from glmc_ray.worker import run_worker
 
     state = None
@@ -206,11 +260,12 @@ def _run_local_trial(cfg, parent: Path, existing: Path | None) -> None:
     print(f"trial run directory: {run}", flush=True)
     # as the trainer: a trial that saved no epoch leaves no run directory (trials.csv and Tune's trial
     # folder keep its values and error)
+    reporter = TuneReporter(run, cfg) if remote is None else MirroredTuneReporter(run, cfg, remote)
     with rundir.removed_if_failed_start(run, fresh=state is None):
-        run_worker(cfg, TuneReporter(run, cfg), state=state)
+        run_worker(cfg, reporter, state=state)
 
 
-def _run_ray_trial(cfg, options: SearchOptions, parent: Path, existing: Path | None) -> None:
+def _run_ray_trial(cfg, options: SearchOptions, parent: Path, existing: Path | None, remote: str | None) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from glmc_ray import ray_train
@@ -223,7 +278,8 @@ def _run_ray_trial(cfg, options: SearchOptions, parent: Path, existing: Path | N
 
     workers = options.workers_per_trial
     scaling = ray_train.Scaling(workers, options.gpus_per_trial > 0, 1, options.cpus_per_trial / workers)
-    ray_train.launch(cfg, scaling, parent, existing, callbacks=[ForwardEvaluated()])
+    # under a URI, Ray Train keeps the checkpoints and the copy of the run directory in `remote`/<run>
+    ray_train.launch(cfg, scaling, parent, existing, storage=remote, callbacks=[ForwardEvaluated()])
 
 
 # ----------------------------------------------------------------------------------------------- tuner
@@ -232,7 +288,7 @@ def _trainable(experiment: Path, base: config_lib.Config, opts: SearchOptions, f
     from ray import tune
 
     fn = tune.with_parameters(function, base=config_lib.to_dict(base), opts=asdict(opts),
-                              experiment=str(experiment), command=shlex.join(sys.orig_argv))
+                              experiment=location(experiment), command=shlex.join(sys.orig_argv))
     if opts.workers_per_trial > 1:  # the Train workers take the resources; the trial is their driver
         resources = {"CPU": 0.01}
     else:
@@ -268,15 +324,72 @@ def _searcher(experiment: Path, base, space: Space, opts: SearchOptions):
                         storage=optuna.storages.RDBStorage(storage_url(experiment, opts)))
 
 
+def staging_root() -> Path:
+    """Where the driver keeps its working copy of experiments that live on object storage."""
+    return Path(os.environ.get("GLMC_STAGING", "~/.cache/glmc-ray")).expanduser() / "searches"
+
+
 def new_experiment(output: str | Path, base) -> Path:
-    return rundir.new_stamped_folder(output, f"{base.name}-search")
+    """The experiment's local folder: the experiment itself, or the working copy of `output`/<name> when
+    `output` is a URI (the name is checked free there first)."""
+    if not storage.is_uri(output):
+        return rundir.new_stamped_folder(output, f"{base.name}-search")
+    experiment = rundir.new_stamped_folder(staging_root(), f"{base.name}-search")
+    try:
+        storage.check_free(storage.join(output, experiment.name), "--output", "search experiment")
+    except storage.StorageError:
+        experiment.rmdir()
+        raise
+    return experiment
 
 
-def check_output(output: str | Path) -> None:
+def location(experiment: Path) -> str:
+    """Where the experiment lives: its URI on object storage (search.json says), else its own folder."""
+    return json.loads((experiment / SEARCH_FILE).read_text()).get("location") or str(experiment)
+
+
+class Publish:
+    """Uploads the driver's working copy of an experiment on object storage (study.db among its files)."""
+
+    def __init__(self, experiment: Path):
+        self.experiment, self.pushed = experiment, None
+
+    def __call__(self) -> None:
+        if storage.is_uri(location(self.experiment)):
+            self.pushed = run_mirror.push(self.experiment, location(self.experiment), self.pushed)
+
+
+def publish_callback(experiment: Path):
+    """A Tune callback that publishes the experiment when a trial starts (its Optuna trial was just asked)
+    or ends (just told), so that the copy on storage stays at most one event behind the study."""
+    from ray.tune import Callback
+
+    class PublishOnTrialEvents(Callback):
+        def __init__(self):
+            self.publish = Publish(experiment)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.publish()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.publish()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.publish()
+
+    return PublishOnTrialEvents()
+
+
+def check_output(output: str | Path, opts: SearchOptions) -> None:
     """Trials write their run directories wherever Tune places them: on a cluster of several machines the
-    experiment directory must be on storage every node sees."""
+    experiment directory must be on storage every node sees (object storage, or a network filesystem)."""
     from glmc_ray import ray_train
 
+    if storage.is_uri(output):
+        storage.check_writable(str(output), "--output")
+        return
+    if opts.storage_url is None:
+        warn_sqlite_on_network(Path(output), "--output")
     hosts = ray_train.cluster_hosts()
     try:
         ray_train.check_shared_storage(str(Path(output).resolve()), hosts, hosts)
@@ -289,23 +402,31 @@ def search(base, space: Space, opts: SearchOptions, output: str | Path) -> tuple
     """Start a search (Ray must be connected); returns the experiment directory with its outputs and whether
     every trial ran (False after an interruption such as Ctrl-C: Tune saved its state, --resume continues)."""
     check_resources(opts)
-    check_output(output)
+    check_output(output, opts)
     experiment = new_experiment(output, base)
+    remote = storage.join(output, experiment.name) if storage.is_uri(output) else None
     config_lib.save(base, experiment / BASE_CONFIG)
     (experiment / SEARCH_FILE).write_text(json.dumps(
-        {"options": asdict(opts), "space": space.to_json()}, indent=1))
-    print(f"experiment directory: {experiment}", flush=True)
+        {"options": asdict(opts), "space": space.to_json(), "location": remote}, indent=1))
+    print(f"experiment directory: {remote or experiment}" + (f" (working copy {experiment})" if remote else ""),
+          flush=True)
     from ray import tune
 
     tuner = tune.Tuner(
         _trainable(experiment, base, opts),
         tune_config=tune.TuneConfig(search_alg=_searcher(experiment, base, space, opts), num_samples=opts.trials,
                                     max_concurrent_trials=opts.concurrent),
-        run_config=tune.RunConfig(name=experiment.name, storage_path=str(experiment.parent),
-                                  failure_config=tune.FailureConfig(max_failures=0),
-                                  verbose=1))  # status tables with the objective; the epochs are in trials/
+        run_config=_run_config(experiment, experiment.name, storage.parent(location(experiment))))
     tuner.fit()  # an errored trial (NaN: FloatingPointError) is recorded and the search goes on
     return experiment, write_outputs(experiment)
+
+
+def _run_config(experiment: Path, name: str, storage_path: str, **options):
+    from ray import tune
+
+    return tune.RunConfig(name=name, storage_path=storage_path, failure_config=tune.FailureConfig(max_failures=0),
+                          callbacks=[publish_callback(experiment)],
+                          verbose=1, **options)  # status tables with the objective; the epochs are in trials/
 
 
 def read_experiment(experiment: Path) -> tuple[config_lib.Config, Space, SearchOptions]:
@@ -319,21 +440,41 @@ def resume(experiment: str | Path) -> tuple[Path, bool]:
     directory's checkpoint, errored ones stay errored."""
     from ray import tune
 
-    experiment = Path(experiment).resolve()
+    given = str(experiment)
+    experiment = working_copy(given)
     if not (experiment / SEARCH_FILE).is_file():
-        raise ConfigError(f"--resume {experiment}: not a search experiment directory (no {SEARCH_FILE})")
-    if not tune.Tuner.can_restore(str(experiment)):
-        raise ConfigError(f"--resume {experiment}: Tune saved no experiment state there yet; start a new search")
+        raise ConfigError(f"--resume {given}: not a search experiment directory (no {SEARCH_FILE})")
+    if not tune.Tuner.can_restore(location(experiment)):
+        raise ConfigError(f"--resume {given}: Tune saved no experiment state there yet; start a new search")
     base, _, opts = read_experiment(experiment)
     check_resources(opts)
-    print(f"resuming experiment {experiment}", flush=True)
-    tuner = tune.Tuner.restore(str(experiment), trainable=_trainable(experiment, base, opts),
+    print(f"resuming experiment {given}", flush=True)
+    # Tune restores the run config it saved, the publishing callback with it
+    tuner = tune.Tuner.restore(location(experiment), trainable=_trainable(experiment, base, opts),
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
     tuner.fit()
     return experiment, write_outputs(experiment)
 
 
 # ------------------------------------------------------------------------------ full-schedule runs
+
+def working_copy(given: str) -> Path:
+    """The local folder of an experiment given as a folder, or as a URI: its working copy in staging_root(),
+    pulled from the URI when this machine has none (the head node that had it is gone)."""
+    if not storage.is_uri(given):
+        return Path(given).resolve()
+    experiment = staging_root() / storage.name(given)
+    if not (experiment / SEARCH_FILE).is_file():
+        try:
+            found = storage.exists(storage.join(given, SEARCH_FILE))
+        except OSError as err:
+            raise storage.StorageError(f"--resume {given}: {storage.explain(err)}") from None
+        if not found:
+            raise ConfigError(f"--resume {given}: not a search experiment (no {SEARCH_FILE} there)")
+        run_mirror.pull(given, experiment)
+        print(f"restored the working copy {experiment} from {given}", flush=True)
+    return experiment
+
 
 def run_full(config: dict, base: dict, opts: dict, experiment: str, command: str) -> None:
     """The Tune function trainable of a full-schedule run (the base's train.epochs, not --trial-epochs):
@@ -374,9 +515,8 @@ def train_full(experiment: Path, base, opts: SearchOptions, jobs: list[FullRun])
         _trainable(experiment, base, opts, run_full),
         param_space={"job": tune.grid_search([asdict(job) for job in unique])},
         tune_config=tune.TuneConfig(max_concurrent_trials=opts.concurrent),
-        run_config=tune.RunConfig(name=rundir.new_stamped_folder(experiment / FULL_DIR / "tune", "full").name,
-                                  storage_path=str(experiment / FULL_DIR / "tune"),
-                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1))
+        run_config=_run_config(experiment, rundir.new_stamped_folder(experiment / FULL_DIR / "tune", "full").name,
+                               storage.join(location(experiment), FULL_DIR, "tune")))
     errored = {_job_key(result.config["job"]) for result in tuner.fit() if result.error is not None}
     return [full_result(experiment, base, job, _job_key(asdict(job)) in errored) for job in jobs]
 
@@ -387,11 +527,12 @@ def _job_key(job: dict) -> str:
 
 def full_result(experiment: Path, base, job: FullRun, errored: bool) -> dict:
     """The run's last-epoch results; status failed (its trial raised) or unfinished (interrupted)."""
-    run = _find_run(experiment / FULL_DIR, job.run_name(base.name))
-    row = {"label": job.label, "seed": job.seed, "run": str(run) if run else None}
-    if run is None or not (run / "final.json").is_file():
+    run = run_mirror.find(storage.join(location(experiment), FULL_DIR), job.run_name(base.name))
+    row = {"label": job.label, "seed": job.seed, "run": run}
+    final = storage.join(run, "final.json") if run else None
+    if final is None or not storage.exists(final):
         return {**row, "status": "failed" if errored else "unfinished"}
-    last = json.loads((run / "final.json").read_text())["last"]
+    last = json.loads(storage.read_text(*storage.resolve(final)))["last"]
     return {**row, "status": "complete",
             **{f"{split}_{key}": last[split][key] for split in ("val", "test") for key in SUMMARY_KEYS}}
 
@@ -425,6 +566,7 @@ def full_stages(experiment: Path, fidelity: int, seeds: int) -> dict | None:
         by_group = {name: results[len(check_jobs) + i * seeds:][:seeds] for i, name in enumerate(groups)}
         reports["final_seeds"] = final_seeds_report(experiment, base.train.epochs, ranked[0], groups,
                                                     train_seeds, by_group)
+    Publish(experiment)()
     return reports
 
 
@@ -509,7 +651,8 @@ def trial_rows(experiment: Path) -> tuple[list[dict], Space]:
     from ray.tune import ExperimentAnalysis
 
     _, space, _ = read_experiment(experiment)
-    analysis = ExperimentAnalysis(str(experiment))
+    analysis = ExperimentAnalysis(location(experiment))
+    fs, _ = storage.resolve(location(experiment))  # trial.path is a path in it
     rows = []
     for trial in sorted(analysis.trials, key=_creation_number):
         last = trial.last_result or {}
@@ -519,19 +662,21 @@ def trial_rows(experiment: Path) -> tuple[list[dict], Space]:
                      **{p.key: trial.config.get(p.key) for p in space.all_params()},
                      METRIC: last.get(METRIC) if ok else None, "test_top1": last.get("test_top1"),
                      "seconds": round(last["time_total_s"], 1) if "time_total_s" in last else None,
-                     "error": _error_line(trial)})
+                     "error": _error_line(fs, trial)})
     for row in rows:
         if row["status"] == "error":
             row["status"] = "failed"
     return rows, space
 
 
-def _error_line(trial) -> str:
+def _error_line(fs, trial) -> str:
     """The exception line of a failed trial (Tune's error.txt in its trial folder), e.g. the non-finite loss."""
-    path = Path(trial.path) / "error.txt"
-    if not path.is_file():
+    path = f"{trial.path}/error.txt"
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return ""
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    with fs.open_input_stream(path) as stream:
+        text = stream.read().decode(errors="replace")
+    lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1].strip()[:300] if lines else ""
 
 
@@ -565,8 +710,10 @@ def write_outputs(experiment: Path) -> bool:
     interrupted = bool(unfinished or len(rows) < opts.trials)
     if not interrupted:
         close_stale_trials(experiment, opts)
+    Publish(experiment)()
     if interrupted:
-        print(f"the search was interrupted; continue it: python tuning/search.py --resume {experiment}", flush=True)
+        print(f"the search was interrupted; continue it: python tuning/search.py --resume {location(experiment)}",
+              flush=True)
     if best is not None:
         print(f"best trial {best['trial_id']}: {METRIC} {best[METRIC]:.2f} (test top-1 {best['test_top1']:.2f}, "
               f"not optimised on); train it: python -m glmc_ray.train --config {experiment / 'best_config.yaml'}",

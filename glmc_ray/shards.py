@@ -53,39 +53,15 @@ from glmc_ray.data.shard_format import (
     sha256,
 )
 from glmc_ray.errors import run_command
-from glmc_ray.rundir import atomic_write, remove_partial_writes
+from glmc_ray.storage import check_writable, remove_partial_writes, write_bytes
 
 PROGRESS = "_progress"
 PLAN = "plan.json"
 JPEG_QUALITY = 90
-# Object stores make a written object visible whole, when its upload completes: no temp key needed there
-ATOMIC_PUT_FILESYSTEMS = (pafs.S3FileSystem, pafs.GcsFileSystem, pafs.AzureFileSystem)
-
-
-# ---- writing files -----------------------------------------------------------------------------------------
-
-def _write_file(fs: pafs.FileSystem, path: str, write) -> None:
-    """write(where, filesystem) so that a reader sees the old file or the new one, never a half-written one."""
-    if isinstance(fs, pafs.LocalFileSystem):
-        atomic_write(Path(path), lambda tmp: write(str(tmp), fs))
-    elif isinstance(fs, ATOMIC_PUT_FILESYSTEMS):
-        write(path, fs)
-    else:  # HDFS and the like: a rename is atomic there
-        temp = f"{path}.{os.getpid()}.partial"
-        write(temp, fs)
-        fs.move(temp, path)
-
-
-def _write_bytes(fs: pafs.FileSystem, path: str, data) -> None:
-    def write(where, filesystem):
-        with filesystem.open_output_stream(where) as stream:
-            stream.write(data)
-
-    _write_file(fs, path, write)
 
 
 def _write_json(fs: pafs.FileSystem, path: str, document: dict) -> None:
-    _write_bytes(fs, path, json.dumps(document, indent=1).encode())
+    write_bytes(fs, path, json.dumps(document, indent=1).encode())
 
 
 # ---- building one ------------------------------------------------------------------------------------------
@@ -133,7 +109,7 @@ def build_shard(job: ShardJob) -> dict:
     pq.write_table(table, encoded, row_group_size=job.row_group_size, write_page_checksum=True)
     data = encoded.getvalue()
     path = f"{base}/{shard_name(job.number)}"
-    _write_bytes(fs, path, data)
+    write_bytes(fs, path, data)
     record = {"file": shard_name(job.number), "rows": table.num_rows, "bytes": fs.get_file_info(path).size,
               "sha256": sha256(data),
               "class_counts": {str(label): n for label, n in sorted(Counter(columns["label"]).items())},
@@ -275,6 +251,7 @@ def build(args) -> int:
         raise FileNotFoundError(f"--image-root {image_root} is not a folder")
     plan = make_plan(split, image_root, args.rows_per_shard, args.row_group_size, args.seed, args.max_side,
                      len(samples))
+    check_writable(args.out, "--out")  # object storage: the bucket, the credentials, the endpoint
     fs, base = resolve(args.out)
     fs.create_dir(base, recursive=True)
     _claim(fs, base, args.out, plan)

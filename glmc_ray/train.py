@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from glmc_ray import config as config_lib
-from glmc_ray import provenance, rundir
+from glmc_ray import provenance, run_mirror, rundir, storage
 from glmc_ray.errors import run_command
 
 
@@ -22,7 +22,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     config_lib.add_recipe_arguments(p, "YAML recipe from configs/ (defaults when omitted)", "optim.lr=0.02")
     p.add_argument("--data-root", help="shorthand for --set data.root=DIR")
     p.add_argument("--output", default="runs", help="parent folder of run directories (default runs/)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a run from its latest checkpoint; a Ray Train run also from its copy on storage "
+                        "(--resume s3://bucket/runs/<run>: its run directory is restored under --output)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and class counts, exit")
     p.add_argument("--ray-verbose", action="store_true",
                    help="under Ray Train: also show its own log lines (each rank's reports, worker group start)")
@@ -31,14 +33,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     ray.add_argument("--gpus-per-node", type=int, help="GPUs used per node (default: what the nodes report)")
     ray.add_argument("--workers", type=int, help="number of CPU workers (gloo) when there is no GPU")
     ray.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
-    ray.add_argument("--storage", default=os.environ.get("GLMC_STORAGE"),
-                     help="checkpoint storage: shared (s3://, NFS) on clusters (default: GLMC_STORAGE, else --output)")
+    ray.add_argument("--storage", help="checkpoint storage, shared on clusters (s3://bucket/runs, NFS); it also "
+                                       "keeps a copy of the run directory (default: GLMC_STORAGE, else --output; "
+                                       "a resume: the run's own)")
     return p.parse_args(argv)
 
 
 def uses_ray(args) -> bool:
     return any(v is not None for v in (args.nodes, args.workers, args.address, args.gpus_per_node)) or \
         bool(os.environ.get("RAY_ADDRESS"))
+
+
+def resume_dir(args) -> Path | None:
+    """The run directory to resume; given as a storage URI (the copy a Ray Train run keeps beside its
+    checkpoints), it is restored from there into <output>/<run> unless that folder holds it already."""
+    if not args.resume:
+        return None
+    if not storage.is_uri(args.resume):
+        return Path(args.resume).resolve()
+    run = Path(args.output).resolve() / storage.name(args.resume)
+    if not (run / "config.yaml").is_file():
+        try:
+            found = storage.exists(storage.join(args.resume, "config.yaml"))
+        except OSError as err:
+            raise storage.StorageError(f"--resume {args.resume}: {storage.explain(err)}") from None
+        if not found:
+            raise FileNotFoundError(f"--resume {args.resume}: no config.yaml there; not the storage copy of a run "
+                                    f"(a Ray Train run writes it there with its first checkpoint)")
+        run_mirror.pull(args.resume, run)
+        print(f"restored run directory {run} from {args.resume}", flush=True)
+    return run
 
 
 def resolve_config(args) -> config_lib.Config:
@@ -48,7 +72,7 @@ def resolve_config(args) -> config_lib.Config:
     if args.resume:
         if args.config or overrides:
             raise config_lib.ConfigError("--resume uses the run's saved config.yaml; drop --config/--set/--data-root")
-        return config_lib.load(Path(args.resume) / "config.yaml")
+        return config_lib.load(resume_dir(args) / "config.yaml")
     return config_lib.load_for_workers(args.config, overrides)
 
 
@@ -68,7 +92,7 @@ def run_local(cfg, args) -> dict:
         ray_train.connect(None, 0, ray_cpus(cfg))
     state = None
     if args.resume:
-        run = Path(args.resume).resolve()
+        run = resume_dir(args)
         state = rundir.restore_run(run)
         provenance.record_resume(run)
         print(f"resuming {run} at epoch {state['epoch']}", flush=True)
@@ -85,10 +109,13 @@ def run_ray(cfg, args) -> dict:
     from glmc_ray import ray_train
     from glmc_ray.data import ray_cpus
 
+    resume = resume_dir(args)
+    run_storage = ray_train.run_storage(resume, args.storage) or os.environ.get("GLMC_STORAGE")
+    if run_storage:  # before Ray starts: a bucket that does not exist is one error line, not a failed run
+        storage.check_writable(run_storage, "--storage")
     ray_train.connect(args.address, args.workers or 1, ray_cpus(cfg))
     scaling = ray_train.scaling_for(args.nodes, args.workers, args.gpus_per_node)
-    resume = Path(args.resume).resolve() if args.resume else None
-    run, final = ray_train.launch(cfg, scaling, args.output, resume, args.storage, args.ray_verbose)
+    run, final = ray_train.launch(cfg, scaling, args.output, resume, run_storage, args.ray_verbose)
     print(f"done: {run}", flush=True)
     return final
 

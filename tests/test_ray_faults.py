@@ -58,7 +58,7 @@ class KillDriver(UserCallback):
         self.inner.after_report(run_context, metrics, checkpoint)
 
 metrics_callback = ray_train.metrics_callback
-ray_train.metrics_callback = lambda run: KillDriver(metrics_callback(run), sys.argv[1], os.getpid())
+ray_train.metrics_callback = lambda *args: KillDriver(metrics_callback(*args), sys.argv[1], os.getpid())
 sys.exit(main(sys.argv[2:]))
 '''
 

@@ -18,6 +18,7 @@ from glmc_ray import config as config_lib
 from glmc_ray import rundir, search, search_space
 from glmc_ray.train import main as train_main
 from tests.conftest import REPO, git_head
+from tests.servers import postgres_server
 from tuning.search import main
 
 SMOKE = str(REPO / "configs/smoke.yaml")
@@ -50,8 +51,14 @@ def _only_experiment(output):
     return found[0]
 
 
-def _study(experiment):
-    return optuna.load_study(study_name=experiment.name, storage=f"sqlite:///{experiment / 'study.db'}")
+def _study(experiment, url=None):
+    return optuna.load_study(study_name=experiment.name, storage=url or f"sqlite:///{experiment / 'study.db'}")
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    with postgres_server(tmp_path_factory.mktemp("postgres")) as url:
+        yield url
 
 
 # ------------------------------------------------------------------------------------- (a) no Ray
@@ -196,12 +203,14 @@ def test_gpus_per_trial_beyond_the_cluster_is_refused(tmp_path, capsys, ray_sess
     assert list(tmp_path.iterdir()) == [tmp_path / "space.yaml"]
 
 
-def test_search_runs_trials_and_writes_a_trainable_best_config(tmp_path, ray_session):
-    # the method itself is searched (configs/search/methods.yaml): a trial samples its method's knobs only
+def test_search_runs_trials_and_writes_a_trainable_best_config(tmp_path, ray_session, postgres):
+    """The method itself is searched (configs/search/methods.yaml): a trial samples its method's knobs only.
+    The study is in a real PostgreSQL database (2 trials at once, the driver its only writer)."""
     output = tmp_path / "runs"
     assert main(["--config", SMOKE, *FAST, "--space", str(METHODS_SPACE), "--trials", "4", "--concurrent", "2",
-                 "--trial-epochs", "1", "--output", str(output), "--seed", "1"]) == 0
+                 "--trial-epochs", "1", "--output", str(output), "--seed", "1", "--storage-url", postgres]) == 0
     experiment = _only_experiment(output)
+    assert not (experiment / "study.db").exists()  # no SQLite file beside it
     rows = _rows(experiment)
     assert [int(r["number"]) for r in rows] == [1, 2, 3, 4] and all(r["status"] == "complete" for r in rows)
     base = config_lib.load(SMOKE)  # trial 1 is the recipe itself: GLMC, power shape
@@ -212,7 +221,7 @@ def test_search_runs_trials_and_writes_a_trainable_best_config(tmp_path, ray_ses
     # TPE's random start with seed 1 samples ce, class_balanced and GLMC with the linear shape
     assert len({r["method.name"] for r in rows}) >= 2
     assert any(r["method.name"] == "glmc" and r["method.glmc.cumulative_shape"] != "power" for r in rows)
-    study = _study(experiment)
+    study = _study(experiment, postgres)
     assert len(study.trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     runs = {p.name.split("-")[1]: p for p in (experiment / "trials").iterdir()}  # a normal run directory each
     assert len(runs) == 4 and all((r / "final.json").exists() and (r / "metrics.jsonl").exists() for r in runs.values())

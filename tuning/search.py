@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from glmc_ray import config as config_lib
-from glmc_ray import search, search_space
+from glmc_ray import search, search_space, storage
 from glmc_ray.errors import run_command
 
 
@@ -42,12 +42,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--final-seeds", type=int, default=0, metavar="N",
                    help="after the search: train the winner and the recipe with the full schedule and N train "
                         "seeds each; final_seeds.json gives validation and test top-1, Many/Medium/Few mean +- std")
-    p.add_argument("--output", default="runs", help="parent folder of the experiment directory (default runs/)")
-    p.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue an interrupted search")
+    p.add_argument("--output", default="runs", help="parent folder of the experiment directory (default runs/), or "
+                                                      "object storage: s3://bucket/searches (no shared folder needed)")
+    p.add_argument("--resume", metavar="EXPERIMENT", help="continue an interrupted search (its folder or URI)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, a cluster on this node, "
                                      "else a local Ray instance)")
     p.add_argument("--seed", type=int, default=0, help="seed of Optuna's TPE sampler (default 0)")
-    p.add_argument("--storage-url", help="SQLAlchemy URL of the Optuna study (default: sqlite in the experiment)")
+    p.add_argument("--storage-url", help="SQLAlchemy URL of the Optuna study, e.g. postgresql://user@host/db for a "
+                                         "study that outlives the head node (default: SQLite in the experiment)")
     return p.parse_args(argv)
 
 
@@ -93,6 +95,7 @@ def _run_search(args) -> tuple[Path, bool]:
     space = search_space.load_space(args.space, base)
     opts = _options(args)
     search.prepare(base, space, opts, args.config or "the default config")
+    storage.check_writable(args.output, "--output")  # object storage: before Ray starts
     from glmc_ray.data import ray_cpus
 
     # a trial streaming shards makes its own Ray Data streams (q is searched): their CPUs on top

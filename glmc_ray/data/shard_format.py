@@ -25,6 +25,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from glmc_ray.storage import StorageError, explain, join, read_text, resolve  # noqa: F401 (the readers' names)
+
 FORMAT_VERSION = 1
 FORMAT_KEY = b"glmc_ray.shards.format"  # Parquet schema metadata of every shard
 MANIFEST = "manifest.json"
@@ -37,30 +39,14 @@ SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int32()), ("path", pa.s
 DECODE_ERRORS = (pa.ArrowException, OSError)
 
 
-def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path in it) of a local folder (relative or absolute) or a URI such as s3://bucket/prefix."""
-    if "://" in str(uri):
-        fs, path = pafs.FileSystem.from_uri(str(uri))
-        return fs, path.rstrip("/")  # s3://bucket/prefix/ and s3://bucket/prefix name the same set
-    return pafs.LocalFileSystem(), str(Path(uri).resolve())
-
-
-def join(uri: str | Path, name: str) -> str:
-    """`name` inside the set `uri`, as a full path or URI."""
-    if "://" in str(uri):
-        return f"{str(uri).rstrip('/')}/{name}"
-    return str(Path(uri).resolve() / name)
-
-
-def read_text(fs: pafs.FileSystem, path: str) -> str:
-    with fs.open_input_stream(path) as stream:
-        return stream.read().decode()
-
-
 def read_manifest(uri: str | Path) -> dict:
     """The manifest of a finished shard set; an error says what is wrong with `uri` otherwise."""
     fs, base = resolve(uri)
-    if fs.get_file_info(base).type == pafs.FileType.NotFound:
+    try:
+        found = fs.get_file_info(base).type != pafs.FileType.NotFound
+    except OSError as err:  # object storage: credentials refused, endpoint unreachable
+        raise StorageError(f"shard set {uri}: {explain(err, fs)}") from None
+    if not found:
         raise FileNotFoundError(f"shard set {uri} does not exist")
     path = f"{base}/{MANIFEST}"
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
