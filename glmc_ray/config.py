@@ -363,7 +363,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
 def load_for_workers(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """`load`, with data.root made absolute: Ray workers and Tune trials run in other working directories."""
     cfg = load(path, overrides)
-    if cfg.data.root:
+    if cfg.data.root and "://" not in cfg.data.root:  # a URI (s3://bucket/shards) is the same everywhere
         cfg.data.root = str(Path(cfg.data.root).resolve())
     return cfg
 

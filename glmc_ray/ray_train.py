@@ -301,13 +301,14 @@ def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | No
           f"on {scaling.nodes} node(s))", flush=True)
     remote = storage_lib.join(storage, run.name)
     mirrored = storage_lib.is_uri(storage) or Path(storage).resolve() != run.parent.resolve()
-    with rundir.removed_if_failed_start(run, fresh=resume is None), \
-            _removed_if_no_checkpoint(remote if mirrored and resume is None else None):
+    with rundir.removed_if_failed_start(run, fresh=resume is None):
         if resume is None:
-            if mirrored:
+            if mirrored:  # checked before anything is written there (and so before the clean-up below)
                 storage_lib.check_free(remote, "--storage", "run")
             (run / STORAGE_FILE).write_text(json.dumps({"storage": storage}) + "\n")
-        final = _fit(cfg, run, storage, scaling, ray_verbose, callbacks, restore_from, remote if mirrored else None)
+        with _removed_if_no_checkpoint(remote if mirrored and resume is None else None):
+            final = _fit(cfg, run, storage, scaling, ray_verbose, callbacks, restore_from,
+                         remote if mirrored else None)
         return run, final
 
 

@@ -344,8 +344,10 @@ def new_experiment(output: str | Path, base) -> Path:
 
 
 def location(experiment: Path) -> str:
-    """Where the experiment lives: its URI on object storage (search.json says), else its own folder."""
-    return json.loads((experiment / SEARCH_FILE).read_text()).get("location") or str(experiment)
+    """Where the experiment lives: its URI on object storage (search.json says), else its own folder (also for
+    a folder of full-schedule runs alone, such as bench/methods.py's, which has no search.json)."""
+    saved = experiment / SEARCH_FILE
+    return (json.loads(saved.read_text()).get("location") if saved.is_file() else None) or str(experiment)
 
 
 class Publish:

@@ -68,7 +68,8 @@ def resume_dir(args) -> Path | None:
 def resolve_config(args) -> config_lib.Config:
     overrides = list(args.overrides)
     if args.data_root:
-        overrides.append(f"data.root={Path(args.data_root).resolve()}")
+        root = args.data_root if storage.is_uri(args.data_root) else Path(args.data_root).resolve()
+        overrides.append(f"data.root={root}")
     if args.resume:
         if args.config or overrides:
             raise config_lib.ConfigError("--resume uses the run's saved config.yaml; drop --config/--set/--data-root")

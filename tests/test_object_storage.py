@@ -71,22 +71,34 @@ def _run_copy(prefix: str) -> set[str]:
 
 # ------------------------------------------------------------------------------------------- shards
 
-def test_shards_built_to_s3_are_checked_and_streamed_into_two_workers_each_row_once(tmp_path, ray_address):
+@pytest.fixture(scope="module")
+def s3_shards(s3, tmp_path_factory):
+    """A mini ImageNet-LT (JPEG tree, split files, one corrupt image) built into shards in the bucket."""
+    root = tmp_path_factory.mktemp("imagenet_lt")
+    train_split = write_image_tree(root / "images", COUNTS, seed=0, corrupt=1, test_per_class=2)
+    for split, name in ((train_split, "train"), (root / "images/ImageNet_LT_test.txt", "test")):
+        assert shards.main(["build", "--split", str(split), "--image-root", str(root / "images"),
+                            "--out", f"s3://{BUCKET}/shards/{name}", "--rows-per-shard", "24", "--workers", "2"]) == 0
+    return f"s3://{BUCKET}/shards"
+
+
+SHARD_RUN = ["data.source=shards", "data.train_split=train", "data.test_split=test", "data.image_size=32",
+             "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]", "data.decode_cpus=0.25",
+             "data.shuffle_buffer=16", "train.batch_size=8", "train.eval_batch_size=32", "model.width=4",
+             "model.projection_dim=16", "model.norm=group"]
+
+
+def test_shards_built_to_s3_are_checked_and_streamed_into_two_workers_each_row_once(s3_shards, tmp_path,
+                                                                                     ray_address):
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    split = write_image_tree(tmp_path / "images", COUNTS, seed=0, corrupt=1, test_per_class=2)
-    out = f"s3://{BUCKET}/shards/train"
-    assert shards.main(["build", "--split", str(split), "--image-root", str(tmp_path / "images"), "--out", out,
-                        "--rows-per-shard", "24", "--workers", "2"]) == 0
+    out = f"{s3_shards}/train"
     assert shards.main(["check", out, "--deep"]) == 0
     assert {k.rsplit("/", 1)[-1] for k in s3_keys(os.environ, BUCKET, "shards/train/")} >= {"manifest.json",
                                                                                           "part-00000.parquet"}
     manifest = shard_format.read_manifest(out)
-    cfg = config_lib.load(None, [f"data.root=s3://{BUCKET}/shards", "data.train_split=train", "data.source=shards",
-                                 "data.test_split=train", "data.image_size=32", "data.decode_cpus=0.25",
-                                 "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]", "data.shuffle_buffer=16",
-                                 "train.batch_size=8", "model.width=4"])
+    cfg = config_lib.load(None, [f"data.root={s3_shards}", *SHARD_RUN])
     seen_dir = str(tmp_path)
 
     def worker(loop_config):
@@ -100,6 +112,18 @@ def test_shards_built_to_s3_are_checked_and_streamed_into_two_workers_each_row_o
     rows = [i for r in range(2) for i in json.loads((tmp_path / f"rank{r}.json").read_text())]
     kept = set(range(sum(COUNTS))) - {s["line"] - 1 for s in manifest["skipped"]}
     assert len(rows) == len(set(rows)) and set(rows) <= kept and len(kept) - len(rows) == manifest["num_rows"] % 2
+
+
+@pytest.mark.parametrize("ray_options", [[], ["--workers", "2"]], ids=["in-process", "2 workers"])
+def test_training_streams_shards_from_s3(s3_shards, tmp_path, ray_address, ray_options):
+    sets = [a for item in [*SHARD_RUN, "train.epochs=1"] for a in ("--set", item)]
+    if ray_options:
+        ray_options = [*ray_options, "--address", ray_address, "--storage", f"s3://{BUCKET}/shard-runs"]
+    assert train_main(["--data-root", s3_shards, "--output", str(tmp_path), *sets, *ray_options]) == 0
+    (run,) = tmp_path.iterdir()
+    record = rundir.read_metrics(run)[0]
+    assert record["test_top1"] >= 0 and record["train_bad_images"] == 0  # the corrupt JPEG was skipped at build
+    assert len(json.loads((run / "final.json").read_text())["last"]["test"]["per_class"]) == 10
 
 
 # ------------------------------------------------------------------------------------------- Ray Train
@@ -216,13 +240,19 @@ def _unreachable() -> str:
     ("s3://no-such-bucket/runs", {}, "the bucket 'no-such-bucket' does not exist at http://127.0.0.1:"),
     (f"s3://{BUCKET}/runs", {"AWS_SECRET_ACCESS_KEY": "wrong"}, "access denied at http://127.0.0.1:"),
     (f"s3://{BUCKET}/runs", {"AWS_ACCESS_KEY_ID": "AKIAUNKNOWN000000000"}, "access denied at http://127.0.0.1:"),
+    (f"s3://{BUCKET}/runs", {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None,
+                             "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"},
+     "no credentials found"),
     (f"s3://{BUCKET}/runs", {"AWS_ENDPOINT_URL": _unreachable}, "cannot reach the storage endpoint"),
-], ids=["no bucket", "wrong secret", "unknown key", "unreachable"])
+], ids=["no bucket", "wrong secret", "unknown key", "no credentials", "unreachable"])
 @pytest.mark.parametrize("command", ["train", "search", "shards"])
 def test_bad_storage_is_one_error_line_naming_the_uri_and_nothing_is_made(
         tmp_path, s3, monkeypatch, capsys, uri, env, words, command):
     for key, value in env.items():
-        monkeypatch.setenv(key, value() if callable(value) else value)
+        if value is None:
+            monkeypatch.delenv(key)
+        else:
+            monkeypatch.setenv(key, value() if callable(value) else value)
     keys = s3_keys(s3, BUCKET)
     output = tmp_path / "out"
     if command == "train":
@@ -238,6 +268,14 @@ def test_bad_storage_is_one_error_line_naming_the_uri_and_nothing_is_made(
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(lines) == 1 and uri in lines[0] and words in lines[0], err
     assert not output.exists() and s3_keys(s3, BUCKET) == keys
+
+
+def test_a_run_on_s3_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path, ray_address, capsys):
+    output = tmp_path / "out"
+    assert train_main(["--config", SMOKE, "--workers", "2", "--address", ray_address, "--output", str(output),
+                       "--storage", f"s3://{BUCKET}/failed", "--set", "optim.lr=1e30"]) == 1
+    assert "non-finite loss" in capsys.readouterr().err
+    assert not output.exists() and s3_keys(os.environ, BUCKET, "failed/") == []
 
 
 def test_a_prefix_holding_something_else_is_refused(s3):
