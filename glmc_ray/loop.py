@@ -183,7 +183,9 @@ def evaluate_splits(t: Trainee, data: DataBundle, dist: Dist, cfg) -> dict[str, 
     "val" and "posthoc" (the tau and its scan), or "posthoc" saying there is no validation split to choose on."""
     taus = tau_grid(cfg.train.posthoc_tau_max, cfg.train.posthoc_tau_step)
     scan = taus if "val" in data.evals else []  # never scan (let alone choose) on test alone
-    results = {name: evaluate(t.model, batches, data.class_counts, t.autocast, dist.all_reduce, scan,
+    # The unwrapped model: DDP's forward is a collective (it broadcasts the buffers), and the ranks' shares of an
+    # evaluation split may differ by a batch or more; rank 0 then waited in a forward that no other rank joined.
+    results = {name: evaluate(t.raw_model, batches, data.class_counts, t.autocast, dist.all_reduce, scan,
                               t.method.logit_scale)
                for name, batches in data.evals.items()}
     return choose_posthoc(results, taus)

@@ -116,6 +116,8 @@ def test_shards_built_to_s3_are_checked_and_streamed_into_two_workers_each_row_o
 
 @pytest.mark.parametrize("ray_options", [[], ["--workers", "2"]], ids=["in-process", "2 workers"])
 def test_training_streams_shards_from_s3(s3_shards, tmp_path, ray_address, ray_options):
+    """On 2 workers the test set (one 20-row shard, one block) goes to one rank only: evaluation must not run
+    DDP's forward (a collective), or that rank waits for a partner that has no batch (it did)."""
     sets = [a for item in [*SHARD_RUN, "train.epochs=1"] for a in ("--set", item)]
     if ray_options:
         ray_options = [*ray_options, "--address", ray_address, "--storage", f"s3://{BUCKET}/shard-runs"]
