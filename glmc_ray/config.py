@@ -83,6 +83,12 @@ class ModelConfig:
     # NormedLinear) | auto (the method's own: cosine for ldam_drw, linear for the others). Only ldam_drw scales
     # cosines (method.ldam_drw.scale), so cosine with another method is refused.
     classifier: str = "auto"
+    # The APA paper's options (glmc_ray/activations.py): aglu replaces every ReLU of the backbone by its own
+    # AGLU, z * APA(z; lambda, kappa) with two learnable scalars (no weight decay); se adds squeeze-excitation to
+    # every residual block, gated by the sigmoid or by APA (the official "gumbel" SE: LayerNorm and dropout too)
+    activation: str = "relu"  # relu | aglu
+    aglu_gradient: str = "exact"  # exact (autograd) | official (the official lambda gradient, a term short)
+    se: str = "none"  # none | sigmoid | apa
 
 
 # One section per method that has settings, under `method`: `method: {name: ldam_drw, ldam_drw: {...}}`.
@@ -165,6 +171,9 @@ class TrainConfig:
     # validation split nothing is chosen). 0 switches it off.
     posthoc_tau_max: float = 2.0
     posthoc_tau_step: float = 0.1
+    # what tau multiplies: log_prior (log pi_c, logit adjustment) | iif (log(n_c / (N - n_c)): the APA paper's
+    # IIF "rel" adjustment, z + log((N - n_c) / n_c), is its tau = 1)
+    posthoc_offset: str = "log_prior"
     progress_every: int = 50  # print a progress line every k steps (0: only per epoch)
     # steps between looks at the loss for inf/NaN (each look is a host read, which on a GPU waits for the
     # queue); the run stops naming the first bad step whatever this is, up to this many steps later
@@ -199,6 +208,10 @@ CHOICES = {
     "model.arch": ("resnet32", "resnet50", "resnext50_32x4d"),
     "model.norm": ("batch", "group"),
     "model.classifier": ("auto", "linear", "cosine"),
+    "model.activation": ("relu", "aglu"),
+    "model.aglu_gradient": ("exact", "official"),
+    "model.se": ("none", "sigmoid", "apa"),
+    "train.posthoc_offset": ("log_prior", "iif"),
     "method.name": METHOD_NAMES,
     "method.glmc.cumulative_shape": ("power", "cosine", "linear"),
     "method.glmc.rebalanced_loss": ("weighted_ce", "balanced_softmax_unofficial"),
@@ -427,6 +440,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.classifier: cosine outputs cosines in [-1, 1], which only ldam_drw scales "
                           f"(method.ldam_drw.scale); method.name is {cfg.method.name!r}: use auto or linear",
                           "model.classifier")
+    if cfg.model.aglu_gradient != "exact" and cfg.model.activation != "aglu":
+        raise ConfigError(f"model.aglu_gradient: {cfg.model.aglu_gradient} is AGLU's; model.activation is "
+                          f"{cfg.model.activation!r} (set model.activation=aglu, or drop it)", "model.aglu_gradient")
     if cfg.optim.schedule == "official_paco" and cfg.optim.warmup_epochs < 1:
         raise ConfigError("optim.warmup_epochs: official_paco needs at least 1 warmup epoch", "optim.warmup_epochs")
 

@@ -95,10 +95,14 @@ def accuracy_metrics(counts: torch.Tensor, train_counts) -> dict:
             **{k: v for k, v in metrics.items() if k != "top1"}}
 
 
+POSTHOC_OFFSETS = {"log_prior": longtail.log_prior, "iif": longtail.log_odds}  # train.posthoc_offset
+
+
 def evaluate(model, batches: Iterable, train_counts, autocast, all_reduce: Callable[[torch.Tensor], torch.Tensor],
-             taus: Sequence[float] = (), logit_scale: float = 1.0) -> dict:
-    """The split's metrics; with `taus`, also "posthoc_scan": the metrics at each tau (for `choose_posthoc`)."""
-    offsets = torch.stack([tau * longtail.log_prior(train_counts) for tau in taus]) if taus else None
+             taus: Sequence[float] = (), logit_scale: float = 1.0, offset: str = "log_prior") -> dict:
+    """The split's metrics; with `taus`, also "posthoc_scan": the metrics at each tau (for `choose_posthoc`) of
+    argmax z - tau * offset (log pi, or IIF's log(n / (N - n)))."""
+    offsets = torch.stack([tau * POSTHOC_OFFSETS[offset](train_counts) for tau in taus]) if taus else None
     counts = all_reduce(hit_counts(model, batches, len(train_counts), autocast, offsets, logit_scale))
     metrics = accuracy_metrics(counts[:3], train_counts)
     if taus:

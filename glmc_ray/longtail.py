@@ -70,3 +70,11 @@ def ldam_margins(class_counts, max_margin: float) -> torch.Tensor:
     """m_c = max_margin * n_c^-1/4 / max_j n_j^-1/4, float64: the rarest class gets max_margin (Cao et al.)."""
     raw = positive_counts(class_counts, "LDAM's margins n_c^-1/4").pow(-0.25)
     return max_margin * raw / raw.max()
+
+
+def log_odds(class_counts) -> torch.Tensor:
+    """log(n_c / (N - n_c)), float32: the APA paper's IIF ("rel") adds its negative to the logits at evaluation."""
+    counts = positive_counts(class_counts, "the IIF offset log(n_c / (N - n_c))")
+    if len(counts) < 2:
+        raise ValueError("the IIF offset needs at least 2 classes (N - n_c > 0)")
+    return (counts.log() - (counts.sum() - counts).log()).float()

@@ -186,7 +186,7 @@ def evaluate_splits(t: Trainee, data: DataBundle, dist: Dist, cfg) -> dict[str, 
     # The unwrapped model: DDP's forward is a collective (it broadcasts the buffers), and the ranks' shares of an
     # evaluation split may differ by a batch or more; rank 0 then waited in a forward that no other rank joined.
     results = {name: evaluate(t.raw_model, batches, data.class_counts, t.autocast, dist.all_reduce, scan,
-                              t.method.logit_scale)
+                              t.method.logit_scale, cfg.train.posthoc_offset)
                for name, batches in data.evals.items()}
     return choose_posthoc(results, taus)
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from glmc_ray import longtail
+from glmc_ray.activations import no_decay
 from glmc_ray.config import default_classifier
 from glmc_ray.data import build_data
 from glmc_ray.loop import Dist, Reporter, Trainee, fit
@@ -54,13 +55,22 @@ def build_trainee(cfg, class_counts, device, memory_format, prepare_model=lambda
         raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
     raw = raw.to(device, memory_format=memory_format)
     model = prepare_model(raw)
-    optimizer = torch.optim.SGD(raw.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+    optimizer = torch.optim.SGD(parameter_groups(raw), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(
         e, cfg.train.epochs, cfg.optim.schedule, cfg.optim.warmup_epochs))
     method = build_method(cfg.method, class_counts)
     return Trainee(model, raw, method, optimizer, scheduler, device, autocast_for(device, cfg.train.amp),
                    memory_format)
+
+
+def parameter_groups(model) -> list[dict]:
+    """One group with optim.weight_decay; the APA/AGLU scalars, if any, in a second without (the official)."""
+    free = no_decay(model)
+    if not free:
+        return [{"params": list(model.parameters())}]
+    ids = {id(p) for p in free}
+    return [{"params": [p for p in model.parameters() if id(p) not in ids]}, {"params": free, "weight_decay": 0.0}]
 
 
 def run_worker(cfg, reporter: Reporter, dist: Dist | None = None, state: dict | None = None,
