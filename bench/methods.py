@@ -58,6 +58,10 @@ METHODS = {
                     "method.glmc.cumulative_shape": "linear",
                     "optim.lr": 0.006468766530035321, "optim.weight_decay": 0.0010986964850141486}),
 }
+# GLMC with the APA paper's backbone (every ReLU an AGLU, APA-gated SE blocks) on the searched recipe
+METHODS["glmc_found_apa"] = ("GLMC, searched recipe, with AGLU activations and APA-SE blocks (model.activation aglu, "
+                             "model.se apa; the APA scalars without weight decay)",
+                             {**METHODS["glmc_found"][1], "model.activation": "aglu", "model.se": "apa"})
 POSTHOC = "ce_posthoc"  # CE's runs evaluated with logits - tau log(prior), tau chosen on validation
 PUBLISHED = {  # methods-reference.md: the published ordering at paper scale (200+ epochs, full width)
     "cifar10_lt_if200_balms_readme": {"ce": 74.0, "bs": 79.8},
