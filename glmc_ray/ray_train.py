@@ -326,16 +326,16 @@ def run_storage(resume: Path | None, storage: str | None) -> str | None:
 
 @contextlib.contextmanager
 def _removed_if_no_checkpoint(remote: str | None):
-    """A fresh run that fails before its first checkpoint leaves nothing on storage (Ray made the prefix)."""
+    """A fresh run that fails before its first checkpoint leaves nothing under its prefix on storage (Ray made
+    it). On S3 the storage prefix itself may keep an empty folder marker (pyarrow makes one when the last
+    object under a folder is deleted, as after the write check)."""
     try:
         yield
     except BaseException:
         if remote is not None:
             fs, path = storage_lib.resolve(remote)
-            if not ray_resume.checkpoint_folders(fs, path):
-                fs.delete_dir_contents(path, missing_dir_ok=True)
-                if not storage_lib.is_uri(remote):
-                    fs.delete_dir(path)
+            if not ray_resume.checkpoint_folders(fs, path) and storage_lib.exists(remote):
+                fs.delete_dir(path)
         raise
 
 

@@ -277,7 +277,8 @@ def test_a_run_on_s3_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_p
     assert train_main(["--config", SMOKE, "--workers", "2", "--address", ray_address, "--output", str(output),
                        "--storage", f"s3://{BUCKET}/failed", "--set", "optim.lr=1e30"]) == 1
     assert "non-finite loss" in capsys.readouterr().err
-    assert not output.exists() and s3_keys(os.environ, BUCKET, "failed/") == []
+    assert not output.exists()
+    assert s3_keys(os.environ, BUCKET, "failed/") in ([], ["failed/"])  # at most the empty folder marker
 
 
 def test_a_prefix_holding_something_else_is_refused(s3):
