@@ -66,3 +66,29 @@ class StopAfter(rundir.LocalReporter):
         super().report(record, checkpoint, is_best, per_class)
         if record["epoch"] + 1 == self.epochs:
             raise Interrupted
+
+
+def resume_matches_straight(tmp_path: Path, config: str, settings: list[str], stop_after: int) -> tuple[dict, Path]:
+    """Train `config` + `settings` straight, and again interrupted after `stop_after` epochs then resumed with
+    `--resume`: the two end with the same weights, bit for bit. Returns the straight run's final checkpoint and
+    the resumed run directory."""
+    import torch
+
+    from glmc_ray import config as config_lib
+    from glmc_ray.train import main
+    from glmc_ray.worker import run_worker
+
+    assert main(["--config", config, "--output", str(tmp_path / "straight"),
+                 *[a for s in settings for a in ("--set", s)]]) == 0
+    (straight_run,) = (tmp_path / "straight").iterdir()
+    straight = rundir.load_checkpoint(straight_run / "checkpoint.pt")
+    cfg = config_lib.load(config, settings)
+    run = rundir.new_run_dir(tmp_path / "interrupted", cfg)
+    with pytest.raises(Interrupted):
+        run_worker(cfg, StopAfter(run, cfg, epochs=stop_after))
+    assert main(["--resume", str(run)]) == 0
+    resumed = rundir.load_checkpoint(run / "checkpoint.pt")
+    assert resumed["epoch"] == straight["epoch"]
+    for key, value in straight["model"].items():
+        torch.testing.assert_close(value, resumed["model"][key], rtol=0, atol=0, equal_nan=True, msg=key)
+    return straight, run

@@ -17,8 +17,8 @@ from glmc_ray.config import ModelConfig
 from glmc_ray.evaluation import evaluate
 from glmc_ray.models import build_model
 from glmc_ray.train import main
-from glmc_ray.worker import parameter_groups, run_worker
-from tests.conftest import REPO, Interrupted, StopAfter
+from glmc_ray.worker import parameter_groups
+from tests.conftest import REPO, resume_matches_straight
 
 SMOKE = str(REPO / "configs/smoke.yaml")
 APA_RUN = ["model.activation=aglu", "model.se=apa", "train.epochs=2", "data.synthetic_max_count=64"]
@@ -133,19 +133,8 @@ def test_iif_is_the_log_odds_offset_and_its_tau_1_is_the_official_adjustment():
 
 
 def test_apa_trains_and_a_resume_gives_the_straight_runs_weights(tmp_path):
-    sets = [a for s in APA_RUN for a in ("--set", s)]
-    assert main(["--config", SMOKE, "--output", str(tmp_path / "straight"), *sets]) == 0
-    (straight_run,) = (tmp_path / "straight").iterdir()
-    straight = rundir.load_checkpoint(straight_run / "checkpoint.pt")
-    cfg = config_lib.load(SMOKE, APA_RUN)
-    run = rundir.new_run_dir(tmp_path / "interrupted", cfg)
-    with pytest.raises(Interrupted):
-        run_worker(cfg, StopAfter(run, cfg, epochs=1))
-    assert main(["--resume", str(run)]) == 0
-    resumed = rundir.load_checkpoint(run / "checkpoint.pt")
-    assert resumed["epoch"] == straight["epoch"] == 2
-    for key, value in straight["model"].items():
-        torch.testing.assert_close(value, resumed["model"][key], rtol=0, atol=0, equal_nan=True, msg=key)
+    straight, _ = resume_matches_straight(tmp_path, SMOKE, APA_RUN, stop_after=1)
+    assert straight["epoch"] == 2
     lams = [v for k, v in straight["model"].items() if k.endswith(".lam")]
     assert len(lams) == 1 + 15 * 3 + 15 and all(math.isfinite(float(v)) for v in lams)
     assert len(straight["optimizer"]["param_groups"]) == 2  # the scalars without weight decay, also resumed

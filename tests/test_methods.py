@@ -18,8 +18,8 @@ from glmc_ray.methods.ldam_drw import drw_active, drw_first_epoch, ldam_logits, 
 from glmc_ray.methods.logit_adjusted import logit_adjusted_loss
 from glmc_ray.models import CosineLinear, build_model
 from glmc_ray.train import main
-from glmc_ray.worker import build_trainee, run_worker
-from tests.conftest import REPO, Interrupted, StopAfter
+from glmc_ray.worker import build_trainee
+from tests.conftest import REPO, resume_matches_straight
 
 SMOKE = REPO / "configs/smoke.yaml"
 LOSS_TERM = {"glmc": "loss_rebalanced", "ce": "loss_ce", "balanced_softmax": "loss_bs", "logit_adjusted": "loss_la",
@@ -373,19 +373,8 @@ def test_drw_resumed_mid_drw_matches_a_straight_run(tmp_path, capsys):
     the run says so."""
     settings = ["train.epochs=3", "method.name=ldam_drw", "method.ldam_drw.drw_start=0.3", "data.val_fraction=0.0",
                 "data.synthetic_max_count=64"]
-    assert main(["--config", str(SMOKE), "--output", str(tmp_path / "straight"),
-                 *[a for s in settings for a in ("--set", s)]]) == 0
-    (straight_run,) = (tmp_path / "straight").iterdir()
-    straight = rundir.load_checkpoint(straight_run / "checkpoint.pt")
-    cfg = config_lib.load(SMOKE, settings)
-    run = rundir.new_run_dir(tmp_path / "interrupted", cfg)
-    with pytest.raises(Interrupted):
-        run_worker(cfg, StopAfter(run, cfg, epochs=2))
-    assert main(["--resume", str(run)]) == 0
-    resumed = rundir.load_checkpoint(run / "checkpoint.pt")
-    assert resumed["epoch"] == straight["epoch"] == 3
-    for key, value in straight["model"].items():
-        torch.testing.assert_close(value, resumed["model"][key], rtol=0, atol=0, equal_nan=True, msg=key)
+    straight, run = resume_matches_straight(tmp_path, str(SMOKE), settings, stop_after=2)
+    assert straight["epoch"] == 3
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["drw"] for r in records] == [0.0, 1.0, 1.0]
     assert records[-1]["posthoc_tau"] is None and "test_posthoc_top1" not in records[-1]
