@@ -62,6 +62,17 @@ METHODS = {
 METHODS["glmc_found_apa"] = ("GLMC, searched recipe, with AGLU activations and APA-SE blocks (model.activation aglu, "
                              "model.se apa; the APA scalars without weight decay)",
                              {**METHODS["glmc_found"][1], "model.activation": "aglu", "model.se": "apa"})
+# The multi-expert methods (3 experts, ResNet-32 width 16 as the rest; their official optimisers at batch 64)
+METHODS.update({
+    "ride": ("RIDE stage 1, 3 experts at RIDE's reduced width, lambda -0.45, LDAM-DRW per expert (DRW from epoch 8); "
+             "lr 0.1 @128 Nesterov, wd 5e-4", {"method.name": "ride", "optim.lr": LR_128, "optim.nesterov": True,
+                                              "optim.weight_decay": 5e-4}),
+    "mdcs": ("MDCS, 3 experts (q -0.5, 1, 2.5), weak crop+flip / strong AutoAugment + Cutout views; lr 0.1 @64 "
+             "per view Nesterov, wd 5e-4", {"method.name": "mdcs", "data.strong_augmentation": "autoaugment_cutout",
+                                            "optim.lr": 0.1, "optim.nesterov": True, "optim.weight_decay": 5e-4}),
+    "shike": ("SHIKE stage 1 (the mixture, 3 experts with shallow experts; no classifier re-training); lr 0.15 "
+              "@128, wd 5e-4", {"method.name": "shike", "optim.lr": 0.15 * 64 / 128, "optim.weight_decay": 5e-4}),
+})
 POSTHOC = "ce_posthoc"  # CE's runs evaluated with logits - tau log(prior), tau chosen on validation
 PUBLISHED = {  # methods-reference.md: the published ordering at paper scale (200+ epochs, full width)
     "cifar10_lt_if200_balms_readme": {"ce": 74.0, "bs": 79.8},
@@ -86,7 +97,8 @@ def run_summary(run: Path, split: str = "test") -> dict:
             "medium": test["medium"], "rarest3": statistics.mean(test["per_class"][c] for c in rarest),
             "val_balanced_top1": val["balanced_top1"], "per_class": test["per_class"], "class_counts": counts,
             "tau": last.get("posthoc", {}).get("tau") if split == "test_posthoc" else None,
-            "minutes": sum(r.get("train_seconds", 0.0) for r in rundir.read_metrics(run)) / 60}
+            "minutes": sum(r.get("train_seconds", 0.0) for r in rundir.read_metrics(run)) / 60,
+            "experts_top1": [e["top1"] for e in test.get("experts", [])]}  # RIDE / MDCS / SHIKE: each expert
 
 
 def aggregate(runs: list[dict]) -> dict:

@@ -89,6 +89,11 @@ class ModelConfig:
     activation: str = "relu"  # relu | aglu
     aglu_gradient: str = "exact"  # exact (autograd) | official (the official lambda gradient, a term short)
     se: str = "none"  # none | sigmoid | apa
+    # Multi-expert models (ride, mdcs, shike; glmc_ray/expert_models.py): E experts on a shared trunk, each with
+    # a cosine head times expert_scale. 0: the method's (3 for those three, 1 for single-head methods).
+    experts: int = 0
+    expert_width: str = "reduced"  # reduced (RIDE's reduce_dimension: expert stages 3/4 as wide) | full
+    expert_scale: float = 30.0  # s of the experts' cosine heads (the official NormedLinear x 30)
 
 
 # One section per method that has settings, under `method`: `method: {name: ldam_drw, ldam_drw: {...}}`.
@@ -129,16 +134,54 @@ class ClassBalancedConfig:
     focal_gamma: float = 0.0  # > 0: softmax focal loss (1 - p_y)^gamma * CE
 
 
-METHOD_NAMES = ("glmc", "ce", "balanced_softmax", "logit_adjusted", "ldam_drw", "class_balanced")
+@dataclass
+class RIDEConfig:
+    max_margin: float = 0.5  # LDAM margins of each expert's loss (RIDE's base loss)
+    drw_start: float = 0.8  # deferred re-weighting and per-class diversity temperatures from here (160/200)
+    drw_beta: float = 0.9999
+    # lambda of the diversity term lambda * T^2 * KL(softmax(mean/T) || softmax(z_e/T)): negative rewards an
+    # expert for differing from the ensemble (official -0.45 on CIFAR-100-LT, -0.2 on ImageNet-LT)
+    diversity_factor: float = -0.45
+    diversity_temperature: float = 1.0  # T before DRW
+    reweight_factor: float = 0.05  # r of the per-class T_c ∝ C pi_c r + 1 - r after DRW (0.02 ImageNet-LT)
+
+
+@dataclass
+class MDCSConfig:
+    # q_k per expert: expert k trains on z_k + q_k log n (head-, medium-, tail-leaning); one per model.experts
+    prior_exponents: list[float] = field(default_factory=lambda: [-0.5, 1.0, 2.5])
+    consistency_weight: float = 0.6  # of the weak-to-strong self-distillation KL
+    consistency_ramp: float = 0.05  # the KL's weight ramps linearly to full over this fraction of the schedule
+    #                                 (official 20 of 400 epochs; 1-based, so 1/20 of it in the first epoch)
+
+
+@dataclass
+class SHIKEConfig:
+    # mixture: stage 1 (per-expert CE, hardest-negative knowledge transfer, mutual KL) | retrain: stage 2, a
+    # second run from a stage-1 run (train.init_from) that trains only the re-trained heads with Balanced Softmax
+    stage: str = "mixture"
+    transfer_weight: float = 10.0  # of the decoupled knowledge transfer (hardest-negative) KL
+    mutual_weight: float = 1.0  # of the experts' mutual KLs
+
+
+METHOD_NAMES = ("glmc", "ce", "balanced_softmax", "logit_adjusted", "ldam_drw", "class_balanced", "ride", "mdcs",
+                "shike")
+# The multi-expert methods and their expert layout (glmc_ray/expert_models.py)
+EXPERT_LAYOUTS = {"ride": "ride", "mdcs": "ride", "shike": "shike"}
+DEFAULT_EXPERTS = 3
 
 
 @dataclass
 class MethodConfig:
-    name: str = "glmc"  # glmc | ce | balanced_softmax | logit_adjusted | ldam_drw | class_balanced
+    name: str = "glmc"  # glmc | ce | balanced_softmax | logit_adjusted | ldam_drw | class_balanced | ride | mdcs |
+    #                     shike
     glmc: GLMCConfig = field(default_factory=GLMCConfig)
     logit_adjusted: LogitAdjustedConfig = field(default_factory=LogitAdjustedConfig)
     ldam_drw: LDAMDRWConfig = field(default_factory=LDAMDRWConfig)
     class_balanced: ClassBalancedConfig = field(default_factory=ClassBalancedConfig)
+    ride: RIDEConfig = field(default_factory=RIDEConfig)
+    mdcs: MDCSConfig = field(default_factory=MDCSConfig)
+    shike: SHIKEConfig = field(default_factory=SHIKEConfig)
 
     @property
     def section(self):
@@ -179,6 +222,9 @@ class TrainConfig:
     # queue); the run stops naming the first bad step whatever this is, up to this many steps later
     finite_check_every: int = 50
     threads: int = 0  # torch intra-op threads (0: torch default)
+    # A run directory (or its storage copy, s3://...) whose latest weights this run starts from: the second
+    # stage of a two-stage method (method.shike.stage=retrain). Recorded in the run directory (parent.json).
+    init_from: str = ""
 
 
 @dataclass
@@ -211,6 +257,8 @@ CHOICES = {
     "model.activation": ("relu", "aglu"),
     "model.aglu_gradient": ("exact", "official"),
     "model.se": ("none", "sigmoid", "apa"),
+    "model.expert_width": ("reduced", "full"),
+    "method.shike.stage": ("mixture", "retrain"),
     "train.posthoc_offset": ("log_prior", "iif"),
     "method.name": METHOD_NAMES,
     "method.glmc.cumulative_shape": ("power", "cosine", "linear"),
@@ -436,6 +484,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.warmup_epochs: set but optim.schedule is 'cosine'; use 'warmup_cosine'",
                           "optim.warmup_epochs")
     _validate_data(cfg.data)
+    _validate_experts(cfg)
     if cfg.model.classifier == "cosine" and DEFAULT_CLASSIFIER.get(cfg.method.name) != "cosine":
         raise ConfigError(f"model.classifier: cosine outputs cosines in [-1, 1], which only ldam_drw scales "
                           f"(method.ldam_drw.scale); method.name is {cfg.method.name!r}: use auto or linear",
@@ -465,7 +514,70 @@ def _method_checks(method: MethodConfig) -> list[tuple]:
         (0 <= ldam.drw_beta < 1, "method.ldam_drw.drw_beta", ldam.drw_beta, "in [0, 1) (official 0.9999)"),
         (0 <= cb.beta < 1, "method.class_balanced.beta", cb.beta, "in [0, 1) (0: plain CE)"),
         (0 <= cb.focal_gamma <= 5, "method.class_balanced.focal_gamma", cb.focal_gamma, "in [0, 5] (0: no focal term)"),
+        *_expert_method_checks(method),
     ]
+
+
+def _expert_method_checks(method: MethodConfig) -> list[tuple]:
+    ride, mdcs, shike = method.ride, method.mdcs, method.shike
+    return [
+        (0 <= ride.max_margin <= 1, "method.ride.max_margin", ride.max_margin, "in [0, 1] (official 0.5)"),
+        (0 <= ride.drw_start <= 1, "method.ride.drw_start", ride.drw_start, "a fraction of the schedule in [0, 1]"),
+        (0 <= ride.drw_beta < 1, "method.ride.drw_beta", ride.drw_beta, "in [0, 1) (official 0.9999)"),
+        (-5 <= ride.diversity_factor <= 5, "method.ride.diversity_factor", ride.diversity_factor,
+         "in [-5, 5] (negative rewards diversity; official -0.45 CIFAR, -0.2 ImageNet-LT)"),
+        (ride.diversity_temperature > 0, "method.ride.diversity_temperature", ride.diversity_temperature, "> 0"),
+        (0 <= ride.reweight_factor <= 1, "method.ride.reweight_factor", ride.reweight_factor, "in [0, 1]"),
+        (mdcs.consistency_weight >= 0, "method.mdcs.consistency_weight", mdcs.consistency_weight, ">= 0"),
+        (0 < mdcs.consistency_ramp <= 1, "method.mdcs.consistency_ramp", mdcs.consistency_ramp,
+         "a fraction of the schedule in (0, 1] (official 0.05 = 20/400 epochs)"),
+        (all(-10 <= q <= 10 for q in mdcs.prior_exponents), "method.mdcs.prior_exponents", mdcs.prior_exponents,
+         "exponents in [-10, 10] (official -0.5, 1, 2.5)"),
+        (shike.transfer_weight >= 0, "method.shike.transfer_weight", shike.transfer_weight, ">= 0"),
+        (shike.mutual_weight >= 0, "method.shike.mutual_weight", shike.mutual_weight, ">= 0"),
+    ]
+
+
+def experts_of(cfg: Config) -> int:
+    """E of the run: model.experts, or the method's default when it is 0 (1 for single-head methods)."""
+    if cfg.model.experts:
+        return cfg.model.experts
+    return DEFAULT_EXPERTS if cfg.method.name in EXPERT_LAYOUTS else 1
+
+
+def _validate_experts(cfg: Config) -> None:
+    """A multi-expert method's model and stages, and a single-head method's: a key that cannot apply is an error."""
+    name, model, experts = cfg.method.name, cfg.model, experts_of(cfg)
+    if name not in EXPERT_LAYOUTS:
+        if experts != 1:
+            raise ConfigError(f"model.experts: {experts}, but method.name={name} trains one head; multi-expert "
+                              f"models are for {', '.join(EXPERT_LAYOUTS)} (use 0 or 1)", "model.experts")
+        return
+    if model.experts < 0 or experts > 16:
+        raise ConfigError(f"model.experts: {model.experts} is out of range; expected 0 (the method's: "
+                          f"{DEFAULT_EXPERTS}) or 1 to 16", "model.experts")
+    for key, value, default in (("classifier", model.classifier, "auto"), ("activation", model.activation, "relu"),
+                                ("se", model.se, "none")):
+        if value != default:
+            raise ConfigError(f"model.{key}: {value!r}, but method.name={name} builds its experts with cosine heads, "
+                              f"ReLU and no SE; leave model.{key} at {default}", f"model.{key}")
+    if EXPERT_LAYOUTS[name] == "shike" and model.arch != "resnet32":
+        raise ConfigError(f"model.arch: {model.arch}, but SHIKE's shallow experts are defined for the CIFAR "
+                          f"ResNet-32 only (use resnet32)", "model.arch")
+    if name == "shike" and experts < 2:
+        raise ConfigError(f"model.experts: {experts}; SHIKE's mutual and transfer terms need at least 2 experts",
+                          "model.experts")
+    if name == "mdcs" and len(cfg.method.mdcs.prior_exponents) != experts:
+        raise ConfigError(f"method.mdcs.prior_exponents: {cfg.method.mdcs.prior_exponents} has "
+                          f"{len(cfg.method.mdcs.prior_exponents)} values for {experts} experts (model.experts); "
+                          f"expected one q per expert", "method.mdcs.prior_exponents")
+    if name == "mdcs" and cfg.data.strong_augmentation == "none":
+        raise ConfigError("data.strong_augmentation: none, but method.name=mdcs distils from a weak view (x1) to a "
+                          "strong view (x2) of the same images; set autoaugment_cutout (CIFAR) or "
+                          "randaugment_cutout (ImageNet-LT)", "data.strong_augmentation")
+    if name == "shike" and cfg.method.shike.stage == "retrain" and not cfg.train.init_from:
+        raise ConfigError("train.init_from: empty, but method.shike.stage=retrain re-trains the heads of a stage-1 "
+                          "run; set it to that run's directory (or its storage copy)", "train.init_from")
 
 
 # The head each method trains when model.classifier is auto; cosine only where the method scales cosines.

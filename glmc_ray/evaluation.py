@@ -48,8 +48,9 @@ def posthoc_logits(logits: torch.Tensor, log_prior: torch.Tensor, tau: float) ->
 @torch.no_grad()
 def hit_counts(model, batches: Iterable, num_classes: int, autocast, offsets: torch.Tensor | None = None,
                logit_scale: float = 1.0) -> torch.Tensor:
-    """(3 + T, C) tensor over this worker's share: top-1 hits, top-5 hits and samples per true class, then the
-    top-1 hits with each of the T `offsets` rows subtracted from the logits (tau * log pi per tau).
+    """(3 + T + E, C) tensor over this worker's share: top-1 hits, top-5 hits and samples per true class, then
+    the top-1 hits with each of the T `offsets` rows subtracted from the logits (tau * log pi per tau), then each
+    of a multi-expert model's E experts' own top-1 hits (E = 0 for other models).
 
     The logits are multiplied by `logit_scale` first (the method's; argmax does not change). Top-1 is the
     argmax of the same tensor the offsets are subtracted from, so an offset of 0 gives the raw hits exactly."""
@@ -57,12 +58,16 @@ def hit_counts(model, batches: Iterable, num_classes: int, autocast, offsets: to
     device = next(model.parameters()).device
     offsets = torch.zeros(0, num_classes) if offsets is None else offsets
     offsets = offsets.to(device, torch.float32)
-    counts = torch.zeros(3 + len(offsets), num_classes, dtype=torch.float64, device=device)
+    experts = num_experts(model)
+    counts = torch.zeros(3 + len(offsets) + experts, num_classes, dtype=torch.float64, device=device)
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast():
-            logits = model(x)
-        logits = logits.float() * logit_scale
+            out = model(x, experts=True) if experts else model(x)
+        logits = (out.mean if experts else out).float() * logit_scale
+        for row in range(experts):
+            hits = out.experts[:, row].float().argmax(dim=1) == y
+            counts[3 + len(offsets) + row].index_add_(0, y, hits.double())
         top5 = logits.topk(min(5, num_classes), dim=1).indices
         counts[0].index_add_(0, y, (logits.argmax(dim=1) == y).double())
         counts[1].index_add_(0, y, (top5 == y[:, None]).any(dim=1).double())
@@ -95,6 +100,18 @@ def accuracy_metrics(counts: torch.Tensor, train_counts) -> dict:
             **{k: v for k, v in metrics.items() if k != "top1"}}
 
 
+def num_experts(model) -> int:
+    """E of a multi-expert model (glmc_ray.expert_models.ExpertNet, whose forward takes experts=True), else 0."""
+    return getattr(model, "num_experts", 0)
+
+
+def expert_metrics(counts: torch.Tensor, train_counts) -> list[dict]:
+    """Each expert's top-1, balanced top-1 and Many/Medium/Few from its hit-count row (counts: its hit rows,
+    then the samples per class)."""
+    *rows, totals = counts
+    return [{k: v for k, v in class_metrics(row, totals, train_counts).items() if k != "per_class"} for row in rows]
+
+
 POSTHOC_OFFSETS = {"log_prior": longtail.log_prior, "iif": longtail.log_odds}  # train.posthoc_offset
 
 
@@ -105,8 +122,11 @@ def evaluate(model, batches: Iterable, train_counts, autocast, all_reduce: Calla
     offsets = torch.stack([tau * POSTHOC_OFFSETS[offset](train_counts) for tau in taus]) if taus else None
     counts = all_reduce(hit_counts(model, batches, len(train_counts), autocast, offsets, logit_scale))
     metrics = accuracy_metrics(counts[:3], train_counts)
+    first_expert = 3 + len(taus)
     if taus:
-        metrics["posthoc_scan"] = [class_metrics(row, counts[2], train_counts) for row in counts[3:]]
+        metrics["posthoc_scan"] = [class_metrics(row, counts[2], train_counts) for row in counts[3:first_expert]]
+    if num_experts(model):  # users of RIDE / MDCS / SHIKE read these to see the experts specialise
+        metrics["experts"] = expert_metrics(torch.cat([counts[first_expert:], counts[2:3]]), train_counts)
     return metrics
 
 

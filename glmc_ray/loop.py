@@ -199,10 +199,13 @@ def bad_image_counts(t: Trainee, data: DataBundle, dist: Dist, splits: list[str]
 
 
 def flatten(results: dict[str, dict]) -> dict:
-    """{"test": {"top1": ..}} -> {"test_top1": ..}, leaving per-class lists out of the epoch record; of the
-    post-hoc scan only its tau ("posthoc_tau", None without a validation split)."""
+    """{"test": {"top1": ..}} -> {"test_top1": ..}, leaving per-class lists out of the epoch record; each
+    expert's metrics as "test_expert<e>_top1" ...; of the post-hoc scan only its tau ("posthoc_tau", None
+    without a validation split)."""
     record = {f"{split}_{k}": v for split, m in results.items() if split != "posthoc"
-              for k, v in m.items() if k != "per_class"}
+              for k, v in m.items() if k not in ("per_class", "experts")}
+    record.update({f"{split}_expert{e}_{k}": v for split, m in results.items() if split != "posthoc"
+                   for e, expert in enumerate(m.get("experts", [])) for k, v in expert.items()})
     if "posthoc" in results:
         record["posthoc_tau"] = results["posthoc"]["tau"]
     return record
@@ -253,6 +256,9 @@ def _epoch_line(r: dict) -> str:
     for key in ("val_balanced_top1", "test_top1", "test_many", "test_medium", "test_few"):
         if r.get(key) is not None:
             parts.append(f"{key} {r[key]:.2f}")
+    experts = [r[key] for e in range(64) if (key := f"test_expert{e}_top1") in r]
+    if experts:
+        parts.append("experts test_top1 " + "/".join(f"{a:.2f}" for a in experts))
     if r.get("posthoc_tau") is not None:  # chosen on val
         parts.append(f"posthoc_tau {r['posthoc_tau']:g}")
         parts += [f"{key} {r[key]:.2f}" for key in ("test_posthoc_top1", "test_posthoc_few") if r.get(key) is not None]

@@ -148,7 +148,7 @@ TORCHVISION_LAYOUTS = {"resnet50": {"layers": [3, 4, 6, 3]},
 SE_REDUCTION = {"resnet32": 4}  # the official SE reductions: 4 in the CIFAR SE-ResNet-32, 16 in SE-ResNe(X)t-50
 
 
-def _torchvision_backbone(arch: str, norm, in_channels: int, act=None, se=None) -> tuple[nn.Module, int]:
+def torchvision_backbone(arch: str, norm, in_channels: int, act=None, se=None) -> tuple[nn.Module, int]:
     if act is None and se is None:
         net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm)  # from scratch, as in the paper
     else:
@@ -178,7 +178,7 @@ def build_model(cfg, num_classes: int, in_channels: int = 3, default_classifier:
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(module.weight)
         return model
-    backbone, feature_dim = _torchvision_backbone(cfg.arch, norm_layer(cfg.norm), in_channels, act, se)
+    backbone, feature_dim = torchvision_backbone(cfg.arch, norm_layer(cfg.norm), in_channels, act, se)
     return GLMCNet(backbone, feature_dim, num_classes, cfg.projection_dim, classifier)
 
 

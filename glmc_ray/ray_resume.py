@@ -28,6 +28,7 @@ from glmc_ray import rundir
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 STATE_FILE = "state.pt"
+STORAGE_FILE = "storage.json"  # in a Ray Train run directory: where its checkpoints are (what a resume needs)
 FOLDER = re.compile(r"checkpoint_epoch(\d+)$")
 
 

@@ -22,16 +22,15 @@ from pathlib import Path
 import torch
 
 from glmc_ray import config as config_lib
-from glmc_ray import provenance, ray_resume, run_mirror, rundir
+from glmc_ray import parent_run, provenance, ray_resume, run_mirror, rundir
 from glmc_ray import storage as storage_lib
 from glmc_ray.errors import exit_code
 from glmc_ray.loop import Dist
 from glmc_ray.methods import METHODS
-from glmc_ray.ray_resume import STATE_FILE
+from glmc_ray.ray_resume import STATE_FILE, STORAGE_FILE
 
 SCORE = "checkpoint_score"
 PER_CLASS = "test_per_class"  # rank 0's per-class test accuracy travels with its metrics to the controller
-STORAGE_FILE = "storage.json"  # in a Ray Train run directory: where its checkpoints are (what a resume needs)
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "9p")
 
 
@@ -306,6 +305,7 @@ def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | No
             if mirrored:  # checked before anything is written there (and so before the clean-up below)
                 storage_lib.check_free(remote, "--storage", "run")
             (run / STORAGE_FILE).write_text(json.dumps({"storage": storage}) + "\n")
+            parent_run.record(run, cfg)
         with _removed_if_no_checkpoint(remote if mirrored and resume is None else None):
             final = _fit(cfg, run, storage, scaling, ray_verbose, callbacks, restore_from,
                          remote if mirrored else None)

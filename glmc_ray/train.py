@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from glmc_ray import config as config_lib
-from glmc_ray import provenance, run_mirror, rundir, storage
+from glmc_ray import parent_run, provenance, run_mirror, rundir, storage
 from glmc_ray.errors import run_command
 
 
@@ -99,6 +99,7 @@ def run_local(cfg, args) -> dict:
         print(f"resuming {run} at epoch {state['epoch']}", flush=True)
     else:
         run = rundir.new_run_dir(args.output, cfg)
+        parent_run.record(run, cfg)
         print(f"run directory: {run}", flush=True)
     with rundir.removed_if_failed_start(run, fresh=state is None):
         final = run_worker(cfg, rundir.LocalReporter(run, cfg), state=state)
@@ -139,6 +140,7 @@ def main(argv=None) -> int:
 
 def _train(args) -> int:
     cfg = resolve_config(args)
+    parent_run.check(cfg)  # a second stage's parent: there, with a checkpoint, the same model and subset
     if args.dry_run:
         dry_run(cfg)
         return 0

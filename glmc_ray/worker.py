@@ -9,10 +9,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from glmc_ray import longtail
+from glmc_ray import longtail, parent_run
 from glmc_ray.activations import no_decay
-from glmc_ray.config import default_classifier
+from glmc_ray.config import EXPERT_LAYOUTS, default_classifier, experts_of
 from glmc_ray.data import build_data
+from glmc_ray.expert_models import ExpertPlan, build_expert_model, freeze_except
 from glmc_ray.loop import Dist, Reporter, Trainee, fit
 from glmc_ray.methods import METHODS, build_method
 from glmc_ray.models import build_model
@@ -49,28 +50,45 @@ def build_trainee(cfg, class_counts, device, memory_format, prepare_model=lambda
     """Model, optimiser, schedule and method. A class without training images is a ValueError naming it, here,
     before training: every method's class weights and the post-hoc log-prior need n_c > 0."""
     longtail.positive_counts(class_counts, f"method {cfg.method.name} (and post-hoc logit adjustment)")
+    method = build_method(cfg.method, class_counts, cfg)
     seed_everything(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    raw = build_model(cfg.model, len(class_counts), cfg.data.channels, default_classifier(cfg.method.name))
+    raw = build_network(cfg, len(class_counts))
+    if cfg.train.init_from:  # checked against this run by the driver (glmc_ray.parent_run.check)
+        raw.load_state_dict(parent_run.load_state(parent_run.find(cfg.train.init_from).checkpoint)["model"])
     if cfg.dist.sync_batchnorm:
         raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+    if method.trainable is not None:  # a stage that trains some parameters only: DDP must never see the others
+        freeze_except(raw, method.trainable)
     raw = raw.to(device, memory_format=memory_format)
     model = prepare_model(raw)
     optimizer = torch.optim.SGD(parameter_groups(raw), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(
         e, cfg.train.epochs, cfg.optim.schedule, cfg.optim.warmup_epochs))
-    method = build_method(cfg.method, class_counts)
     return Trainee(model, raw, method, optimizer, scheduler, device, autocast_for(device, cfg.train.amp),
                    memory_format)
 
 
+def build_network(cfg, num_classes: int) -> torch.nn.Module:
+    """The method's model: GLMC's heads on a backbone, or the multi-expert model of RIDE / MDCS / SHIKE."""
+    name = cfg.method.name
+    if name not in EXPERT_LAYOUTS:
+        return build_model(cfg.model, num_classes, cfg.data.channels, default_classifier(name))
+    retrained = name == "shike" and cfg.method.shike.stage == "retrain"
+    plan = ExpertPlan(experts_of(cfg), EXPERT_LAYOUTS[name], use_retrained_heads=retrained)
+    return build_expert_model(cfg.model, num_classes, cfg.data.channels, plan)
+
+
 def parameter_groups(model) -> list[dict]:
-    """One group with optim.weight_decay; the APA/AGLU scalars, if any, in a second without (the official)."""
-    free = no_decay(model)
+    """The trainable parameters: one group with optim.weight_decay; the APA/AGLU scalars, if any, in a second
+    without (the official). Frozen ones (a stage that trains some heads only) are left out: SGD's weight decay
+    and momentum would still move them."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    free = [p for p in no_decay(model) if p.requires_grad]
     if not free:
-        return [{"params": list(model.parameters())}]
+        return [{"params": trainable}]
     ids = {id(p) for p in free}
-    return [{"params": [p for p in model.parameters() if id(p) not in ids]}, {"params": free, "weight_decay": 0.0}]
+    return [{"params": [p for p in trainable if id(p) not in ids]}, {"params": free, "weight_decay": 0.0}]
 
 
 def run_worker(cfg, reporter: Reporter, dist: Dist | None = None, state: dict | None = None,

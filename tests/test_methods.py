@@ -18,16 +18,20 @@ from glmc_ray.methods.ldam_drw import drw_active, drw_first_epoch, ldam_logits, 
 from glmc_ray.methods.logit_adjusted import logit_adjusted_loss
 from glmc_ray.models import CosineLinear, build_model
 from glmc_ray.train import main
-from glmc_ray.worker import build_trainee
+from glmc_ray.worker import build_network, build_trainee
 from tests.conftest import REPO, resume_matches_straight
 
 SMOKE = REPO / "configs/smoke.yaml"
 LOSS_TERM = {"glmc": "loss_rebalanced", "ce": "loss_ce", "balanced_softmax": "loss_bs", "logit_adjusted": "loss_la",
-             "ldam_drw": "loss_ldam", "class_balanced": "loss_cb"}
+             "ldam_drw": "loss_ldam", "class_balanced": "loss_cb", "ride": "loss_diversity",
+             "mdcs": "loss_consistency", "shike": "loss_transfer"}
 COUNTS = [40, 20, 10, 5, 2]
+NEEDS = {"mdcs": ["data.strong_augmentation=autoaugment_cutout"]}  # what a method cannot run without
 # every registered method, and GLMC's non-official Balanced Softmax option
-VARIANTS = [(name, []) for name in METHODS] + [("glmc", ["method.glmc.rebalanced_loss=balanced_softmax_unofficial"])]
-VARIANT_IDS = [name + ("_bs_unofficial" if extra else "") for name, extra in VARIANTS]
+VARIANTS = [(name, NEEDS.get(name, [])) for name in METHODS] + \
+    [("glmc", ["method.glmc.rebalanced_loss=balanced_softmax_unofficial"])]
+VARIANT_IDS = [name + ("_bs_unofficial" if "method.glmc.rebalanced_loss" in str(extra) else "")
+               for name, extra in VARIANTS]
 # the end-to-end runs: plain GLMC's are tests/test_train.py's and tests/test_ray_train.py's smoke runs
 TRAINED = [(v, i) for v, i in zip(VARIANTS, VARIANT_IDS, strict=True) if i != "glmc"]
 
@@ -61,18 +65,18 @@ def test_the_registry_and_the_config_name_the_same_methods():
 def test_each_method_steps_and_declares_its_heads_truthfully(name, extra):
     """uses_all_heads must be exact: DDP without find_unused_parameters hangs on a parameter left without a
     gradient, and one with it is slower for nothing."""
-    cfg = _method_config(name, *extra)
-    model = build_model(ModelConfig(width=4, projection_dim=8), len(COUNTS),
-                        default_classifier=config_lib.default_classifier(name))
-    method = build_method(cfg.method, COUNTS)
+    cfg = _method_config(name, *extra, "model.width=4", "model.projection_dim=8")
+    model = build_network(cfg, len(COUNTS))
+    method = build_method(cfg.method, COUNTS, cfg)
     out = method.step(model, _tiny_batch(), 0.9, torch.Generator().manual_seed(0))
     assert out.loss.dim() == 0 and torch.isfinite(out.loss)
     out.loss.backward()
     method.after_optimizer_step(model)
     with_grad = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.parameters()]
     assert all(with_grad) == method.uses_all_heads
-    assert model.fc_cb.weight.grad.abs().sum() > 0  # the inference head always trains
-    for attribute in ("uses_rebalanced_stream", "progress_per_step", "logit_scale"):
+    inference_heads = [model.fc_cb] if hasattr(model, "fc_cb") else list(model.heads)
+    assert all(head.weight.grad.abs().sum() > 0 for head in inference_heads)  # the inference head always trains
+    for attribute in ("uses_rebalanced_stream", "progress_per_step", "logit_scale", "trainable"):
         assert hasattr(method, attribute), attribute
     assert method.alpha(0.5) <= 1.0
 
@@ -273,7 +277,7 @@ def test_each_method_config_round_trips_through_dict_and_yaml(name, extra, tmp_p
 
 @pytest.mark.parametrize("overrides,message", [
     (["method.name=ldam"], r"^--set method.name=ldam: method.name: 'ldam' is not one of glmc, ce, balanced_softmax, "
-                           r"logit_adjusted, ldam_drw, class_balanced$"),
+                           r"logit_adjusted, ldam_drw, class_balanced, ride, mdcs, shike$"),
     (["method.ldam_drw.max_margin=0.3"], r"^--set method.ldam_drw.max_margin=0.3: method.ldam_drw.max_margin: set, "
                                          r"but method.name is 'glmc'; method.ldam_drw applies only with "
                                          r"method.name=ldam_drw"),
@@ -354,6 +358,11 @@ def check_method_run(run, name: str, settings: list[str]) -> None:
     assert config_lib.load(run / "config.yaml") == config_lib.load(SMOKE, settings)
     if name == "ldam_drw":
         assert [r["drw"] for r in records] == [0.0, 1.0]
+    if name in config_lib.EXPERT_LAYOUTS:  # each expert's metrics beside the ensemble's
+        for split in ("val", "test"):
+            assert {f"{split}_expert{e}_{k}" for e in range(3) for k in ("top1", "many", "medium", "few")} <= set(last)
+        assert [set(e) for e in final["last"]["test"]["experts"]] == [{"top1", "balanced_top1", "many", "medium",
+                                                                       "few"}] * 3
 
 
 @pytest.mark.parametrize("name,extra", [v for v, _ in TRAINED], ids=[i for _, i in TRAINED])
@@ -364,7 +373,8 @@ def test_each_method_trains_two_smoke_epochs_in_process(name, extra, tmp_path, c
     check_method_run(run, name, settings)
     assert "| posthoc_tau " in capsys.readouterr().out
     state = rundir.load_checkpoint(run / "checkpoint.pt")["model"]
-    assert ("fc_cb.bias" in state) == (name != "ldam_drw")  # auto: LDAM's cosine head has no bias
+    if name not in config_lib.EXPERT_LAYOUTS:
+        assert ("fc_cb.bias" in state) == (name != "ldam_drw")  # auto: LDAM's cosine head has no bias
 
 
 def test_drw_resumed_mid_drw_matches_a_straight_run(tmp_path, capsys):

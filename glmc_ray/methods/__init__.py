@@ -1,4 +1,4 @@
-"""Method registry: `build_method(cfg.method, class_counts)` builds the method `cfg.method.name` names from its
+"""Method registry: `build_method(cfg.method, class_counts, cfg)` builds the method `cfg.method.name` names from its
 own config section (`cfg.method.<name>`; CE and Balanced Softmax have none)."""
 from __future__ import annotations
 
@@ -8,17 +8,25 @@ from glmc_ray.methods.balanced_softmax import BalancedSoftmax
 from glmc_ray.methods.base import Batch, Method, StepOutput
 from glmc_ray.methods.ce import CrossEntropy
 from glmc_ray.methods.class_balanced import ClassBalanced
+from glmc_ray.methods.experts import ExpertMethod
 from glmc_ray.methods.glmc import GLMC
 from glmc_ray.methods.ldam_drw import LDAMDRW
 from glmc_ray.methods.logit_adjusted import LogitAdjusted
+from glmc_ray.methods.mdcs import MDCS
+from glmc_ray.methods.ride import RIDE
+from glmc_ray.methods.shike import SHIKE
 
 METHODS = {method.name: method for method in (GLMC, CrossEntropy, BalancedSoftmax, LogitAdjusted, LDAMDRW,
-                                               ClassBalanced)}
+                                               ClassBalanced, RIDE, MDCS, SHIKE)}
 
 
-def build_method(cfg, class_counts) -> Method:
-    """cfg: MethodConfig. A class without training images is a ValueError naming it (from glmc_ray.longtail)."""
-    return METHODS[cfg.name](cfg.section, torch.as_tensor(class_counts))
+def build_method(cfg, class_counts, run=None) -> Method:
+    """cfg: MethodConfig; run: the whole Config, which the multi-expert methods also read (epochs, the experts'
+    scale). A class without training images is a ValueError naming it (from glmc_ray.longtail)."""
+    method_class, counts = METHODS[cfg.name], torch.as_tensor(class_counts)
+    if issubclass(method_class, ExpertMethod):
+        return method_class(cfg.section, counts, run)
+    return method_class(cfg.section, counts)
 
 
 __all__ = ["Batch", "Method", "StepOutput", "METHODS", "build_method"]

@@ -51,6 +51,9 @@ class Method(Protocol):
     logit_scale: float  # evaluation multiplies the inference logits by it (LDAM's s), so a post-hoc tau means
     #                     what it means in the loss; argmax, hence the raw accuracy, does not change
 
+    trainable: tuple[str, ...] | None  # parameter-name prefixes this method trains (None: all; a stage that
+    #                                    trains some heads of a parent run's model names them)
+
     def alpha(self, progress: float) -> float: ...
 
     def step(self, model, batch: Batch, progress: float, generator: torch.Generator) -> StepOutput: ...
@@ -67,6 +70,7 @@ class OneViewMethod:
     uses_all_heads = False  # fc and the projection heads get no gradient (DDP must look for unused ones)
     progress_per_step = False
     logit_scale = 1.0
+    trainable = None
 
     def alpha(self, progress: float) -> float:
         return 1.0  # the uniform/re-balanced branch weight of GLMC: one branch here

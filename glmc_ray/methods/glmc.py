@@ -121,6 +121,7 @@ class GLMC:
     uses_rebalanced_stream = True
     uses_all_heads = True  # every head gets a gradient each step (DDP needs no unused-parameter search)
     logit_scale = 1.0
+    trainable = None
 
     def __init__(self, cfg, class_counts: torch.Tensor):
         self.cfg = cfg  # GLMCConfig

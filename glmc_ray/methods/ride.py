@@ -1,0 +1,74 @@
+"""RIDE stage 1 (Wang et al., ICLR 2021; frank-xwang/RIDE-LongTailRecognition, reference section 5).
+
+Each expert e has its own LDAM-DRW loss on its own logits (already scaled by s in the model), plus a
+distribution-aware diversity term against the ensemble mean zbar (computed without gradient):
+    L = sum_e [ CE_w(z_e - s m_y onehot(y), y) + lambda * Tbar^2 * KL(softmax(zbar / T) || softmax(z_e / T)) ]
+with KL averaged over the batch ('batchmean'). lambda < 0 (official -0.45 CIFAR, -0.2 ImageNet-LT): the loss falls
+as an expert moves away from the ensemble. Before DRW, T is the scalar diversity_temperature and w is none; from
+the DRW epoch on, w is the effective-number weights and T is per class, T_c = v_c / max v with
+v_c = C pi_c r + 1 - r (r = reweight_factor), Tbar = mean T_c.
+
+Fixed or made explicit against the official code (reference 5(f)):
+- with lambda = 0 the official base loss reads the ensemble mean for every expert (its issue #7: E identical
+  "collaborative" terms); here each expert always has its own loss (the issue's better 48.7 setting);
+- the distillation variant multiplies both terms by E (the full loss called inside its own expert loop) and needs
+  a 6-expert teacher: not implemented;
+- the DRW switch is a fraction of the schedule (drw_start), a pure function of the epoch, as in ldam_drw;
+- no hard-coded .cuda(); the margins are subtracted in the logits' own scale (s m), as the official with NormedLinear.
+Not here: the expert-assignment router (stage 2).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from glmc_ray import longtail
+from glmc_ray.methods.base import Batch, StepOutput
+from glmc_ray.methods.experts import ExpertMethod, kl_to, margin_logits
+from glmc_ray.methods.ldam_drw import drw_active
+
+
+def diversity_temperatures(class_counts, reweight_factor: float) -> torch.Tensor:
+    """T_c = v_c / max v, v_c = C pi_c r + 1 - r: after DRW, frequent classes get a softer ensemble target."""
+    counts = longtail.positive_counts(class_counts, "RIDE's diversity temperatures")
+    v = len(counts) * counts / counts.sum() * reweight_factor + 1 - reweight_factor
+    return (v / v.max()).float()
+
+
+def ride_loss(expert_logits: torch.Tensor, labels: torch.Tensor, margin_offsets: torch.Tensor,
+              weights: torch.Tensor | None, temperature: torch.Tensor | float,
+              diversity_factor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, summed base terms, summed diversity terms) of [B, E, C] scaled expert logits.
+
+    margin_offsets: s * m_c; temperature: a float or per-class [C]."""
+    logits = expert_logits.float()
+    t = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
+    t_bar = float(t.mean())
+    target = F.softmax(logits.detach().mean(dim=1) / t, dim=1)
+    weights = None if weights is None else weights.to(logits.dtype)
+    base = diversity = logits.new_zeros(())
+    for z in logits.unbind(dim=1):
+        base = base + F.cross_entropy(margin_logits(z, labels, margin_offsets), labels, weight=weights)
+        if diversity_factor:
+            diversity = diversity + diversity_factor * t_bar ** 2 * kl_to(target, z / t)
+    return base + diversity, base, diversity
+
+
+class RIDE(ExpertMethod):
+    name = "ride"
+
+    def __init__(self, cfg, class_counts: torch.Tensor, run):
+        self.cfg = cfg  # RIDEConfig
+        # s m_c: the official subtracts the margins from logits already multiplied by s (model.expert_scale)
+        self.margin_offsets = (run.model.expert_scale * longtail.ldam_margins(class_counts, cfg.max_margin)).float()
+        self.drw_weights = longtail.effective_number_weights(class_counts, cfg.drw_beta)
+        self.drw_temperatures = diversity_temperatures(class_counts, cfg.reweight_factor)
+
+    def step(self, model, batch: Batch, progress: float, generator: torch.Generator) -> StepOutput:
+        out = model(batch.x1, experts=True)
+        device, drw = batch.y.device, drw_active(progress, self.cfg.drw_start)
+        weights = self.drw_weights.to(device) if drw else None
+        temperature = self.drw_temperatures.to(device) if drw else self.cfg.diversity_temperature
+        loss, base, diversity = ride_loss(out.experts, batch.y, self.margin_offsets.to(device), weights,
+                                          temperature, self.cfg.diversity_factor)
+        return StepOutput(loss, {"loss_base": base, "loss_diversity": diversity, "drw": float(drw)})
