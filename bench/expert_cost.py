@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -22,7 +23,9 @@ from glmc_ray import config as config_lib
 from glmc_ray.data import build_data
 from glmc_ray.methods import METHODS
 from glmc_ray.worker import build_trainee
-from step_throughput import time_block  # noqa: E402 - bench/ is the script's folder
+
+sys.path.insert(0, str(Path(__file__).parent))
+from step_throughput import time_block  # noqa: E402  (bench/step_throughput.py: the same timed step)
 
 NAMES = ("ce", "ldam_drw", "ride", "mdcs", "shike")
 NEEDS = {"mdcs": ["data.strong_augmentation=autoaugment_cutout"]}
@@ -48,15 +51,17 @@ def main() -> None:
     p.add_argument("--synthetic", action="store_true", help="generated CIFAR-sized data instead of CIFAR-10")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--amp", default="off", choices=("off", "bf16"))
+    p.add_argument("--methods", nargs="+", default=list(NAMES), choices=NAMES, help="ce first: the ratios' base")
     p.add_argument("--json", default="bench/results/expert_cost.json")
     args = p.parse_args()
     data = ["data.source=synthetic", "data.synthetic_max_count=5000", "data.synthetic_test_per_class=10"] \
         if args.synthetic else ["data.source=cifar10", f"data.root={Path(args.data_root).resolve()}"]
-    base = [*data, f"model.width={args.width}", f"train.batch_size={args.batch_size}", f"train.amp={args.amp}",
+    base = [*data, f"model.width={args.width}", f"train.batch_size={args.batch_size}", f"train.amp='{args.amp}'",
             f"train.device={args.device}", "train.epochs=200"]
     device = torch.device(args.device)
     variants, report = {}, {"params": {}, "forward_gflop_per_image": {}, "experts": {}}
-    for name in NAMES:
+    names = args.methods
+    for name in names:
         cfg = method_config(base, name)
         bundle = build_data(cfg, device, rebalanced=METHODS[name].uses_rebalanced_stream)
         trainee = build_trainee(cfg, bundle.class_counts, device, torch.contiguous_format)
@@ -66,9 +71,9 @@ def main() -> None:
         x = next(iter(bundle.train.epoch(0))).x1[:8].to(device)
         report["forward_gflop_per_image"][name] = forward_gflop(trainee.raw_model.eval(), x) / len(x)
         trainee.raw_model.train()
-    samples = {n: [] for n in NAMES}
+    samples = {n: [] for n in names}
     for round_index in range(args.rounds):
-        for name in NAMES:
+        for name in names:
             samples[name].append(statistics.median(time_block(*variants[name], epoch=round_index, steps=args.steps)))
             print(f"round {round_index} {name:9s} {samples[name][-1] * 1000:7.1f} ms/step", flush=True)
     per_step = {n: statistics.median(v) for n, v in samples.items()}
@@ -83,7 +88,7 @@ def main() -> None:
                   samples=samples)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))
-    for name in NAMES:
+    for name in names:
         print(f"{name:9s} {report['experts'][name]} expert(s) {report['params'][name] / 1e6:6.3f} M params "
               f"(x{report['params_vs_ce'][name]:.2f}) {report['forward_gflop_per_image'][name] * 1000:6.1f} MFLOP/img "
               f"(x{report['gflop_vs_ce'][name]:.2f}) {per_step[name] * 1000:7.1f} ms/step "
