@@ -144,6 +144,12 @@ class RIDEConfig:
     diversity_factor: float = -0.45
     diversity_temperature: float = 1.0  # T before DRW
     reweight_factor: float = 0.05  # r of the per-class T_c ∝ C pi_c r + 1 - r after DRW (0.02 ImageNet-LT)
+    # experts: stage 1 | router: expert assignment, a second run from a stage-1 run (train.init_from) that
+    # trains only the router; evaluation then uses, per sample, the experts the router picks
+    stage: str = "experts"
+    router_hidden: int = 16  # the router's per-expert feature projection (official 16)
+    router_top_k: int = 30  # how many of the running mean logits it sees, largest first (official 30; <= classes)
+    router_pos_weight: float = 100.0  # BCE weight of "the next expert helps" (official 100)
 
 
 @dataclass
@@ -259,6 +265,7 @@ CHOICES = {
     "model.se": ("none", "sigmoid", "apa"),
     "model.expert_width": ("reduced", "full"),
     "method.shike.stage": ("mixture", "retrain"),
+    "method.ride.stage": ("experts", "router"),
     "train.posthoc_offset": ("log_prior", "iif"),
     "method.name": METHOD_NAMES,
     "method.glmc.cumulative_shape": ("power", "cosine", "linear"),
@@ -524,6 +531,9 @@ def _expert_method_checks(method: MethodConfig) -> list[tuple]:
         (0 <= ride.max_margin <= 1, "method.ride.max_margin", ride.max_margin, "in [0, 1] (official 0.5)"),
         (0 <= ride.drw_start <= 1, "method.ride.drw_start", ride.drw_start, "a fraction of the schedule in [0, 1]"),
         (0 <= ride.drw_beta < 1, "method.ride.drw_beta", ride.drw_beta, "in [0, 1) (official 0.9999)"),
+        (ride.router_hidden > 0, "method.ride.router_hidden", ride.router_hidden, "a positive integer"),
+        (ride.router_top_k > 0, "method.ride.router_top_k", ride.router_top_k, "a positive integer"),
+        (ride.router_pos_weight > 0, "method.ride.router_pos_weight", ride.router_pos_weight, "> 0 (official 100)"),
         (-5 <= ride.diversity_factor <= 5, "method.ride.diversity_factor", ride.diversity_factor,
          "in [-5, 5] (negative rewards diversity; official -0.45 CIFAR, -0.2 ImageNet-LT)"),
         (ride.diversity_temperature > 0, "method.ride.diversity_temperature", ride.diversity_temperature, "> 0"),
@@ -575,9 +585,13 @@ def _validate_experts(cfg: Config) -> None:
         raise ConfigError("data.strong_augmentation: none, but method.name=mdcs distils from a weak view (x1) to a "
                           "strong view (x2) of the same images; set autoaugment_cutout (CIFAR) or "
                           "randaugment_cutout (ImageNet-LT)", "data.strong_augmentation")
-    if name == "shike" and cfg.method.shike.stage == "retrain" and not cfg.train.init_from:
-        raise ConfigError("train.init_from: empty, but method.shike.stage=retrain re-trains the heads of a stage-1 "
-                          "run; set it to that run's directory (or its storage copy)", "train.init_from")
+    second = {"shike": ("retrain", "re-trains the heads of"), "ride": ("router", "trains the router on")}.get(name)
+    if second and cfg.method.section.stage == second[0] and not cfg.train.init_from:
+        raise ConfigError(f"train.init_from: empty, but method.{name}.stage={second[0]} {second[1]} a stage-1 run; "
+                          f"set it to that run's directory (or its storage copy)", "train.init_from")
+    if name == "ride" and cfg.method.ride.stage == "router" and experts < 2:
+        raise ConfigError(f"method.ride.stage: router, but model.experts is {experts}; the router adds experts "
+                          f"to the first one (at least 2)", "method.ride.stage")
 
 
 # The head each method trains when model.classifier is auto; cosine only where the method scales cosines.

@@ -50,7 +50,8 @@ def hit_counts(model, batches: Iterable, num_classes: int, autocast, offsets: to
                logit_scale: float = 1.0) -> torch.Tensor:
     """(3 + T + E, C) tensor over this worker's share: top-1 hits, top-5 hits and samples per true class, then
     the top-1 hits with each of the T `offsets` rows subtracted from the logits (tau * log pi per tau), then each
-    of a multi-expert model's E experts' own top-1 hits (E = 0 for other models).
+    of a multi-expert model's E experts' own top-1 hits (E = 0 for other models), then, for a model with RIDE's
+    router, the experts each class's samples used.
 
     The logits are multiplied by `logit_scale` first (the method's; argmax does not change). Top-1 is the
     argmax of the same tensor the offsets are subtracted from, so an offset of 0 gives the raw hits exactly."""
@@ -58,8 +59,8 @@ def hit_counts(model, batches: Iterable, num_classes: int, autocast, offsets: to
     device = next(model.parameters()).device
     offsets = torch.zeros(0, num_classes) if offsets is None else offsets
     offsets = offsets.to(device, torch.float32)
-    experts = num_experts(model)
-    counts = torch.zeros(3 + len(offsets) + experts, num_classes, dtype=torch.float64, device=device)
+    experts, routed = num_experts(model), is_routed(model)
+    counts = torch.zeros(3 + len(offsets) + experts + routed, num_classes, dtype=torch.float64, device=device)
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast():
@@ -68,6 +69,8 @@ def hit_counts(model, batches: Iterable, num_classes: int, autocast, offsets: to
         for row in range(experts):
             hits = out.experts[:, row].float().argmax(dim=1) == y
             counts[3 + len(offsets) + row].index_add_(0, y, hits.double())
+        if routed:
+            counts[-1].index_add_(0, y, out.used.double())
         top5 = logits.topk(min(5, num_classes), dim=1).indices
         counts[0].index_add_(0, y, (logits.argmax(dim=1) == y).double())
         counts[1].index_add_(0, y, (top5 == y[:, None]).any(dim=1).double())
@@ -105,6 +108,11 @@ def num_experts(model) -> int:
     return getattr(model, "num_experts", 0)
 
 
+def is_routed(model) -> bool:
+    """Whether a multi-expert model picks its experts per sample (RIDE's router), reporting how many it used."""
+    return getattr(model, "router", None) is not None
+
+
 def expert_metrics(counts: torch.Tensor, train_counts) -> list[dict]:
     """Each expert's top-1, balanced top-1 and Many/Medium/Few from its hit-count row (counts: its hit rows,
     then the samples per class)."""
@@ -125,8 +133,12 @@ def evaluate(model, batches: Iterable, train_counts, autocast, all_reduce: Calla
     first_expert = 3 + len(taus)
     if taus:
         metrics["posthoc_scan"] = [class_metrics(row, counts[2], train_counts) for row in counts[3:first_expert]]
-    if num_experts(model):  # users of RIDE / MDCS / SHIKE read these to see the experts specialise
-        metrics["experts"] = expert_metrics(torch.cat([counts[first_expert:], counts[2:3]]), train_counts)
+    experts = num_experts(model)
+    if experts:  # users of RIDE / MDCS / SHIKE read these to see the experts specialise
+        rows = counts[first_expert:first_expert + experts]
+        metrics["experts"] = expert_metrics(torch.cat([rows, counts[2:3]]), train_counts)
+    if is_routed(model):
+        metrics["experts_used"] = float(counts[-1].sum() / counts[2].sum())
     return metrics
 
 

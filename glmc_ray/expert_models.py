@@ -30,9 +30,41 @@ from glmc_ray.models import BasicBlockA, CosineLinear, norm_layer, torchvision_b
 
 
 class ExpertLogits(NamedTuple):
-    mean: torch.Tensor  # [B, C], the ensemble's prediction
+    mean: torch.Tensor  # [B, C], the ensemble's prediction (with a router: the mean of the experts it used)
     experts: torch.Tensor  # [B, E, C]
     features: torch.Tensor  # [B, E, D], each expert's pooled feature
+    routes: torch.Tensor | None = None  # [B, E-1] router logits: "add expert e+1" (RIDE's expert assignment)
+    used: torch.Tensor | None = None  # [B] experts each sample used
+
+
+class ExpertRouter(nn.Module):
+    """RIDE's expert assignment (stage 2): router e < E-1 decides from expert e's normalised pooled feature
+    (Linear to `hidden` + ReLU) and the top-k values of the mean logits of experts 0..e, through one Linear
+    shared by all routers, whether the sample goes on to expert e+1."""
+
+    def __init__(self, experts: int, feature_dim: int, num_classes: int, hidden: int = 16, top_k: int = 30):
+        super().__init__()
+        self.top_k = min(top_k, num_classes)
+        self.features = nn.ModuleList(nn.Linear(feature_dim, hidden) for _ in range(experts - 1))
+        self.decide = nn.Linear(hidden + self.top_k, 1)
+
+    def forward(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """[B, E-1] logits of "add the next expert", from [B, E, D] features and [B, E, C] expert logits."""
+        running = logits.cumsum(dim=1) / torch.arange(1, logits.shape[1] + 1, device=logits.device)[:, None]
+        routes = []
+        for e, project in enumerate(self.features):
+            seen = running[:, e].topk(self.top_k, dim=1).values
+            routes.append(self.decide(torch.cat([F.relu(project(F.normalize(features[:, e], dim=1))), seen], 1)))
+        return torch.cat(routes, dim=1)
+
+
+def routed_mean(logits: torch.Tensor, routes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean of the experts each sample uses, experts used): expert e+1 is added while router e says yes
+    (sigmoid > 0.5) and every router before it did."""
+    go_on = torch.cumprod((routes > 0).to(logits.dtype), dim=1)  # sigmoid(r) > 0.5 <=> r > 0
+    mask = torch.cat([torch.ones_like(go_on[:, :1]), go_on], dim=1)  # expert 0 always
+    used = mask.sum(dim=1)
+    return (logits * mask[:, :, None]).sum(dim=1) / used[:, None], used
 
 
 def cifar_stage(in_planes: int, planes: int, blocks: int, stride: int, norm, act) -> nn.Sequential:
@@ -109,6 +141,7 @@ class ExpertNet(nn.Module):
         self.retrained_heads = nn.ModuleList(CosineLinear(feature_dim, num_classes) for _ in branches) \
             if retrained_heads else None
         self.use_retrained_heads = use_retrained_heads
+        self.router: ExpertRouter | None = None  # `add_router`: RIDE's second stage
         self.frozen_norms: list[nn.Module] = []  # kept in eval mode by `train()` (a stage that freezes them)
 
     @property
@@ -120,8 +153,18 @@ class ExpertNet(nn.Module):
         features = [branch(taps) for branch in self.branches]
         heads = self.retrained_heads if self.use_retrained_heads else self.heads
         logits = torch.stack([self.scale * head(f) for head, f in zip(heads, features, strict=True)], dim=1)
-        mean = logits.mean(dim=1)
-        return ExpertLogits(mean, logits, torch.stack(features, dim=1)) if experts else mean
+        features = torch.stack(features, dim=1)
+        routes = used = None
+        if self.router is None:
+            mean = logits.mean(dim=1)
+        else:
+            routes = self.router(features, logits)
+            mean, used = routed_mean(logits, routes)
+        return ExpertLogits(mean, logits, features, routes, used) if experts else mean
+
+    def add_router(self, hidden: int, top_k: int) -> None:
+        self.router = ExpertRouter(self.num_experts, self.heads[0].weight.shape[1], self.heads[0].weight.shape[0],
+                                   hidden, top_k)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -134,15 +177,20 @@ class ExpertPlan(NamedTuple):
     count: int  # E
     layout: str  # ride | shike
     use_retrained_heads: bool = False  # SHIKE's stage 2 predicts with its re-trained heads
+    router: tuple[int, int] | None = None  # (hidden, top_k) of RIDE's expert-assignment router
 
 
 def build_expert_model(cfg, num_classes: int, in_channels: int, plan: ExpertPlan) -> ExpertNet:
     """cfg: ModelConfig (arch, width, norm, expert_width, expert_scale)."""
     norm = norm_layer(cfg.norm)
     if cfg.arch == "resnet32":
-        return cifar_experts(cfg, plan.layout, plan.count, num_classes, norm, in_channels, plan.use_retrained_heads)
-    backbone, _ = torchvision_backbone(cfg.arch, norm, in_channels)
-    return torchvision_experts(cfg, backbone, plan.count, num_classes)
+        model = cifar_experts(cfg, plan.layout, plan.count, num_classes, norm, in_channels, plan.use_retrained_heads)
+    else:
+        model = torchvision_experts(cfg, torchvision_backbone(cfg.arch, norm, in_channels)[0], plan.count,
+                                    num_classes)
+    if plan.router is not None:
+        model.add_router(*plan.router)
+    return model
 
 
 def _kaiming(module: nn.Module) -> None:

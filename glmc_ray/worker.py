@@ -54,7 +54,7 @@ def build_trainee(cfg, class_counts, device, memory_format, prepare_model=lambda
     seed_everything(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     raw = build_network(cfg, len(class_counts))
     if cfg.train.init_from:  # checked against this run by the driver (glmc_ray.parent_run.check)
-        raw.load_state_dict(parent_run.load_state(parent_run.find(cfg.train.init_from).checkpoint)["model"])
+        load_parent_weights(raw, cfg.train.init_from, method.trainable)
     if cfg.dist.sync_batchnorm:
         raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
     if method.trainable is not None:  # a stage that trains some parameters only: DDP must never see the others
@@ -69,13 +69,25 @@ def build_trainee(cfg, class_counts, device, memory_format, prepare_model=lambda
                    memory_format)
 
 
+def load_parent_weights(model: torch.nn.Module, init_from: str, trainable: tuple[str, ...] | None) -> None:
+    """The parent run's newest weights; only what this stage trains may be missing there (RIDE's router)."""
+    state = parent_run.load_state(parent_run.find(init_from).checkpoint)["model"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    wrong = unexpected + [key for key in missing if not key.startswith(trainable or ())]
+    if wrong:
+        raise ValueError(f"train.init_from: {init_from}: its weights do not fit this model ({', '.join(wrong[:5])}"
+                         f"{' ...' if len(wrong) > 5 else ''} missing or unexpected)")
+
+
 def build_network(cfg, num_classes: int) -> torch.nn.Module:
     """The method's model: GLMC's heads on a backbone, or the multi-expert model of RIDE / MDCS / SHIKE."""
     name = cfg.method.name
     if name not in EXPERT_LAYOUTS:
         return build_model(cfg.model, num_classes, cfg.data.channels, default_classifier(name))
     retrained = name == "shike" and cfg.method.shike.stage == "retrain"
-    plan = ExpertPlan(experts_of(cfg), EXPERT_LAYOUTS[name], use_retrained_heads=retrained)
+    ride = cfg.method.ride
+    router = (ride.router_hidden, ride.router_top_k) if name == "ride" and ride.stage == "router" else None
+    plan = ExpertPlan(experts_of(cfg), EXPERT_LAYOUTS[name], use_retrained_heads=retrained, router=router)
     return build_expert_model(cfg.model, num_classes, cfg.data.channels, plan)
 
 

@@ -2,6 +2,7 @@
 7(g), per-expert metrics, the second stage from a parent run, and bad input. Each one's 2-epoch runs in-process
 and on 2 Ray workers are tests/test_methods.py's and tests/test_ray_methods.py's (the registry's)."""
 import json
+import math
 import re
 
 import pytest
@@ -12,12 +13,12 @@ from glmc_ray import config as config_lib
 from glmc_ray import longtail, rundir
 from glmc_ray.config import ConfigError
 from glmc_ray.evaluation import evaluate
-from glmc_ray.expert_models import ExpertNet, ShallowExpert, freeze_except
+from glmc_ray.expert_models import ExpertNet, ShallowExpert, freeze_except, routed_mean
 from glmc_ray.methods import Batch, build_method
 from glmc_ray.methods.balanced_softmax import balanced_softmax_loss
 from glmc_ray.methods.ldam_drw import ldam_loss
 from glmc_ray.methods.mdcs import consistency_ramp, mdcs_loss
-from glmc_ray.methods.ride import diversity_temperatures, ride_loss
+from glmc_ray.methods.ride import diversity_temperatures, ride_loss, router_loss, router_targets
 from glmc_ray.methods.shike import shike_loss, transfer_teacher
 from glmc_ray.train import main
 from glmc_ray.worker import build_network, parameter_groups
@@ -149,6 +150,26 @@ def test_crossing_the_drw_epoch_changes_weights_and_temperature():
     assert (before.terms["drw"], after.terms["drw"]) == (0.0, 1.0)
     assert float(before.terms["loss_base"].detach()) != float(after.terms["loss_base"].detach())
     assert float(before.terms["loss_diversity"].detach()) != float(after.terms["loss_diversity"].detach())
+
+
+def test_router_targets_ask_for_the_next_expert_only_where_a_larger_ensemble_is_right():
+    # 3 experts, 2 classes, label 0: expert logits chosen so the running means are right at [no, yes, yes],
+    # [yes, ...], [no, no, no]
+    logits = torch.tensor([[[0.0, 1.0], [3.0, 0.0], [0.0, 0.0]],
+                           [[1.0, 0.0], [0.0, 5.0], [0.0, 5.0]],
+                           [[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]])
+    targets = router_targets(logits, torch.zeros(3, dtype=torch.long))
+    assert targets.tolist() == [[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
+
+
+def test_the_routed_mean_adds_experts_while_every_router_so_far_says_yes():
+    logits = torch.arange(3 * 3 * 2, dtype=torch.float32).reshape(3, 3, 2)
+    routes = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0]])
+    mean, used = routed_mean(logits, routes)
+    assert used.tolist() == [3.0, 2.0, 1.0]
+    torch.testing.assert_close(mean, torch.stack([logits[0].mean(0), logits[1, :2].mean(0), logits[2, 0]]))
+    loss = router_loss(torch.zeros(4, 2), torch.tensor([[1.0, 0.0]] * 4), 100.0)
+    assert float(loss) == pytest.approx((100 + 1) * math.log(2) / 2)  # BCE(0) = log 2, positives x 100
 
 
 # ---- MDCS (6(g)) ------------------------------------------------------------------------------------------------
@@ -291,6 +312,7 @@ def test_each_experts_accuracy_and_shot_groups_are_reported():
     (["method.name=ride", "model.classifier=linear"], r"model.classifier: 'linear', but method.name=ride builds"),
     (["method.name=ride", "model.activation=aglu"], r"model.activation: 'aglu', but method.name=ride"),
     (["method.name=shike", "method.shike.stage=retrain"], r"train.init_from: empty, but method.shike.stage=retrain"),
+    (["method.name=ride", "method.ride.stage=router"], r"train.init_from: empty, but method.ride.stage=router"),
     (["method.name=ride", "method.ride.diversity_factor=9"], r"method.ride.diversity_factor: 9.0 is out of range"),
     (["method.name=ride", "model.experts=17"], r"model.experts: 17 is out of range"),
 ])
@@ -343,6 +365,24 @@ def test_stage_two_on_two_ray_workers_from_an_in_process_parent(stage_one, tmp_p
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert json.loads((run / "parent.json").read_text())["checkpoint"] == str(stage_one / "checkpoint.pt")
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_ride_router_stage_trains_only_the_router_and_reports_the_experts_used(tmp_path):
+    stage1 = ["method.name=ride", "train.epochs=1", "data.synthetic_max_count=64", "model.width=4"]
+    assert main(["--config", str(SMOKE), "--output", str(tmp_path / "one"), *_args(stage1)]) == 0
+    (parent,) = (tmp_path / "one").iterdir()
+    stage2 = [*stage1, "method.ride.stage=router", f"train.init_from={parent}"]
+    assert main(["--config", str(SMOKE), "--output", str(tmp_path / "two"), *_args(stage2)]) == 0
+    (run,) = (tmp_path / "two").iterdir()
+    before = rundir.load_checkpoint(parent / "checkpoint.pt")["model"]
+    after = rundir.load_checkpoint(run / "checkpoint.pt")["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)  # experts, BatchNorm buffers included
+    assert {k for k in after if k not in before} == {"router.features.0.weight", "router.features.0.bias",
+                                                     "router.features.1.weight", "router.features.1.bias",
+                                                     "router.decide.weight", "router.decide.bias"}
+    record = json.loads((run / "metrics.jsonl").read_text())
+    assert 1.0 <= record["test_experts_used"] <= 3.0 and "loss_router" in record
+    assert json.loads((run / "parent.json").read_text())["method"] == "ride"
 
 
 @pytest.mark.parametrize("settings,message", [

@@ -15,7 +15,11 @@ Fixed or made explicit against the official code (reference 5(f)):
   a 6-expert teacher: not implemented;
 - the DRW switch is a fraction of the schedule (drw_start), a pure function of the epoch, as in ldam_drw;
 - no hard-coded .cuda(); the margins are subtracted in the logits' own scale (s m), as the official with NormedLinear.
-Not here: the expert-assignment router (stage 2).
+Stage 2 ("router", RIDE's expert assignment): a second run from a stage-1 run (train.init_from) trains only
+the router (glmc_ray/expert_models.py `ExpertRouter`), every BatchNorm frozen, with BCE(pos_weight 100) on the
+targets of `router_targets`; evaluation then averages, per sample, the experts the router adds and reports how
+many it used (`experts_used`). The official trains it on a class-balanced sampler; here on the uniform stream
+(the positive weight balances the targets).
 """
 from __future__ import annotations
 
@@ -54,6 +58,22 @@ def ride_loss(expert_logits: torch.Tensor, labels: torch.Tensor, margin_offsets:
     return base + diversity, base, diversity
 
 
+def router_targets(expert_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, E-1] targets of the routers: router e says "add expert e+1" where the ensemble of experts 0..e is
+    wrong and some larger ensemble 0..j (j > e) is right."""
+    running = expert_logits.cumsum(dim=1) / torch.arange(1, expert_logits.shape[1] + 1,
+                                                         device=expert_logits.device)[:, None]
+    correct = running.argmax(dim=2) == labels[:, None]  # [B, E]
+    later = correct.flip(1).cummax(dim=1).values.flip(1)[:, 1:]  # any(correct[:, e+1:]) for e < E-1
+    return (~correct[:, :-1] & later).float()
+
+
+def router_loss(routes: torch.Tensor, targets: torch.Tensor, pos_weight: float) -> torch.Tensor:
+    """BCE-with-logits of the routers, positives weighted by pos_weight, averaged over samples and routers."""
+    weight = torch.tensor(pos_weight, dtype=routes.dtype, device=routes.device)
+    return F.binary_cross_entropy_with_logits(routes, targets.to(routes.dtype), pos_weight=weight)
+
+
 class RIDE(ExpertMethod):
     name = "ride"
 
@@ -63,9 +83,15 @@ class RIDE(ExpertMethod):
         self.margin_offsets = (run.model.expert_scale * longtail.ldam_margins(class_counts, cfg.max_margin)).float()
         self.drw_weights = longtail.effective_number_weights(class_counts, cfg.drw_beta)
         self.drw_temperatures = diversity_temperatures(class_counts, cfg.reweight_factor)
+        self.trainable = ("router",) if cfg.stage == "router" else None
 
     def step(self, model, batch: Batch, progress: float, generator: torch.Generator) -> StepOutput:
         out = model(batch.x1, experts=True)
+        if self.cfg.stage == "router":
+            targets = router_targets(out.experts.detach().float(), batch.y)
+            loss = router_loss(out.routes.float(), targets, self.cfg.router_pos_weight)
+            return StepOutput(loss, {"loss_router": loss, "experts_used": out.used.float().mean(),
+                                     "router_positives": targets.mean()})
         device, drw = batch.y.device, drw_active(progress, self.cfg.drw_start)
         weights = self.drw_weights.to(device) if drw else None
         temperature = self.drw_temperatures.to(device) if drw else self.cfg.diversity_temperature
