@@ -72,6 +72,17 @@ def test_shared_parameters_exist_once_and_expert_parameters_e_times(name):
     assert total2 == trunk2 + sum(experts2.values()) and total3 == trunk3 + sum(experts3.values())
 
 
+def test_the_expert_logits_survive_torch_compile_in_one_graph():
+    """fullgraph=True fails on any graph break: the expert logits are outputs, not a module attribute."""
+    model = build_network(_cfg("shike"), 5)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = _images(4)
+    out = compiled(x, experts=True)
+    torch.testing.assert_close(out.experts, model(x, experts=True).experts)
+    out.experts.sum().backward()
+    assert all(p.grad is not None for p in model.heads.parameters())
+
+
 def test_ride_layout_widths_and_the_reduced_experts():
     reduced = build_network(_cfg("ride", "model.width=16"), 5)
     full = build_network(_cfg("ride", "model.width=16", "model.expert_width=full"), 5)
