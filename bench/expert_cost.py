@@ -49,12 +49,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--synthetic", action="store_true", help="generated CIFAR-sized data instead of CIFAR-10")
+    p.add_argument("--synthetic-max-count", type=int, default=5000, help="its largest class (10 classes, IF 100)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--amp", default="off", choices=("off", "bf16"))
     p.add_argument("--methods", nargs="+", default=list(NAMES), choices=NAMES, help="ce first: the ratios' base")
     p.add_argument("--json", default="bench/results/expert_cost.json")
     args = p.parse_args()
-    data = ["data.source=synthetic", "data.synthetic_max_count=5000", "data.synthetic_test_per_class=10"] \
+    data = ["data.source=synthetic", f"data.synthetic_max_count={args.synthetic_max_count}",
+            "data.synthetic_test_per_class=10"] \
         if args.synthetic else ["data.source=cifar10", f"data.root={Path(args.data_root).resolve()}"]
     base = [*data, f"model.width={args.width}", f"train.batch_size={args.batch_size}", f"train.amp='{args.amp}'",
             f"train.device={args.device}", "train.epochs=200"]

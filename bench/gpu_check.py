@@ -12,6 +12,8 @@ runner (torch, torchvision, numpy, pyyaml, pillow and this checkout), in well un
                       with its tail on the device, bf16, channels_last) for one short epoch: the CUDA path end to end
   5. step             bench/step_throughput.py --synthetic --device cuda --amp bf16: our step vs the official-style
                       one
+  6. experts          bench/expert_cost.py --synthetic --device cuda --amp bf16: RIDE, MDCS, SHIKE's steps (their
+                      expert models and losses under bf16) against CE's
 
 Each part prints PASS, FAIL or its figures and goes on; the JSON (bench/results/gpu_check.json) holds them all,
 and the exit code is 1 if a check failed. `--device cpu` runs the same code on the CPU (a dry run of the script,
@@ -154,11 +156,24 @@ def step_throughput(device: torch.device, workdir: Path) -> dict:
             "images_per_s": report.get("images_per_s"), "pass": done.returncode == 0}
 
 
+def expert_cost(device: torch.device, workdir: Path) -> dict:
+    out = workdir / "expert_cost.json"
+    small = [] if device.type == "cuda" else ["--width", "4", "--batch-size", "16", "--synthetic-max-count", "100"]
+    command = [sys.executable, str(REPO / "bench/expert_cost.py"), "--synthetic", "--device", device.type,
+               "--amp", "bf16", "--json", str(out), "--steps", "10" if device.type == "cuda" else "1",
+               "--rounds", "3" if device.type == "cuda" else "1", *small]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=360)
+    report = json.loads(out.read_text()) if out.is_file() else {}
+    return {"exit_code": done.returncode, "output_tail": (done.stdout + done.stderr)[-1500:],
+            "step_vs_ce": report.get("step_vs_ce"), "images_per_s": report.get("images_per_s"),
+            "pass": done.returncode == 0}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--images", type=int, default=256, help="generated JPEGs for the decode and feed parts")
-    p.add_argument("--skip", nargs="*", default=[], choices=("tail", "nvjpeg", "feed", "training", "step"))
+    p.add_argument("--skip", nargs="*", default=[], choices=("tail", "nvjpeg", "feed", "training", "step", "experts"))
     p.add_argument("--json", default="bench/results/gpu_check.json")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -175,7 +190,8 @@ def main() -> int:
         parts = {"tail": lambda: tail_parity(encoded, device), "nvjpeg": lambda: nvjpeg_against_cpu(encoded, device),
                  "feed": lambda: feed(encoded, device, batch=min(256, len(encoded))),
                  "training": lambda: training(split, device, Path(scratch)),
-                 "step": lambda: step_throughput(device, Path(scratch))}
+                 "step": lambda: step_throughput(device, Path(scratch)),
+                 "experts": lambda: expert_cost(device, Path(scratch))}
         for name, run in parts.items():
             if name in args.skip:
                 continue

@@ -19,7 +19,7 @@ from glmc_ray.methods.logit_adjusted import logit_adjusted_loss
 from glmc_ray.models import CosineLinear, build_model
 from glmc_ray.train import main
 from glmc_ray.worker import build_network, build_trainee
-from tests.conftest import REPO, resume_matches_straight
+from tests.conftest import REPO, resume_matches_straight, tensorboard_scalars
 
 SMOKE = REPO / "configs/smoke.yaml"
 LOSS_TERM = {"glmc": "loss_rebalanced", "ce": "loss_ce", "balanced_softmax": "loss_bs", "logit_adjusted": "loss_la",
@@ -363,6 +363,8 @@ def check_method_run(run, name: str, settings: list[str]) -> None:
             assert {f"{split}_expert{e}_{k}" for e in range(3) for k in ("top1", "many", "medium", "few")} <= set(last)
         assert [set(e) for e in final["last"]["test"]["experts"]] == [{"top1", "balanced_top1", "many", "medium",
                                                                        "few"}] * 3
+        assert tensorboard_scalars(run, "test/expert2_few") == {1: pytest.approx(last["test_expert2_few"]),
+                                                               0: pytest.approx(records[0]["test_expert2_few"])}
 
 
 @pytest.mark.parametrize("name,extra", [v for v, _ in TRAINED], ids=[i for _, i in TRAINED])
