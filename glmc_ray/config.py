@@ -50,6 +50,9 @@ class DataConfig:
     std: list[float] = field(default_factory=list)
     image_size: int = 32  # training crop side (test: resized and centre-cropped to it); synthetic image side
     augmentation: str = "crop_flip"  # crop_flip: pad by side/8, random crop, flip (CIFAR) | simclr (ImageNet-LT)
+    # x2 (and rx2) as a strong view, x1 staying the weak one (MDCS; glmc_ray/data/strong_views.py):
+    # none | autoaugment_cutout (CIFAR: AutoAugment's CIFAR-10 policy + Cutout) | randaugment_cutout (ImageNet-LT)
+    strong_augmentation: str = "none"
     # files, shards: where the augmentation after the crop runs (jitter, grayscale, blur, flip, normalise).
     # cpu: all of it in the decode workers | device: decode workers crop and draw every parameter, the training
     # device applies the rest batched (the same views on CPU and GPU) | auto: device when training on GPUs
@@ -255,6 +258,7 @@ CHOICES = {
     "data.source": ("cifar10", "cifar100", "synthetic", "files", "shards"),
     "data.augmentation": ("crop_flip", "simclr"),
     "data.augment_on": ("auto", "cpu", "device"),
+    "data.strong_augmentation": ("none", "autoaugment_cutout", "randaugment_cutout"),
     "data.decode_on": ("cpu", "device"),
     "data.subset_protocol": ("glmc", "ldam"),
     "model.arch": ("resnet32", "resnet50", "resnext50_32x4d"),
@@ -618,6 +622,12 @@ def _validate_data(data: DataConfig) -> None:
         for key in ("train_split", "test_split", "mean", "std"):
             if not getattr(data, key):
                 raise ConfigError(f"data.{key}: required for data.source={data.source}", f"data.{key}")
+    if data.strong_augmentation != "none" and data.source not in IN_MEMORY_SOURCES and "device" in (
+            data.augment_on, data.decode_on):
+        key = "data.augment_on" if data.augment_on == "device" else "data.decode_on"
+        raise ConfigError(f"{key}: device, but data.strong_augmentation={data.strong_augmentation} runs its policy "
+                          f"(torchvision's AutoAugment / RandAugment) on PIL images in the decode workers; use "
+                          f"{key}={'auto' if key == 'data.augment_on' else 'cpu'}", key)
     if data.decode_on == "device" and (data.source != "shards" or data.augmentation != "simclr"
                                        or data.augment_on == "cpu"):
         raise ConfigError(f"data.decode_on: device decodes the JPEGs of data.source=shards on the training device "

@@ -318,7 +318,7 @@ def test_a_recipe_switches_method_by_replacing_its_section():
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_a_class_without_images_stops_every_method_before_training(name):
-    cfg = _method_config(name)
+    cfg = _method_config(name, *NEEDS.get(name, []))
     with pytest.raises(ValueError, match=r"class 1 has 0 training images"):
         build_trainee(cfg, [50, 0, 5], torch.device("cpu"), torch.contiguous_format)
 

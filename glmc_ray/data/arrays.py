@@ -11,11 +11,13 @@ import torch.nn.functional as F
 from glmc_ray.data import cifar
 from glmc_ray.data.batches import DataBundle, EpochPlan, per_sample_weights
 from glmc_ray.data.images import BadImageLog, Normalizer
+from glmc_ray.data.strong_views import DeviceStrongViews
 from glmc_ray.data.synthetic import synthetic_images
 from glmc_ray.methods.base import Batch
 
 CIFAR_CLASSES = {"cifar10": (10, 5000), "cifar100": (100, 500)}
 SYNTHETIC_NORMALIZATION = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+STRONG_SEED = 7_919  # the strong views' generator: the step's seed plus this (x2) or twice it (rx2)
 
 
 def random_crop_flip(padded: torch.Tensor, index: torch.Tensor, size: int, offsets: torch.Tensor,
@@ -35,13 +37,15 @@ def random_crop_flip(padded: torch.Tensor, index: torch.Tensor, size: int, offse
 class InMemoryBatches:
     """The CIFAR fast path: the whole uint8 training set on the device, augmentation batched there."""
 
-    def __init__(self, images, labels, plan: EpochPlan, normalizer: Normalizer, device, padding: int = 4):
+    def __init__(self, images, labels, plan: EpochPlan, normalizer: Normalizer, device, padding: int = 4,
+                 strong: DeviceStrongViews | None = None):
         images = torch.as_tensor(images).permute(0, 3, 1, 2)  # (N, C, H, W) uint8
         self.size = images.shape[-1]
         self.padding = padding
         self.padded = F.pad(images, (padding,) * 4).to(device)
         self.labels = torch.as_tensor(labels).to(device)
         self.plan, self.normalizer, self.device = plan, normalizer, device
+        self.strong = strong  # data.strong_augmentation: x2 (and rx2) become the strong view
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -55,16 +59,30 @@ class InMemoryBatches:
         flips = (torch.rand((2, global_size), generator=g) < 0.5)[:, share].to(self.device)
         return self._views(index, offsets[0], flips[0]), self._views(index, offsets[1], flips[1])
 
+    def _strong_view(self, index, seed: int, global_size, share) -> torch.Tensor:
+        """The strong view, from a generator of its own: x1 is the same with or without it."""
+        g = torch.Generator().manual_seed(seed)
+        offsets = torch.randint(2 * self.padding + 1, (global_size, 2), generator=g)[share].to(self.device)
+        flips = (torch.rand(global_size, generator=g) < 0.5)[share].to(self.device)
+        keys = torch.randint(2 ** 62, (global_size,), generator=g)[share]
+        centres = torch.randint(self.size, (global_size, 2), generator=g)[share]
+        crops = random_crop_flip(self.padded, index, self.size, offsets, flips)
+        return self.normalizer(self.strong(crops, keys, centres))
+
     def epoch(self, epoch: int) -> Iterator[Batch]:
         share = slice(self.plan.rank, None, self.plan.world_size)
         for step in self.plan.steps(epoch):
             g = torch.Generator().manual_seed(step.seed)
             uniform = step.uniform.to(self.device)
             x1, x2 = self._augmented_pair(uniform, g, step.global_size, share)
+            if self.strong is not None:
+                x2 = self._strong_view(uniform, step.seed + STRONG_SEED, step.global_size, share)
             batch = Batch(x1, x2, self.labels[uniform])
             if step.rebalanced is not None:
                 rebalanced = step.rebalanced.to(self.device)
                 batch.rx1, batch.rx2 = self._augmented_pair(rebalanced, g, step.global_size, share)
+                if self.strong is not None:
+                    batch.rx2 = self._strong_view(rebalanced, step.seed + 2 * STRONG_SEED, step.global_size, share)
                 batch.ry = self.labels[rebalanced]
             yield batch
 
@@ -126,7 +144,8 @@ def build(cfg, device, rank: int, world_size: int, memory_format, rebalanced: bo
     weights = per_sample_weights(labels, counts, cfg.method.glmc.resample_exponent) if rebalanced else None
     plan = EpochPlan(len(labels), cfg.train.batch_size, weights, cfg.train.seed, rank, world_size)
     normalizer = Normalizer(mean, std, device, memory_format)
-    train = InMemoryBatches(images, labels, plan, normalizer, device)
+    strong = None if cfg.data.strong_augmentation == "none" else DeviceStrongViews(cfg.data.strong_augmentation, mean)
+    train = InMemoryBatches(images, labels, plan, normalizer, device, strong=strong)
 
     def make_eval(arrays):
         return InMemoryEval(*arrays, normalizer, device, cfg.train.eval_batch_size, rank, world_size)

@@ -20,8 +20,8 @@ from glmc_ray.data.images import (
     decode,
     decode_tensor,
     test_transform,
-    train_transform,
 )
+from glmc_ray.data.strong_views import view_transforms
 from glmc_ray.methods.base import Batch
 
 
@@ -214,7 +214,8 @@ def build(cfg, device, rank: int, world_size: int, memory_format, rebalanced: bo
     if augment_on_device(data, pin):
         views, finish = KeyedViews(data.augmentation, data.image_size), DeviceTail(normalizer)
     else:
-        views, finish = TwoViews(train_transform(data.augmentation, data.image_size)), normalizer
+        views, finish = TwoViews(*view_transforms(data.augmentation, data.image_size, data.strong_augmentation,
+                                                  data.mean)), normalizer
     train_set = ImageListDataset(paths, labels, views, data.channels)
     bad_images = BadImageLog(data.max_bad_images)
     train = LoaderBatches(train_set, plan, data.num_workers, finish, bad_images, pin_memory=pin)

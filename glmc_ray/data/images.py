@@ -92,13 +92,14 @@ def test_transform(augmentation: str, size: int) -> T.Compose:
 
 
 class TwoViews:
-    """Two independent draws of the same stochastic pipeline (the official TwoCropTransform)."""
+    """Two independent draws of the same stochastic pipeline (the official TwoCropTransform), or of two
+    pipelines (a weak and a strong view)."""
 
-    def __init__(self, transform):
-        self.transform = transform
+    def __init__(self, transform, second=None):
+        self.transform, self.second = transform, second or transform
 
     def __call__(self, image):
-        return self.transform(image), self.transform(image)
+        return self.transform(image), self.second(image)
 
 
 class Normalizer:

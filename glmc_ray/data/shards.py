@@ -51,8 +51,8 @@ from glmc_ray.data.images import (
     decode,
     decode_tensor,
     test_transform,
-    train_transform,
 )
+from glmc_ray.data.strong_views import view_transforms
 from glmc_ray.longtail import class_balanced_weights
 from glmc_ray.methods.base import Batch
 
@@ -148,11 +148,14 @@ class Decode:
     of a damaged row group (a non-empty `damage`) pass through once, without pixels, for the worker to stop at."""
 
     def __init__(self, augmentation: str, size: int, channels: int, train: bool, rates=None, keyed: bool = False,
-                 seed: int = 0, stream: int = 0, decode_on_device: bool = False):
+                 seed: int = 0, stream: int = 0, decode_on_device: bool = False, strong: str = "none",
+                 mean: tuple = ()):
         if keyed and train:
             self.transform = KeyedViews(augmentation, size)
+        elif train:  # x1 and x2: the preset twice, or the preset and the strong view
+            self.transforms = view_transforms(augmentation, size, strong, mean)
         else:
-            self.transform = train_transform(augmentation, size) if train else test_transform(augmentation, size)
+            self.transforms = (test_transform(augmentation, size),)
         self.views, self.channels, self.keyed = 2 if train else 1, channels, keyed and train
         self.headers_only = decode_on_device and self.keyed  # ship the JPEG and its boxes, not pixels
         self.size, self.rates, self.train, self.seed, self.stream = size, rates, train, seed, stream
@@ -186,7 +189,7 @@ class Decode:
 
     def _draw(self, image, batch: dict, row: int, copy: int) -> list:
         if not self.keyed:
-            return [(self.transform(image), None) for _ in range(self.views)]
+            return [(transform(image), None) for transform in self.transforms[:self.views]]
         return [self.transform(image, key) for key in self._keys(batch, row, copy)]
 
     def _boxes(self, batch: dict, rows: np.ndarray, copies: np.ndarray, damaged: np.ndarray) -> dict:
@@ -249,7 +252,8 @@ def stream(data, paths: list[str], seed: int, train: bool, rates=None, keyed: bo
         Decode, fn_constructor_kwargs={"augmentation": data.augmentation, "size": data.image_size,
                                        "channels": data.channels, "train": train, "rates": rates, "keyed": keyed,
                                        "seed": seed, "stream": stream_id,
-                                       "decode_on_device": data.decode_on == "device"},
+                                       "decode_on_device": data.decode_on == "device",
+                                       "strong": data.strong_augmentation, "mean": tuple(data.mean)},
         batch_size=DECODE_BATCH, compute=pool, num_cpus=data.decode_cpus)
 
 

@@ -1,0 +1,103 @@
+"""The strong view (data.strong_augmentation, MDCS's x2) on the in-memory, DataLoader and Ray Data decode paths."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from glmc_ray import config as config_lib
+from glmc_ray.config import ConfigError
+from glmc_ray.data import build_data
+from glmc_ray.data.images import TwoViews
+from glmc_ray.data.shards import Decode
+from glmc_ray.data.strong_views import cutout, mean_fill, view_transforms
+from tests.test_methods import SMOKE
+
+STRONG = "data.strong_augmentation=autoaugment_cutout"
+MEAN = (0.5, 0.4, 0.3)
+
+
+def _first_batch(*overrides, rank=0, world_size=1):
+    cfg = config_lib.load(SMOKE, ["data.synthetic_max_count=64", *overrides])
+    data = build_data(cfg, torch.device("cpu"), rank, world_size)
+    return next(iter(data.train.epoch(3)))
+
+
+def test_cutout_fills_one_square_clipped_at_the_border():
+    images = torch.zeros(3, 3, 32, 32, dtype=torch.uint8)
+    out = cutout(images, torch.tensor([[16, 16], [0, 0], [31, 5]]), 16, torch.tensor([9, 8, 7], dtype=torch.uint8))
+    holes = out[:, 0] == 9
+    assert holes.sum(dim=(1, 2)).tolist() == [256, 64, 9 * 13]  # rows 23-31, columns 0-12
+    assert holes[0, 8:24, 8:24].all() and holes[1, :8, :8].all() and holes[2, 23:, :13].all()
+    assert (out[:, 1][holes] == 8).all() and (out[:, 2][holes] == 7).all()
+    assert mean_fill(MEAN).tolist() == [128, 102, 76]
+
+
+def test_in_memory_strong_view_leaves_x1_alone_and_differs_from_the_weak_view():
+    plain, strong = _first_batch(), _first_batch(STRONG)
+    assert torch.equal(plain.x1, strong.x1) and torch.equal(plain.y, strong.y)
+    assert not torch.equal(plain.x2, strong.x2)
+    assert (strong.x2 - strong.x1).abs().mean() > (plain.x2 - plain.x1).abs().mean()  # farther from the weak view
+    # the hole: the mean colour (as pixel levels), about 0 once normalised
+    zero = (strong.x2.abs() < 0.01).all(dim=1).flatten(1).sum(dim=1)
+    assert (zero >= 64).all()  # at least the quarter of a 16 x 16 square a corner leaves
+
+
+def test_in_memory_strong_view_is_the_same_for_any_number_of_workers_and_any_call():
+    whole = _first_batch(STRONG)
+    assert torch.equal(whole.x2, _first_batch(STRONG).x2)
+    shares = [_first_batch(STRONG, rank=r, world_size=2) for r in (0, 1)]
+    for rank, share in enumerate(shares):
+        assert torch.equal(share.x2, whole.x2[rank::2]) and torch.equal(share.y, whole.y[rank::2])
+
+
+def _picture(size=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("augmentation,strong,size", [("crop_flip", "autoaugment_cutout", 32),
+                                                      ("simclr", "randaugment_cutout", 48)])
+def test_decode_workers_make_a_weak_and_a_strong_view(augmentation, strong, size):
+    torch.manual_seed(0)
+    views = TwoViews(*view_transforms(augmentation, size, strong, MEAN))
+    weak, strong_view = views(_picture(64))
+    assert weak.shape == strong_view.shape == (3, size, size) and strong_view.dtype == torch.uint8
+    fill = mean_fill(MEAN).view(3, 1, 1)
+    assert (strong_view == fill).all(dim=0).sum() >= (size // 4) ** 2  # Cutout's hole, clipped at most to a quarter
+
+
+def test_ray_data_decode_actor_makes_the_strong_view_without_ray():
+    pictures = []
+    for seed in range(3):
+        buffer = io.BytesIO()
+        _picture(40, seed).save(buffer, "JPEG")
+        pictures.append(buffer.getvalue())
+    batch = {"image": np.array(pictures, dtype=object), "label": np.arange(3), "index": np.arange(3),
+             "path": np.array([f"{i}.jpg" for i in range(3)], dtype=object)}
+    torch.manual_seed(0)
+    out = Decode("crop_flip", 32, 3, train=True, strong="autoaugment_cutout", mean=MEAN)(batch)
+    assert out["x1"].shape == out["x2"].shape == (3, 3, 32, 32) and out["ok"].all()
+    fill = mean_fill(MEAN).numpy().reshape(1, 3, 1, 1)
+    assert ((out["x2"] == fill).all(axis=1).sum(axis=(1, 2)) >= 64).all()
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["data.augment_on=device"], "data.augment_on"),
+    (["data.source=shards", "data.augmentation=simclr", "data.decode_on=device"], "data.decode_on"),
+])
+def test_a_strong_view_with_the_tail_on_the_device_is_refused(overrides, key):
+    files = ["data.source=files", "data.train_split=a.txt", "data.test_split=b.txt", "data.mean=[0.5]",
+             "data.std=[0.5]", "data.val_fraction=0"]
+    with pytest.raises(ConfigError, match=rf"^--set .*: {key}: device, but data.strong_augmentation="
+                                          rf"autoaugment_cutout runs its policy"):
+        config_lib.load(SMOKE, [*files, STRONG, *overrides])
+
+
+def test_the_setting_round_trips_and_names_its_choices():
+    cfg = config_lib.load(SMOKE, [STRONG])
+    assert config_lib.from_dict(config_lib.to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match=r"data.strong_augmentation: 'cutout' is not one of none, "
+                                          r"autoaugment_cutout, randaugment_cutout"):
+        config_lib.load(SMOKE, ["data.strong_augmentation=cutout"])
