@@ -52,7 +52,8 @@ class DataConfig:
     augmentation: str = "crop_flip"  # crop_flip: pad by side/8, random crop, flip (CIFAR) | simclr (ImageNet-LT)
     # x2 (and rx2) as a strong view, x1 staying the weak one (MDCS; glmc_ray/data/strong_views.py):
     # none | autoaugment_cutout (CIFAR: AutoAugment's CIFAR-10 policy + Cutout) | randaugment_cutout (ImageNet-LT)
-    strong_augmentation: str = "none"
+    # | auto (the method's: for mdcs, autoaugment_cutout with crop_flip, randaugment_cutout with simclr; else none)
+    strong_augmentation: str = "auto"
     # files, shards: where the augmentation after the crop runs (jitter, grayscale, blur, flip, normalise).
     # cpu: all of it in the decode workers | device: decode workers crop and draw every parameter, the training
     # device applies the rest batched (the same views on CPU and GPU) | auto: device when training on GPUs
@@ -258,7 +259,7 @@ CHOICES = {
     "data.source": ("cifar10", "cifar100", "synthetic", "files", "shards"),
     "data.augmentation": ("crop_flip", "simclr"),
     "data.augment_on": ("auto", "cpu", "device"),
-    "data.strong_augmentation": ("none", "autoaugment_cutout", "randaugment_cutout"),
+    "data.strong_augmentation": ("auto", "none", "autoaugment_cutout", "randaugment_cutout"),
     "data.decode_on": ("cpu", "device"),
     "data.subset_protocol": ("glmc", "ldam"),
     "model.arch": ("resnet32", "resnet50", "resnext50_32x4d"),
@@ -494,7 +495,7 @@ def validate(cfg: Config) -> None:
     if cfg.optim.schedule == "cosine" and cfg.optim.warmup_epochs:
         raise ConfigError("optim.warmup_epochs: set but optim.schedule is 'cosine'; use 'warmup_cosine'",
                           "optim.warmup_epochs")
-    _validate_data(cfg.data)
+    _validate_data(cfg.data, strong_view(cfg))
     _validate_experts(cfg)
     if cfg.model.classifier == "cosine" and DEFAULT_CLASSIFIER.get(cfg.method.name) != "cosine":
         raise ConfigError(f"model.classifier: cosine outputs cosines in [-1, 1], which only ldam_drw scales "
@@ -585,7 +586,7 @@ def _validate_experts(cfg: Config) -> None:
         raise ConfigError(f"method.mdcs.prior_exponents: {cfg.method.mdcs.prior_exponents} has "
                           f"{len(cfg.method.mdcs.prior_exponents)} values for {experts} experts (model.experts); "
                           f"expected one q per expert", "method.mdcs.prior_exponents")
-    if name == "mdcs" and cfg.data.strong_augmentation == "none":
+    if name == "mdcs" and strong_view(cfg) == "none":
         raise ConfigError("data.strong_augmentation: none, but method.name=mdcs distils from a weak view (x1) to a "
                           "strong view (x2) of the same images; set autoaugment_cutout (CIFAR) or "
                           "randaugment_cutout (ImageNet-LT)", "data.strong_augmentation")
@@ -609,7 +610,17 @@ def default_classifier(method_name: str) -> str:
 IN_MEMORY_SOURCES = ("cifar10", "cifar100", "synthetic")
 
 
-def _validate_data(data: DataConfig) -> None:
+def strong_view(cfg: Config) -> str:
+    """data.strong_augmentation resolved: auto is the strong preset of the augmentation list for the methods
+    that train on a strong view (MDCS), none for the others."""
+    if cfg.data.strong_augmentation != "auto":
+        return cfg.data.strong_augmentation
+    if cfg.method.name != "mdcs":
+        return "none"
+    return "randaugment_cutout" if cfg.data.augmentation == "simclr" else "autoaugment_cutout"
+
+
+def _validate_data(data: DataConfig, strong: str) -> None:
     if data.source in IN_MEMORY_SOURCES:
         if data.augmentation != "crop_flip":
             raise ConfigError(f"data.augmentation: in-memory sources (data.source={data.source}) augment on the "
@@ -622,10 +633,9 @@ def _validate_data(data: DataConfig) -> None:
         for key in ("train_split", "test_split", "mean", "std"):
             if not getattr(data, key):
                 raise ConfigError(f"data.{key}: required for data.source={data.source}", f"data.{key}")
-    if data.strong_augmentation != "none" and data.source not in IN_MEMORY_SOURCES and "device" in (
-            data.augment_on, data.decode_on):
+    if strong != "none" and data.source not in IN_MEMORY_SOURCES and "device" in (data.augment_on, data.decode_on):
         key = "data.augment_on" if data.augment_on == "device" else "data.decode_on"
-        raise ConfigError(f"{key}: device, but data.strong_augmentation={data.strong_augmentation} runs its policy "
+        raise ConfigError(f"{key}: device, but the strong view ({strong}, data.strong_augmentation) runs its policy "
                           f"(torchvision's AutoAugment / RandAugment) on PIL images in the decode workers; use "
                           f"{key}={'auto' if key == 'data.augment_on' else 'cpu'}", key)
     if data.decode_on == "device" and (data.source != "shards" or data.augmentation != "simclr"

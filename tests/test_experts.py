@@ -315,7 +315,8 @@ def test_each_experts_accuracy_and_shot_groups_are_reported():
 
 @pytest.mark.parametrize("overrides,message", [
     (["method.name=ce", "model.experts=3"], r"model.experts: 3, but method.name=ce trains one head"),
-    (["method.name=mdcs"], r"data.strong_augmentation: none, but method.name=mdcs distils from a weak view"),
+    (["method.name=mdcs", "data.strong_augmentation=none"],
+     r"data.strong_augmentation: none, but method.name=mdcs distils from a weak view"),
     (["method.name=mdcs", STRONG, "model.experts=2"], r"method.mdcs.prior_exponents: \[-0.5, 1.0, 2.5\] has 3 "
                                                       r"values for 2 experts"),
     (["method.name=shike", "model.experts=1"], r"model.experts: 1; SHIKE's mutual and transfer terms need"),

@@ -19,7 +19,7 @@ MEAN = (0.5, 0.4, 0.3)
 
 
 def _first_batch(*overrides, rank=0, world_size=1):
-    cfg = config_lib.load(SMOKE, ["data.synthetic_max_count=64", *overrides])
+    cfg = config_lib.load(SMOKE, ["data.synthetic_max_count=64", "train.batch_size=16", *overrides])
     data = build_data(cfg, torch.device("cpu"), rank, world_size)
     return next(iter(data.train.epoch(3)))
 
@@ -34,10 +34,14 @@ def test_cutout_fills_one_square_clipped_at_the_border():
     assert mean_fill(MEAN).tolist() == [128, 102, 76]
 
 
-def test_in_memory_strong_view_leaves_x1_alone_and_differs_from_the_weak_view():
-    plain, strong = _first_batch(), _first_batch(STRONG)
+@pytest.mark.parametrize("strong", ["autoaugment_cutout", "randaugment_cutout"])
+def test_in_memory_strong_view_leaves_x1_alone_and_differs_from_the_weak_view(strong, cifar_root):
+    """On real CIFAR-10: the synthetic images' pixel noise makes a shifted crop as far as any strong view."""
+    cifar = ["data.source=cifar10", f"data.root={cifar_root}"]
+    plain, strong = _first_batch(*cifar), _first_batch(*cifar, f"data.strong_augmentation={strong}")
     assert torch.equal(plain.x1, strong.x1) and torch.equal(plain.y, strong.y)
-    assert not torch.equal(plain.x2, strong.x2)
+    assert torch.equal(plain.rx1, strong.rx1) and torch.equal(plain.ry, strong.ry)  # the re-balanced stream too
+    assert not torch.equal(plain.x2, strong.x2) and not torch.equal(plain.rx2, strong.rx2)
     assert (strong.x2 - strong.x1).abs().mean() > (plain.x2 - plain.x1).abs().mean()  # farther from the weak view
     # the hole: the mean colour (as pixel levels), about 0 once normalised
     zero = (strong.x2.abs() < 0.01).all(dim=1).flatten(1).sum(dim=1)
@@ -52,17 +56,29 @@ def test_in_memory_strong_view_is_the_same_for_any_number_of_workers_and_any_cal
         assert torch.equal(share.x2, whole.x2[rank::2]) and torch.equal(share.y, whole.y[rank::2])
 
 
+def test_in_memory_strong_view_keys_only_the_cpu_generator_and_restores_it(monkeypatch):
+    """Each image's key seeds the CPU generator torchvision draws from, not every GPU's (dropout's)."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    state = torch.get_rng_state()
+    _first_batch(STRONG)
+    assert not reseeded and torch.equal(torch.get_rng_state(), state)
+
+
 def _picture(size=40, seed=0):
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
 @pytest.mark.parametrize("augmentation,strong,size", [("crop_flip", "autoaugment_cutout", 32),
+                                                      ("crop_flip", "randaugment_cutout", 32),
                                                       ("simclr", "randaugment_cutout", 48)])
 def test_decode_workers_make_a_weak_and_a_strong_view(augmentation, strong, size):
     torch.manual_seed(0)
-    views = TwoViews(*view_transforms(augmentation, size, strong, MEAN))
-    weak, strong_view = views(_picture(64))
+    weak_only, _ = TwoViews(*view_transforms(augmentation, size, "none", MEAN))(_picture(64))
+    torch.manual_seed(0)
+    weak, strong_view = TwoViews(*view_transforms(augmentation, size, strong, MEAN))(_picture(64))
+    assert torch.equal(weak, weak_only)  # x1 is drawn first, the same with or without the strong view
     assert weak.shape == strong_view.shape == (3, size, size) and strong_view.dtype == torch.uint8
     fill = mean_fill(MEAN).view(3, 1, 1)
     assert (strong_view == fill).all(dim=0).sum() >= (size // 4) ** 2  # Cutout's hole, clipped at most to a quarter
@@ -90,14 +106,25 @@ def test_ray_data_decode_actor_makes_the_strong_view_without_ray():
 def test_a_strong_view_with_the_tail_on_the_device_is_refused(overrides, key):
     files = ["data.source=files", "data.train_split=a.txt", "data.test_split=b.txt", "data.mean=[0.5]",
              "data.std=[0.5]", "data.val_fraction=0"]
-    with pytest.raises(ConfigError, match=rf"^--set .*: {key}: device, but data.strong_augmentation="
-                                          rf"autoaugment_cutout runs its policy"):
+    with pytest.raises(ConfigError, match=rf"^--set .*: {key}: device, but the strong view \(autoaugment_cutout, "
+                                          rf"data.strong_augmentation\) runs its policy"):
         config_lib.load(SMOKE, [*files, STRONG, *overrides])
+
+
+@pytest.mark.parametrize("overrides,view", [
+    ([], "none"), (["method.name=mdcs"], "autoaugment_cutout"),
+    (["method.name=mdcs", "data.augmentation=simclr", "data.source=files", "data.train_split=a", "data.test_split=b",
+      "data.mean=[0.5]", "data.std=[0.5]", "data.val_fraction=0"], "randaugment_cutout"),
+    (["method.name=mdcs", "data.strong_augmentation=randaugment_cutout"], "randaugment_cutout"),
+    (["data.strong_augmentation=autoaugment_cutout"], "autoaugment_cutout"),  # any method may ask for one
+])
+def test_auto_is_the_strong_view_of_the_methods_that_need_one(overrides, view):
+    assert config_lib.strong_view(config_lib.load(SMOKE, overrides)) == view
 
 
 def test_the_setting_round_trips_and_names_its_choices():
     cfg = config_lib.load(SMOKE, [STRONG])
     assert config_lib.from_dict(config_lib.to_dict(cfg)) == cfg
-    with pytest.raises(ConfigError, match=r"data.strong_augmentation: 'cutout' is not one of none, "
+    with pytest.raises(ConfigError, match=r"data.strong_augmentation: 'cutout' is not one of auto, none, "
                                           r"autoaugment_cutout, randaugment_cutout"):
         config_lib.load(SMOKE, ["data.strong_augmentation=cutout"])

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from glmc_ray.config import strong_view
 from glmc_ray.data import cifar
 from glmc_ray.data.batches import DataBundle, EpochPlan, per_sample_weights
 from glmc_ray.data.images import BadImageLog, Normalizer
@@ -144,7 +145,7 @@ def build(cfg, device, rank: int, world_size: int, memory_format, rebalanced: bo
     weights = per_sample_weights(labels, counts, cfg.method.glmc.resample_exponent) if rebalanced else None
     plan = EpochPlan(len(labels), cfg.train.batch_size, weights, cfg.train.seed, rank, world_size)
     normalizer = Normalizer(mean, std, device, memory_format)
-    strong = None if cfg.data.strong_augmentation == "none" else DeviceStrongViews(cfg.data.strong_augmentation, mean)
+    strong = None if strong_view(cfg) == "none" else DeviceStrongViews(strong_view(cfg), mean)
     train = InMemoryBatches(images, labels, plan, normalizer, device, strong=strong)
 
     def make_eval(arrays):

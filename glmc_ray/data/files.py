@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
+from glmc_ray.config import strong_view
 from glmc_ray.data.batches import DataBundle, EpochPlan, per_sample_weights
 from glmc_ray.data.device_augment import STREAM_IDS, DeviceTail, KeyedViews, augment_on_device, view_key
 from glmc_ray.data.images import (
@@ -211,11 +212,11 @@ def build(cfg, device, rank: int, world_size: int, memory_format, rebalanced: bo
     plan = EpochPlan(len(labels), cfg.train.batch_size, weights, cfg.train.seed, rank, world_size)
     pin = torch.device(device).type == "cuda"
     normalizer = Normalizer(data.mean, data.std, device, memory_format)
-    if augment_on_device(data, pin):
+    strong = strong_view(cfg)
+    if augment_on_device(data, pin, strong):
         views, finish = KeyedViews(data.augmentation, data.image_size), DeviceTail(normalizer)
     else:
-        views, finish = TwoViews(*view_transforms(data.augmentation, data.image_size, data.strong_augmentation,
-                                                  data.mean)), normalizer
+        views, finish = TwoViews(*view_transforms(data.augmentation, data.image_size, strong, data.mean)), normalizer
     train_set = ImageListDataset(paths, labels, views, data.channels)
     bad_images = BadImageLog(data.max_bad_images)
     train = LoaderBatches(train_set, plan, data.num_workers, finish, bad_images, pin_memory=pin)

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from glmc_ray.config import strong_view
 from glmc_ray.data import shard_format
 from glmc_ray.data.batches import DataBundle
 from glmc_ray.data.device_augment import (
@@ -240,10 +241,11 @@ class Decode:
         return {**out, **common, "ok": ok, "reason": np.array(reasons, dtype=object)}
 
 
-def stream(data, paths: list[str], seed: int, train: bool, rates=None, keyed: bool = False, stream_id: int = 0):
+def stream(data, paths: list[str], seed: int, train: bool, rates=None, keyed: bool = False, stream_id: int = 0,
+           strong: str = "none"):
     """A Ray Dataset of decoded rows of the shards at `paths` (lazy: each iteration is a new execution);
     `keyed`: crops and their parameters for the device tail (with data.decode_on device: the JPEGs, their
-    crop boxes and parameters)."""
+    crop boxes and parameters); `strong`: x2 is that strong view (config.strong_view)."""
     import ray.data
 
     dataset = ray.data.read_datasource(shard_source(paths, seed, shuffle=train), override_num_blocks=len(paths))
@@ -253,7 +255,7 @@ def stream(data, paths: list[str], seed: int, train: bool, rates=None, keyed: bo
                                        "channels": data.channels, "train": train, "rates": rates, "keyed": keyed,
                                        "seed": seed, "stream": stream_id,
                                        "decode_on_device": data.decode_on == "device",
-                                       "strong": data.strong_augmentation, "mean": tuple(data.mean)},
+                                       "strong": strong, "mean": tuple(data.mean)},
         batch_size=DECODE_BATCH, compute=pool, num_cpus=data.decode_cpus)
 
 
@@ -261,13 +263,15 @@ def ray_datasets(cfg, rebalanced: bool = True, gpu: bool = False) -> dict:
     """The training streams, as callables Ray Train calls when a worker group starts (also after a restart).
     `gpu`: the workers train on GPUs (data.augment_on auto then puts the tail there)."""
     data, (manifest, paths) = cfg.data, open_split(cfg.data, cfg.data.train_split)
-    keyed = augment_on_device(data, gpu)
+    strong = strong_view(cfg)
+    keyed = augment_on_device(data, gpu, strong)
     datasets = {STREAMS["uniform"]: lambda: stream(data, paths, cfg.train.seed, train=True, keyed=keyed,
-                                                   stream_id=STREAM_IDS["uniform"])}
+                                                   stream_id=STREAM_IDS["uniform"], strong=strong)}
     if rebalanced:
         rates = poisson_rates(manifest["class_counts"], cfg.method.glmc.resample_exponent)
         datasets[STREAMS["rebalanced"]] = lambda: stream(data, paths, cfg.train.seed + 1, train=True, rates=rates,
-                                                         keyed=keyed, stream_id=STREAM_IDS["rebalanced"])
+                                                         keyed=keyed, stream_id=STREAM_IDS["rebalanced"],
+                                                         strong=strong)
     return datasets
 
 
@@ -408,6 +412,6 @@ def build(cfg, device, rank: int, world_size: int, memory_format, rebalanced: bo
             mine = paths[rank::world_size]
             dataset = stream(data, mine, train.seed, train=False) if mine else None
             evals[name] = EvalBatches(rows_of(dataset, train.eval_batch_size, name), normalizer)
-    finish = DeviceTail(normalizer) if augment_on_device(data, gpu) else normalizer
+    finish = DeviceTail(normalizer) if augment_on_device(data, gpu, strong_view(cfg)) else normalizer
     decoder = JpegDecoder(device, data.channels, data.image_size, bad_images) if data.decode_on == "device" else None
     return DataBundle(ShardBatches(uniform, second, steps, finish, decoder), evals, counts, bad_images)

@@ -1,14 +1,17 @@
 """The strong view (`data.strong_augmentation`): x2 of a batch as MDCS trains it, x1 staying the weak view.
 
     autoaugment_cutout   the preset's crop and flip, torchvision's AutoAugment with the CIFAR-10 policy (the
-                         official `CIFAR10Policy`), then Cutout: one side/2 square (16 px at 32) at a uniformly
-                         drawn centre, clipped at the border (MDCS's and SHIKE's CIFAR strong view)
-    randaugment_cutout   RandomResizedCrop(scale 0.08-1), flip, ColorJitter(0.4, 0.4, 0.4, 0), torchvision's
-                         RandAugment(2 ops, magnitude 10), Cutout (MDCS's ImageNet-LT view uses timm's
-                         rand-n2-m10-mstd0.5: torchvision has no magnitude noise)
+                         official `CIFAR10Policy`, grey 128 where it shears, translates or rotates), then Cutout:
+                         one side/2 square (16 px at 32) at a uniformly drawn centre, clipped at the border
+                         (MDCS's and SHIKE's CIFAR strong view)
+    randaugment_cutout   the preset's crop (RandomResizedCrop, scale 0.08-1, for simclr), flip, ColorJitter(0.4,
+                         0.4, 0.4, 0), torchvision's RandAugment(2 ops, magnitude 10, the mean colour where it
+                         moves pixels), Cutout. MDCS's ImageNet-LT view uses timm's rand-n2-m10-mstd0.5 (torchvision
+                         has no magnitude noise) and has no Cutout
 
-The official Cutout zeroes the normalised tensor, i.e. paints the dataset's mean colour; here the hole is painted
-with the mean colour (rounded to a pixel level) before normalisation, one implementation for every path.
+Cutout paints the dataset's mean colour (zero once normalised, rounded to a pixel level here, before
+normalisation: one implementation for every path). MDCS's code cuts before `Normalize` (a black hole); the
+original Cutout code cuts after it (the mean colour).
 In memory (CIFAR on the training device) the policy runs per image on the device, each image's ops drawn from
 a key of its own (a draw of the step's generator), so the views depend on the seed, epoch and position in the
 global batch only: not on the number of workers, and the same after a resume. In DataLoader workers and Ray
@@ -22,14 +25,15 @@ from torchvision.transforms import v2
 
 from glmc_ray.data.images import train_transform
 
-STRONG = ("none", "autoaugment_cutout", "randaugment_cutout")
 
-
-def policy(strong: str):
-    """The strong preset's automatic-augmentation step (PIL images and uint8 tensors alike)."""
+def policy(strong: str, mean):
+    """The strong preset's steps after the crop and flip, before Cutout (PIL images and uint8 tensors alike).
+    Pixels that shears, translations and rotations uncover get the official fills: CIFAR10Policy's grey 128,
+    timm's mean colour (img_mean)."""
     if strong == "autoaugment_cutout":
-        return v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
-    return v2.RandAugment(num_ops=2, magnitude=10)
+        return v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10, fill=128)
+    return v2.Compose([v2.ColorJitter(0.4, 0.4, 0.4, 0.0),
+                       v2.RandAugment(num_ops=2, magnitude=10, fill=mean_fill(mean).tolist())])
 
 
 def cutout(images: torch.Tensor, centres: torch.Tensor, side: int, fill: torch.Tensor) -> torch.Tensor:
@@ -63,15 +67,14 @@ class Cutout:
 
 
 def strong_transform(strong: str, augmentation: str, size: int, mean) -> T.Compose:
-    """PIL image -> uint8 (C, size, size) strong view, for decode workers and actors."""
-    if strong == "randaugment_cutout":
-        steps = [T.RandomResizedCrop(size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(),
-                 T.ColorJitter(0.4, 0.4, 0.4, 0.0)]
-    elif augmentation == "simclr":
-        steps = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
+    """PIL image -> uint8 (C, size, size) strong view, for decode workers and actors: the preset's crop, as
+    train_transform draws it, then the flip, the policy and Cutout."""
+    if augmentation == "simclr":
+        crop = [T.RandomResizedCrop(size)]  # scale (0.08, 1)
     else:
-        steps = [T.Resize(size), T.CenterCrop(size), T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip()]
-    return T.Compose([*steps, policy(strong), T.PILToTensor(), Cutout(size // 2, mean_fill(mean))])
+        crop = [T.Resize(size), T.CenterCrop(size), T.RandomCrop(size, padding=size // 8)]
+    return T.Compose([*crop, T.RandomHorizontalFlip(), policy(strong, mean), T.PILToTensor(),
+                      Cutout(size // 2, mean_fill(mean))])
 
 
 def view_transforms(augmentation: str, size: int, strong: str, mean) -> tuple:
@@ -86,13 +89,15 @@ class DeviceStrongViews:
     then Cutout, from uint8 crops of the whole global batch's share."""
 
     def __init__(self, strong: str, mean):
-        self.policy, self.fill = policy(strong), mean_fill(mean)
+        self.policy, self.fill = policy(strong, mean), mean_fill(mean)
 
     def __call__(self, crops: torch.Tensor, keys: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
         """crops: (B, C, H, W) uint8; keys: (B,) int64 seeds; centres: (B, 2) Cutout centres."""
         views = []
         for crop, key in zip(crops, keys.tolist(), strict=True):
-            with torch.random.fork_rng(devices=[]):  # torchvision draws from the global generator
-                torch.manual_seed(key)
+            # torchvision draws from the global CPU generator, the only one keyed: torch.manual_seed would
+            # reseed every GPU's generator too (dropout's), once per image
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(key)
                 views.append(self.policy(crop))
         return cutout(torch.stack(views), centres.to(crops.device), crops.shape[-1] // 2, self.fill)
