@@ -52,7 +52,8 @@ class DataConfig:
     augmentation: str = "crop_flip"  # crop_flip: pad by side/8, random crop, flip (CIFAR) | simclr (ImageNet-LT)
     # x2 (and rx2) as a strong view, x1 staying the weak one (MDCS; glmc_ray/data/strong_views.py):
     # none | autoaugment_cutout (CIFAR: AutoAugment's CIFAR-10 policy + Cutout) | randaugment_cutout (ImageNet-LT)
-    # | auto (the method's: for mdcs, autoaugment_cutout with crop_flip, randaugment_cutout with simclr; else none)
+    # | auto (the method's: for mdcs and shike, autoaugment_cutout with crop_flip, randaugment_cutout with simclr;
+    # none for the others). SHIKE trains on its one strong view (x2) when there is one.
     strong_augmentation: str = "auto"
     # files, shards: where the augmentation after the crop runs (jitter, grayscale, blur, flip, normalise).
     # cpu: all of it in the decode workers | device: decode workers crop and draw every parameter, the training
@@ -612,10 +613,10 @@ IN_MEMORY_SOURCES = ("cifar10", "cifar100", "synthetic")
 
 def strong_view(cfg: Config) -> str:
     """data.strong_augmentation resolved: auto is the strong preset of the augmentation list for the methods
-    that train on a strong view (MDCS), none for the others."""
+    that train on a strong view (MDCS: weak and strong; SHIKE: its one view), none for the others."""
     if cfg.data.strong_augmentation != "auto":
         return cfg.data.strong_augmentation
-    if cfg.method.name != "mdcs":
+    if cfg.method.name not in ("mdcs", "shike"):
         return "none"
     return "randaugment_cutout" if cfg.data.augmentation == "simclr" else "autoaugment_cutout"
 

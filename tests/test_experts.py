@@ -244,6 +244,16 @@ def test_identical_experts_have_zero_mutual_kl():
     assert float(mutual) > 0
 
 
+@pytest.mark.parametrize("strong,view", [("auto", "x2"), ("none", "x1")])
+def test_shike_trains_on_its_one_view_the_strong_one_when_there_is_one(strong, view):
+    cfg = _cfg("shike", f"data.strong_augmentation={strong}")
+    method, model = build_method(cfg.method, COUNTS, cfg), build_network(cfg, 5)
+    a, b, y = _images(seed=1), _images(seed=2), torch.tensor([0, 1, 2, 3, 4, 0])
+    loss = method.step(model, Batch(a, b, y), 0.0, torch.Generator()).loss
+    same = Batch(b, b, y) if view == "x2" else Batch(a, a, y)
+    torch.testing.assert_close(loss, method.step(model, same, 0.0, torch.Generator()).loss)
+
+
 def test_transfer_teacher_picks_the_hardest_negative_and_the_experts_maximum():
     logits, labels = _expert_logits()
     teacher = transfer_teacher(logits, labels)

@@ -112,7 +112,7 @@ def test_a_strong_view_with_the_tail_on_the_device_is_refused(overrides, key):
 
 
 @pytest.mark.parametrize("overrides,view", [
-    ([], "none"), (["method.name=mdcs"], "autoaugment_cutout"),
+    ([], "none"), (["method.name=mdcs"], "autoaugment_cutout"), (["method.name=shike"], "autoaugment_cutout"),
     (["method.name=mdcs", "data.augmentation=simclr", "data.source=files", "data.train_split=a", "data.test_split=b",
       "data.mean=[0.5]", "data.std=[0.5]", "data.val_fraction=0"], "randaugment_cutout"),
     (["method.name=mdcs", "data.strong_augmentation=randaugment_cutout"], "randaugment_cutout"),

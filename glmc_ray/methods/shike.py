@@ -7,6 +7,8 @@ Stage 1 ("mixture"), per expert e of [B, E, C] scaled logits z (s = model.expert
     the mean logits over the non-targets), the mean logit; for the other non-targets the largest logit of any
     expert; 0 at the target (the official sets it to 0 rather than masking it). Not detached, as the official.
   + mutual_weight * sum_{j != e} KL(softmax(z_j) || softmax(z_e)) ('mean', not detached, as the official).
+Both stages train on one view: the strong one (x2, data.strong_augmentation: auto gives the official AutoAugment +
+Cutout) or, with data.strong_augmentation none, the weak one (x1).
 Stage 2 ("retrain"): a second run from a stage-1 run (train.init_from) with the same model; only the re-trained
 heads train, with Balanced Softmax per expert, sum_e CE(z^rt_e + log pi, y), and predict.
 
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from glmc_ray import longtail
+from glmc_ray.config import strong_view
 from glmc_ray.methods.balanced_softmax import balanced_softmax_loss
 from glmc_ray.methods.base import Batch, StepOutput
 from glmc_ray.methods.experts import ExpertMethod, kl_to
@@ -59,11 +62,12 @@ class SHIKE(ExpertMethod):
 
     def __init__(self, cfg, class_counts: torch.Tensor, run):
         self.cfg, self.scale = cfg, run.model.expert_scale  # SHIKEConfig
+        self.strong = strong_view(run) != "none"  # the official trains on one AutoAugment + Cutout view: x2
         self.log_prior = longtail.log_prior(class_counts)
         self.trainable = ("retrained_heads",) if cfg.stage == "retrain" else None
 
     def step(self, model, batch: Batch, progress: float, generator: torch.Generator) -> StepOutput:
-        z = model(batch.x1, experts=True).experts.float()
+        z = model(batch.x2 if self.strong else batch.x1, experts=True).experts.float()
         if self.cfg.stage == "retrain":
             log_prior = self.log_prior.to(z.device)
             loss = sum(balanced_softmax_loss(z[:, e], batch.y, log_prior) for e in range(z.shape[1]))
