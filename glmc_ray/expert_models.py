@@ -37,6 +37,11 @@ class ExpertLogits(NamedTuple):
     used: torch.Tensor | None = None  # [B] experts each sample used
 
 
+def running_means(logits: torch.Tensor) -> torch.Tensor:
+    """[B, E, C] -> [B, E, C]: at e, the mean logits of experts 0..e (the ensemble RIDE's router grows)."""
+    return logits.cumsum(dim=1) / torch.arange(1, logits.shape[1] + 1, device=logits.device)[:, None]
+
+
 class ExpertRouter(nn.Module):
     """RIDE's expert assignment (stage 2): router e < E-1 decides from expert e's normalised pooled feature
     (Linear to `hidden` + ReLU) and the top-k values of the mean logits of experts 0..e, through one Linear
@@ -50,7 +55,7 @@ class ExpertRouter(nn.Module):
 
     def forward(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """[B, E-1] logits of "add the next expert", from [B, E, D] features and [B, E, C] expert logits."""
-        running = logits.cumsum(dim=1) / torch.arange(1, logits.shape[1] + 1, device=logits.device)[:, None]
+        running = running_means(logits)
         routes = []
         for e, project in enumerate(self.features):
             seen = running[:, e].topk(self.top_k, dim=1).values

@@ -24,12 +24,6 @@ class ExpertMethod:
         pass
 
 
-def margin_logits(logits: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """z - offset_y * onehot(y): the target logit lowered by its class's offset (LDAM's s * m_c)."""
-    target = F.one_hot(labels, logits.shape[1]).to(torch.bool)
-    return torch.where(target, logits - offsets.to(logits.dtype)[labels, None], logits)
-
-
 def kl_to(teacher_probs: torch.Tensor, student_logits: torch.Tensor, per_element: bool = False) -> torch.Tensor:
     """KL(teacher || softmax(student)) summed over classes and averaged over the batch (kl_div's 'batchmean');
     per_element: also divided by C (kl_div's 'mean', which SHIKE's official code uses and a future PyTorch

@@ -41,10 +41,16 @@ def drw_first_epoch(epochs: int, drw_start: float) -> int | None:
     return next((e for e in range(epochs) if drw_active(e / epochs, drw_start)), None)
 
 
+def margin_logits(logits: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """z - offset_y onehot(y): the target logit of each sample lowered by its class's offset (LDAM's margin;
+    RIDE's s m_c on logits already scaled)."""
+    target = F.one_hot(labels, logits.shape[1]).to(torch.bool)
+    return torch.where(target, logits - offsets.to(logits.dtype)[labels, None], logits)
+
+
 def ldam_logits(cosines: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor, scale: float) -> torch.Tensor:
     """s * (z - m_y onehot(y)): the target logit of each sample lowered by its class margin."""
-    target = F.one_hot(labels, cosines.shape[1]).to(torch.bool)
-    return scale * torch.where(target, cosines - margins.to(cosines.dtype)[labels, None], cosines)
+    return scale * margin_logits(cosines, labels, margins)
 
 
 def ldam_loss(cosines: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor, scale: float,

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from glmc_ray import longtail
+from glmc_ray.expert_models import running_means
 from glmc_ray.methods.base import Batch, StepOutput
-from glmc_ray.methods.experts import ExpertMethod, kl_to, margin_logits
-from glmc_ray.methods.ldam_drw import drw_active
+from glmc_ray.methods.experts import ExpertMethod, kl_to
+from glmc_ray.methods.ldam_drw import drw_active, margin_logits
 
 
 def diversity_temperatures(class_counts, reweight_factor: float) -> torch.Tensor:
@@ -47,7 +48,7 @@ def ride_loss(expert_logits: torch.Tensor, labels: torch.Tensor, margin_offsets:
     margin_offsets: s * m_c; temperature: a float or per-class [C]."""
     logits = expert_logits.float()
     t = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
-    t_bar = float(t.mean())
+    t_bar = t.mean()  # a tensor: no read back to the host each step
     target = F.softmax(logits.detach().mean(dim=1) / t, dim=1)
     weights = None if weights is None else weights.to(logits.dtype)
     base = diversity = logits.new_zeros(())
@@ -61,9 +62,7 @@ def ride_loss(expert_logits: torch.Tensor, labels: torch.Tensor, margin_offsets:
 def router_targets(expert_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[B, E-1] targets of the routers: router e says "add expert e+1" where the ensemble of experts 0..e is
     wrong and some larger ensemble 0..j (j > e) is right."""
-    running = expert_logits.cumsum(dim=1) / torch.arange(1, expert_logits.shape[1] + 1,
-                                                         device=expert_logits.device)[:, None]
-    correct = running.argmax(dim=2) == labels[:, None]  # [B, E]
+    correct = running_means(expert_logits).argmax(dim=2) == labels[:, None]  # [B, E]
     later = correct.flip(1).cummax(dim=1).values.flip(1)[:, 1:]  # any(correct[:, e+1:]) for e < E-1
     return (~correct[:, :-1] & later).float()
 
