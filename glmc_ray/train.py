@@ -140,7 +140,8 @@ def main(argv=None) -> int:
 
 def _train(args) -> int:
     cfg = resolve_config(args)
-    parent_run.check(cfg)  # a second stage's parent: there, with a checkpoint, the same model and subset
+    if not args.resume:  # a second stage's parent: there, with a checkpoint, the same model and subset
+        parent_run.check(cfg)
     if args.dry_run:
         dry_run(cfg)
         return 0

@@ -46,14 +46,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_trainee(cfg, class_counts, device, memory_format, prepare_model=lambda m: m) -> Trainee:
+def build_trainee(cfg, class_counts, device, memory_format, prepare_model=lambda m: m,
+                  from_parent: bool = True) -> Trainee:
     """Model, optimiser, schedule and method. A class without training images is a ValueError naming it, here,
-    before training: every method's class weights and the post-hoc log-prior need n_c > 0."""
+    before training: every method's class weights and the post-hoc log-prior need n_c > 0. `from_parent`:
+    start from train.init_from's weights (not when a checkpoint of this run replaces them)."""
     longtail.positive_counts(class_counts, f"method {cfg.method.name} (and post-hoc logit adjustment)")
     method = build_method(cfg.method, class_counts, cfg)
     seed_everything(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     raw = build_network(cfg, len(class_counts))
-    if cfg.train.init_from:  # checked against this run by the driver (glmc_ray.parent_run.check)
+    if cfg.train.init_from and from_parent:  # checked against this run by the driver (parent_run.check)
         load_parent_weights(raw, cfg.train.init_from, method.trainable)
     if cfg.dist.sync_batchnorm:
         raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
@@ -116,5 +118,6 @@ def run_worker(cfg, reporter: Reporter, dist: Dist | None = None, state: dict | 
     memory_format = memory_format_for(device, cfg.train.memory_format)
     rebalanced = METHODS[cfg.method.name].uses_rebalanced_stream
     data = build_data(cfg, device, dist.rank, dist.world_size, memory_format, rebalanced, dataset_shard)
-    trainee = build_trainee(cfg, data.class_counts, device, memory_format, prepare_model)
+    # a resumed second stage needs its own checkpoint only: its parent run may be gone by now
+    trainee = build_trainee(cfg, data.class_counts, device, memory_format, prepare_model, from_parent=state is None)
     return fit(cfg, trainee, data, reporter, dist, state)

@@ -4,6 +4,7 @@ and on 2 Ray workers are tests/test_methods.py's and tests/test_ray_methods.py's
 import json
 import math
 import re
+import shutil
 
 import pytest
 import torch
@@ -21,8 +22,8 @@ from glmc_ray.methods.mdcs import consistency_ramp, mdcs_loss
 from glmc_ray.methods.ride import diversity_temperatures, ride_loss, router_loss, router_targets
 from glmc_ray.methods.shike import shike_loss, transfer_teacher
 from glmc_ray.train import main
-from glmc_ray.worker import build_network, parameter_groups
-from tests.conftest import resume_matches_straight
+from glmc_ray.worker import build_network, parameter_groups, run_worker
+from tests.conftest import Interrupted, StopAfter, resume_matches_straight
 from tests.test_methods import SMOKE
 
 COUNTS = [40, 20, 10, 5, 2]
@@ -387,6 +388,19 @@ def test_stage_two_on_two_ray_workers_from_an_in_process_parent(stage_one, tmp_p
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert json.loads((run / "parent.json").read_text())["checkpoint"] == str(stage_one / "checkpoint.pt")
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_resumed_stage_two_needs_only_its_own_checkpoint(stage_one, tmp_path):
+    """Interrupted after its first epoch, a stage-2 run resumes although its parent run is gone by then."""
+    parent = shutil.copytree(stage_one, tmp_path / "parent")
+    cfg = config_lib.load(SMOKE, [*STAGE1, "method.shike.stage=retrain", f"train.init_from={parent}",
+                                  "train.epochs=2"])
+    run = rundir.new_run_dir(tmp_path / "runs", cfg)
+    with pytest.raises(Interrupted):
+        run_worker(cfg, StopAfter(run, cfg, epochs=1))
+    shutil.rmtree(parent)
+    assert main(["--resume", str(run)]) == 0
+    assert [r["epoch"] for r in rundir.read_metrics(run)] == [0, 1]
 
 
 def test_ride_router_stage_trains_only_the_router_and_reports_the_experts_used(tmp_path):
