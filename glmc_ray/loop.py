@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import random
 import sys
 import time
@@ -256,7 +257,8 @@ def _epoch_line(r: dict) -> str:
     for key in ("val_balanced_top1", "test_top1", "test_many", "test_medium", "test_few"):
         if r.get(key) is not None:
             parts.append(f"{key} {r[key]:.2f}")
-    experts = [r[key] for e in range(64) if (key := f"test_expert{e}_top1") in r]
+    keys = itertools.takewhile(r.__contains__, (f"test_expert{e}_top1" for e in itertools.count()))
+    experts = [r[key] for key in keys]
     if experts:
         parts.append("experts test_top1 " + "/".join(f"{a:.2f}" for a in experts))
     if r.get("posthoc_tau") is not None:  # chosen on val
