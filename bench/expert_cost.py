@@ -21,7 +21,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from glmc_ray import config as config_lib
 from glmc_ray.data import build_data
-from glmc_ray.methods import METHODS
 from glmc_ray.worker import build_trainee
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -65,7 +64,7 @@ def main() -> None:
     names = args.methods
     for name in names:
         cfg = method_config(base, name)
-        bundle = build_data(cfg, device, rebalanced=METHODS[name].uses_rebalanced_stream)
+        bundle = build_data(cfg, device)
         trainee = build_trainee(cfg, bundle.class_counts, device, torch.contiguous_format)
         variants[name] = (trainee, bundle.train, torch.contiguous_format)
         report["params"][name] = sum(p.numel() for p in trainee.raw_model.parameters())

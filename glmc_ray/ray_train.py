@@ -351,7 +351,7 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, call
     trainer = TorchTrainer(
         train_fn,
         train_loop_config={"config": config_lib.to_dict(cfg), "restore_from": restore_from},
-        datasets=ray_datasets(cfg, METHODS[cfg.method.name].uses_rebalanced_stream, scaling.use_gpu) or None,
+        datasets=ray_datasets(cfg, scaling.use_gpu) or None,
         scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy="SPREAD" if scaling.nodes > 1 else "PACK"),

@@ -15,7 +15,7 @@ from glmc_ray.config import EXPERT_LAYOUTS, default_classifier, experts_of
 from glmc_ray.data import build_data
 from glmc_ray.expert_models import ExpertPlan, build_expert_model, freeze_except
 from glmc_ray.loop import Dist, Reporter, Trainee, fit
-from glmc_ray.methods import METHODS, build_method
+from glmc_ray.methods import build_method
 from glmc_ray.models import build_model
 from glmc_ray.schedules import lr_factor
 
@@ -116,8 +116,7 @@ def run_worker(cfg, reporter: Reporter, dist: Dist | None = None, state: dict | 
     device = select_device(cfg.train.device, device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input sizes: let cuDNN pick its kernels
     memory_format = memory_format_for(device, cfg.train.memory_format)
-    rebalanced = METHODS[cfg.method.name].uses_rebalanced_stream
-    data = build_data(cfg, device, dist.rank, dist.world_size, memory_format, rebalanced, dataset_shard)
+    data = build_data(cfg, device, dist.rank, dist.world_size, memory_format, dataset_shard)
     # a resumed second stage needs its own checkpoint only: its parent run may be gone by now
     trainee = build_trainee(cfg, data.class_counts, device, memory_format, prepare_model, from_parent=state is None)
     return fit(cfg, trainee, data, reporter, dist, state)

@@ -1,6 +1,7 @@
 """The long-tail methods as plug-ins: their numeric identities (methods-reference.md sections 1-4), the shared
 class-frequency math, post-hoc logit adjustment, the per-method config sections and bad input."""
 import dataclasses
+import functools
 import json
 
 import pytest
@@ -73,9 +74,24 @@ def test_each_method_steps_and_declares_its_heads_truthfully(name, extra):
     assert all(with_grad) == method.uses_all_heads
     inference_heads = [model.fc_cb] if hasattr(model, "fc_cb") else list(model.heads)
     assert all(head.weight.grad.abs().sum() > 0 for head in inference_heads)  # the inference head always trains
-    for attribute in ("uses_rebalanced_stream", "progress_per_step", "logit_scale", "trainable"):
+    for attribute in ("progress_per_step", "logit_scale", "trainable"):
         assert hasattr(method, attribute), attribute
     assert method.alpha(0.5) <= 1.0
+
+
+@pytest.mark.parametrize("name,extra", [*VARIANTS, ("ride", ["method.ride.stage=router", "train.init_from=a-run"])],
+                         ids=[*VARIANT_IDS, "ride_router"])
+def test_a_method_reads_the_rebalanced_stream_exactly_when_its_config_asks_for_one(name, extra):
+    """The sources make the second stream where config.rebalanced_stream says so, and only there."""
+    cfg = _method_config(name, *extra, "model.width=4", "model.projection_dim=8")
+    model, method = build_network(cfg, len(COUNTS)), build_method(cfg.method, COUNTS, cfg)
+    without = dataclasses.replace(_tiny_batch(), rx1=None, rx2=None, ry=None)
+    step = functools.partial(method.step, model, without, 0.9, torch.Generator().manual_seed(0))
+    if config_lib.rebalanced_stream(cfg) is None:
+        assert torch.isfinite(step().loss)
+    else:
+        with pytest.raises((TypeError, AttributeError)):
+            step()
 
 
 # ---- the shared class-frequency math (glmc_ray/longtail.py) --------------------------------------------------

@@ -1,12 +1,14 @@
 """The data source named by `data.source`, one module each, behind the same three functions:
 
-  build(cfg, device, rank, world_size, memory_format, rebalanced, dataset_shard) -> DataBundle
+  build(cfg, device, rank, world_size, memory_format, dataset_shard) -> DataBundle
   training_class_counts(cfg) -> per-class training counts, without a device
 and, for a source that streams through Ray Data (shards),
-  ray_datasets(cfg, rebalanced, gpu) -> the Datasets a Ray Train run splits across its workers
+  ray_datasets(cfg, gpu) -> the Datasets a Ray Train run splits across its workers
   ray_cpus(cfg) -> the logical CPUs those streams need at the least
 
-The loop, the methods and the Ray Train code only see a `DataBundle` and its `.train.epoch(e)` / `len()`.
+The loop, the methods and the Ray Train code only see a `DataBundle` and its `.train.epoch(e)` / `len()`. Which
+streams and views a source makes follows from the config: a class-rebalanced second stream where
+`config.rebalanced_stream(cfg)` gives its exponent, a strong view where `config.strong_view(cfg)` names one.
 """
 from __future__ import annotations
 
@@ -27,21 +29,20 @@ def source_module(cfg):
 
 
 def build_data(cfg, device, rank: int = 0, world_size: int = 1, memory_format=torch.contiguous_format,
-               rebalanced: bool = True, dataset_shard=None) -> DataBundle:
-    """cfg: the full Config. `rebalanced` False skips the second stream (methods that do not use it);
-    `dataset_shard`: Ray Train's `get_dataset_shard` inside a Ray Train worker."""
-    return source_module(cfg).build(cfg, device, rank, world_size, memory_format, rebalanced, dataset_shard)
+               dataset_shard=None) -> DataBundle:
+    """cfg: the full Config. `dataset_shard`: Ray Train's `get_dataset_shard` inside a Ray Train worker."""
+    return source_module(cfg).build(cfg, device, rank, world_size, memory_format, dataset_shard)
 
 
 def training_class_counts(cfg) -> list[int]:
     return source_module(cfg).training_class_counts(cfg)
 
 
-def ray_datasets(cfg, rebalanced: bool = True, gpu: bool = False) -> dict:
+def ray_datasets(cfg, gpu: bool = False) -> dict:
     """Ray Datasets (or callables making them) keyed by the names `build` reads with `dataset_shard`; `gpu`:
     the workers that read them train on GPUs."""
     module = source_module(cfg)
-    return module.ray_datasets(cfg, rebalanced, gpu) if hasattr(module, "ray_datasets") else {}
+    return module.ray_datasets(cfg, gpu) if hasattr(module, "ray_datasets") else {}
 
 
 def ray_cpus(cfg) -> float:

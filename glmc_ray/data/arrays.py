@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from glmc_ray.config import strong_view
+from glmc_ray.config import rebalanced_stream, strong_view
 from glmc_ray.data import cifar
 from glmc_ray.data.batches import DataBundle, EpochPlan, per_sample_weights
 from glmc_ray.data.images import BadImageLog, Normalizer
@@ -138,11 +138,11 @@ def training_class_counts(cfg) -> list[int]:
     return np.bincount(labels, minlength=len(counts)).tolist()
 
 
-def build(cfg, device, rank: int, world_size: int, memory_format, rebalanced: bool, dataset_shard=None) -> DataBundle:
+def build(cfg, device, rank: int, world_size: int, memory_format, dataset_shard=None) -> DataBundle:
     (images, labels), test, counts, (mean, std) = load_arrays(cfg.data)
     (images, labels), val = hold_out(images, labels, cfg.data)
     counts = np.bincount(labels, minlength=len(counts)).tolist()
-    weights = per_sample_weights(labels, counts, cfg.method.glmc.resample_exponent) if rebalanced else None
+    weights = per_sample_weights(labels, counts, q) if (q := rebalanced_stream(cfg)) is not None else None
     plan = EpochPlan(len(labels), cfg.train.batch_size, weights, cfg.train.seed, rank, world_size)
     normalizer = Normalizer(mean, std, device, memory_format)
     strong = None if strong_view(cfg) == "none" else DeviceStrongViews(strong_view(cfg), mean)

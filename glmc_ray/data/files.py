@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-from glmc_ray.config import strong_view
+from glmc_ray.config import rebalanced_stream, strong_view
 from glmc_ray.data.batches import DataBundle, EpochPlan, per_sample_weights
 from glmc_ray.data.device_augment import STREAM_IDS, DeviceTail, KeyedViews, augment_on_device, view_key
 from glmc_ray.data.images import (
@@ -204,11 +204,11 @@ def training_class_counts(cfg) -> list[int]:
     return class_counts(labels, cfg.data.train_split)
 
 
-def build(cfg, device, rank: int, world_size: int, memory_format, rebalanced: bool, dataset_shard=None) -> DataBundle:
+def build(cfg, device, rank: int, world_size: int, memory_format, dataset_shard=None) -> DataBundle:
     data = cfg.data
     paths, labels = read_split_file(split_path(data, data.train_split), data.root)
     counts = class_counts(labels, data.train_split)
-    weights = per_sample_weights(labels, counts, cfg.method.glmc.resample_exponent) if rebalanced else None
+    weights = per_sample_weights(labels, counts, q) if (q := rebalanced_stream(cfg)) is not None else None
     plan = EpochPlan(len(labels), cfg.train.batch_size, weights, cfg.train.seed, rank, world_size)
     pin = torch.device(device).type == "cuda"
     normalizer = Normalizer(data.mean, data.std, device, memory_format)

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from glmc_ray.config import strong_view
+from glmc_ray.config import rebalanced_stream, strong_view
 from glmc_ray.data import shard_format
 from glmc_ray.data.batches import DataBundle
 from glmc_ray.data.device_augment import (
@@ -259,7 +259,7 @@ def stream(data, paths: list[str], seed: int, train: bool, rates=None, keyed: bo
         batch_size=DECODE_BATCH, compute=pool, num_cpus=data.decode_cpus)
 
 
-def ray_datasets(cfg, rebalanced: bool = True, gpu: bool = False) -> dict:
+def ray_datasets(cfg, gpu: bool = False) -> dict:
     """The training streams, as callables Ray Train calls when a worker group starts (also after a restart).
     `gpu`: the workers train on GPUs (data.augment_on auto then puts the tail there)."""
     data, (manifest, paths) = cfg.data, open_split(cfg.data, cfg.data.train_split)
@@ -267,8 +267,8 @@ def ray_datasets(cfg, rebalanced: bool = True, gpu: bool = False) -> dict:
     keyed = augment_on_device(data, gpu, strong)
     datasets = {STREAMS["uniform"]: lambda: stream(data, paths, cfg.train.seed, train=True, keyed=keyed,
                                                    stream_id=STREAM_IDS["uniform"], strong=strong)}
-    if rebalanced:
-        rates = poisson_rates(manifest["class_counts"], cfg.method.glmc.resample_exponent)
+    if (exponent := rebalanced_stream(cfg)) is not None:
+        rates = poisson_rates(manifest["class_counts"], exponent)
         datasets[STREAMS["rebalanced"]] = lambda: stream(data, paths, cfg.train.seed + 1, train=True, rates=rates,
                                                          keyed=keyed, stream_id=STREAM_IDS["rebalanced"],
                                                          strong=strong)
@@ -379,7 +379,7 @@ def training_class_counts(cfg) -> list[int]:
     return shard_format.read_manifest(location(cfg.data, cfg.data.train_split))["class_counts"]
 
 
-def build(cfg, device, rank: int, world_size: int, memory_format, rebalanced: bool, dataset_shard=None) -> DataBundle:
+def build(cfg, device, rank: int, world_size: int, memory_format, dataset_shard=None) -> DataBundle:
     """`dataset_shard` (Ray Train's get_dataset_shard) gives this rank's split of the training streams; without
     it (one process, in-process run) the streams are made here."""
     data, train = cfg.data, cfg.train
@@ -391,7 +391,7 @@ def build(cfg, device, rank: int, world_size: int, memory_format, rebalanced: bo
     steps = math.ceil(rows // world_size / per_rank_batch)
     gpu = torch.device(device).type == "cuda"
     if dataset_shard is None:
-        streams = ray_datasets(cfg, rebalanced, gpu)
+        streams = ray_datasets(cfg, gpu)
         dataset_shard = {name: make().iterator() for name, make in streams.items()}.__getitem__
     bad_images = BadImageLog(data.max_bad_images)
 
@@ -399,7 +399,7 @@ def build(cfg, device, rank: int, world_size: int, memory_format, rebalanced: bo
         return RowBatches(shard, batch_size, buffer, kept_rows(len(counts), bad_images, split))
     uniform = rows_of(dataset_shard(STREAMS["uniform"]), per_rank_batch, "train", data.shuffle_buffer)
     second = rows_of(dataset_shard(STREAMS["rebalanced"]), per_rank_batch, "train", data.shuffle_buffer) \
-        if rebalanced else None
+        if rebalanced_stream(cfg) is not None else None
     normalizer = Normalizer(data.mean, data.std, device, memory_format)
     evals = {}
     for name, split in (("val", data.val_split), ("test", data.test_split)):

@@ -15,7 +15,8 @@ import torch
 class Batch:
     """Two augmented views of a uniform batch and of a class-rebalanced batch, positionally paired.
 
-    Methods that need no second stream (CE) read x1 and y only; sources may then leave rx1/rx2/ry empty.
+    The sources fill rx1/rx2/ry where `config.rebalanced_stream(cfg)` asks for the second stream (GLMC, RIDE's
+    router stage), and leave them empty for the methods that read x1 (x2) and y only.
     """
 
     x1: torch.Tensor
@@ -45,7 +46,6 @@ class StepOutput:
 
 class Method(Protocol):
     name: str
-    uses_rebalanced_stream: bool  # consumes Batch.rx1/rx2/ry (the class-rebalanced stream)
     uses_all_heads: bool  # every parameter gets a gradient each step
     progress_per_step: bool  # `progress` moves every step (else it is epoch/epochs for a whole epoch)
     logit_scale: float  # evaluation multiplies the inference logits by it (LDAM's s), so a post-hoc tau means
@@ -66,7 +66,6 @@ class OneViewMethod:
     CE and the single-branch long-tail losses. Subclasses set `name` and implement `loss`."""
 
     name = ""
-    uses_rebalanced_stream = False
     uses_all_heads = False  # fc and the projection heads get no gradient (DDP must look for unused ones)
     progress_per_step = False
     logit_scale = 1.0

@@ -11,7 +11,6 @@ class ExpertMethod:
     counted in epochs, model.expert_scale for margins in the logits' scale)."""
 
     name = ""
-    uses_rebalanced_stream = False
     uses_all_heads = True
     progress_per_step = False
     logit_scale = 1.0  # the experts' heads are scaled in the model (model.expert_scale)

@@ -118,7 +118,6 @@ class GLMC:
     """Global and Local Mixture Consistency cumulative learning, one step on a uniform + re-balanced pair."""
 
     name = "glmc"
-    uses_rebalanced_stream = True
     uses_all_heads = True  # every head gets a gradient each step (DDP needs no unused-parameter search)
     logit_scale = 1.0
     trainable = None

@@ -85,12 +85,13 @@ class RIDE(ExpertMethod):
         self.trainable = ("router",) if cfg.stage == "router" else None
 
     def step(self, model, batch: Batch, progress: float, generator: torch.Generator) -> StepOutput:
-        out = model(batch.x1, experts=True)
-        if self.cfg.stage == "router":
-            targets = router_targets(out.experts.detach().float(), batch.y)
+        if self.cfg.stage == "router":  # on the class-balanced stream (config.rebalanced_stream), as the official
+            out = model(batch.rx1, experts=True)
+            targets = router_targets(out.experts.detach().float(), batch.ry)
             loss = router_loss(out.routes.float(), targets, self.cfg.router_pos_weight)
             return StepOutput(loss, {"loss_router": loss, "experts_used": out.used.float().mean(),
                                      "router_positives": targets.mean()})
+        out = model(batch.x1, experts=True)
         device, drw = batch.y.device, drw_active(progress, self.cfg.drw_start)
         weights = self.drw_weights.to(device) if drw else None
         temperature = self.drw_temperatures.to(device) if drw else self.cfg.diversity_temperature
