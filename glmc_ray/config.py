@@ -468,6 +468,9 @@ def _validate_experts(cfg: Config) -> None:
     if second and cfg.method.section.stage == second[0] and not cfg.train.init_from:
         raise ConfigError(f"train.init_from: empty, but method.{name}.stage={second[0]} {second[1]} a stage-1 run; "
                           f"set it to that run's directory (or its storage copy)", "train.init_from")
+    if name == "ride" and cfg.method.ride.stage == "router" and cfg.method.ride.teacher:
+        raise ConfigError(f"method.ride.teacher: {cfg.method.ride.teacher!r}, but method.ride.stage is router; the "
+                          f"teacher distils into stage 1 (method.ride.stage: experts)", "method.ride.teacher")
     if name == "ride" and cfg.method.ride.stage == "router" and experts < 2:
         raise ConfigError(f"method.ride.stage: router, but model.experts is {experts}; the router adds experts "
                           f"to the first one (at least 2)", "method.ride.stage")

@@ -60,6 +60,11 @@ class RIDEConfig:
     router_hidden: int = 16  # the router's per-expert feature projection (official 16)
     router_top_k: int = 30  # how many of the running mean logits it sees, largest first (official 30; <= classes)
     router_pos_weight: float = 100.0  # BCE weight of "the next expert helps" (official 100)
+    # distillation (stage 1): a finished RIDE run whose ensemble teaches this one's (official: 6 experts), adding
+    # distill_weight * T_d^2 * KL(softmax(teacher / T_d) || softmax(mean / T_d)) once per step ("" = none)
+    teacher: str = ""
+    distill_temperature: float = 1.5  # T_d (official 1.5)
+    distill_weight: float = 1.0  # (official 1.0)
 
 
 @dataclass
@@ -139,6 +144,8 @@ def _expert_method_checks(method: MethodConfig) -> list[tuple]:
         (-5 <= ride.diversity_factor <= 5, "method.ride.diversity_factor", ride.diversity_factor,
          "in [-5, 5] (negative rewards diversity; official -0.45 CIFAR, -0.2 ImageNet-LT)"),
         (ride.diversity_temperature > 0, "method.ride.diversity_temperature", ride.diversity_temperature, "> 0"),
+        (ride.distill_temperature > 0, "method.ride.distill_temperature", ride.distill_temperature, "> 0"),
+        (ride.distill_weight >= 0, "method.ride.distill_weight", ride.distill_weight, ">= 0"),
         (0 <= ride.reweight_factor <= 1, "method.ride.reweight_factor", ride.reweight_factor, "in [0, 1]"),
         (mdcs.consistency_weight >= 0, "method.mdcs.consistency_weight", mdcs.consistency_weight, ">= 0"),
         (0 < mdcs.consistency_ramp <= 1, "method.mdcs.consistency_ramp", mdcs.consistency_ramp,

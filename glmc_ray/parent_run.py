@@ -1,5 +1,6 @@
 """A run that starts from another run's weights (`train.init_from`): the second stage of a two-stage method
-(SHIKE's classifier re-training). The parent is a run directory, in-process (checkpoint.pt) or Ray Train (its
+(SHIKE's classifier re-training, RIDE's router); or that learns from another run's model (`method.ride.teacher`,
+RIDE's distillation). The parent is a run directory, in-process (checkpoint.pt) or Ray Train (its
 checkpoint folders where its storage.json says, else beside it), or a run's storage copy (s3://bucket/runs/<run>).
 
 Everything is checked before the run starts: the parent exists and has a checkpoint, and trained the same model
@@ -18,6 +19,7 @@ from glmc_ray import config as config_lib
 from glmc_ray import ray_resume, rundir, storage
 
 PARENT_FILE = "parent.json"  # in the child's run directory
+TEACHER_KEY = "method.ride.teacher"
 # What fixes the training subset, hence the class counts the parent's heads were trained on
 SUBSET_KEYS = ("source", "root", "imbalance_factor", "subset_protocol", "subset_seed", "sample_with_replacement",
                "val_fraction", "val_seed", "train_split")
@@ -30,9 +32,10 @@ class Parent:
     config: config_lib.Config
 
 
-def find(init_from: str) -> Parent:
-    """The parent's config and newest checkpoint; FileNotFoundError / ConfigError naming what is missing."""
-    where = f"train.init_from: {init_from}"
+def find(init_from: str, key: str = "train.init_from") -> Parent:
+    """The parent's config and newest checkpoint; FileNotFoundError / ConfigError naming `key` and what is
+    missing."""
+    where = f"{key}: {init_from}"
     fs, path = storage.resolve(init_from)
     config_path = f"{path}/config.yaml"
     try:
@@ -78,7 +81,7 @@ def check(cfg: config_lib.Config) -> Parent | None:
     parent = find(cfg.train.init_from)
     mismatch = [f"model.{f.name}" for f in dataclasses.fields(cfg.model)
                 if getattr(cfg.model, f.name) != getattr(parent.config.model, f.name)]
-    mismatch += [f"data.{key}" for key in SUBSET_KEYS if getattr(cfg.data, key) != getattr(parent.config.data, key)]
+    mismatch += _other_data(cfg, parent.config)
     if config_lib.experts_of(cfg) != config_lib.experts_of(parent.config):
         mismatch.append("model.experts")
     layouts = config_lib.EXPERT_LAYOUTS
@@ -91,6 +94,32 @@ def check(cfg: config_lib.Config) -> Parent | None:
             f"{key}: {ours!r} here, {theirs!r} in the parent run {cfg.train.init_from} (train.init_from); a second "
             f"stage trains the same model on the same training subset (differing: {', '.join(mismatch)})", key)
     return parent
+
+
+def check_teacher(cfg: config_lib.Config) -> None:
+    """RIDE's distillation teacher (method.ride.teacher), if any: a finished RIDE stage-1 run with a checkpoint,
+    trained on the same training subset at the same image size (any number of experts and width)."""
+    teacher = cfg.method.ride.teacher if cfg.method.name == "ride" else ""
+    if not teacher:
+        return
+    found = find(teacher, TEACHER_KEY)
+    theirs = found.config.method
+    if theirs.name != "ride" or theirs.ride.stage != "experts":
+        stage = f" stage {theirs.section.stage}" if hasattr(theirs.section, "stage") else ""
+        raise config_lib.ConfigError(f"{TEACHER_KEY}: {teacher} is a {theirs.name}{stage} run; expected a RIDE "
+                                     f"stage-1 run (method.ride.stage: experts; the official teacher has 6 experts)",
+                                     TEACHER_KEY)
+    mismatch = _other_data(cfg, found.config, (*SUBSET_KEYS, "image_size"))
+    if mismatch:
+        key = mismatch[0]
+        raise config_lib.ConfigError(f"{TEACHER_KEY}: {key} is {_value(found.config, key)!r} in the teacher run "
+                                     f"{teacher}, {_value(cfg, key)!r} here; the teacher must have learnt the same "
+                                     f"classes from the same training subset (differing: {', '.join(mismatch)})",
+                                     TEACHER_KEY)
+
+
+def _other_data(cfg: config_lib.Config, other: config_lib.Config, keys=SUBSET_KEYS) -> list[str]:
+    return [f"data.{key}" for key in keys if getattr(cfg.data, key) != getattr(other.data, key)]
 
 
 def _value(cfg, key: str):

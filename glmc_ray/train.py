@@ -142,6 +142,7 @@ def _train(args) -> int:
     cfg = resolve_config(args)
     if not args.resume:  # a second stage's parent: there, with a checkpoint, the same model and subset
         parent_run.check(cfg)
+    parent_run.check_teacher(cfg)  # read again by every worker, also on a resume
     if args.dry_run:
         dry_run(cfg)
         return 0

@@ -53,6 +53,8 @@ def build_trainee(cfg, class_counts, device, memory_format, prepare_model=lambda
     start from train.init_from's weights (not when a checkpoint of this run replaces them)."""
     longtail.positive_counts(class_counts, f"method {cfg.method.name} (and post-hoc logit adjustment)")
     method = build_method(cfg.method, class_counts, cfg)
+    if cfg.method.name == "ride" and cfg.method.ride.teacher:  # checked by the driver (parent_run.check_teacher)
+        method.teacher = load_teacher(cfg.method.ride.teacher, len(class_counts), device, memory_format)
     seed_everything(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     raw = build_network(cfg, len(class_counts))
     if cfg.train.init_from and from_parent:  # checked against this run by the driver (parent_run.check)
@@ -79,6 +81,15 @@ def load_parent_weights(model: torch.nn.Module, init_from: str, trainable: tuple
     if wrong:
         raise ValueError(f"train.init_from: {init_from}: its weights do not fit this model ({', '.join(wrong[:5])}"
                          f"{' ...' if len(wrong) > 5 else ''} missing or unexpected)")
+
+
+def load_teacher(run: str, num_classes: int, device, memory_format) -> torch.nn.Module:
+    """A distillation teacher: the network of a finished run with its newest weights, frozen, in eval mode for
+    good (it is no part of the trained model: nothing switches it back to training)."""
+    teacher = parent_run.find(run, parent_run.TEACHER_KEY)
+    network = build_network(teacher.config, num_classes)
+    network.load_state_dict(parent_run.load_state(teacher.checkpoint)["model"])
+    return network.requires_grad_(False).eval().to(device, memory_format=memory_format)
 
 
 def build_network(cfg, num_classes: int) -> torch.nn.Module:

@@ -19,7 +19,7 @@ from glmc_ray.methods import Batch, build_method
 from glmc_ray.methods.balanced_softmax import balanced_softmax_loss
 from glmc_ray.methods.ldam_drw import ldam_loss
 from glmc_ray.methods.mdcs import consistency_ramp, mdcs_loss
-from glmc_ray.methods.ride import diversity_temperatures, ride_loss, router_loss, router_targets
+from glmc_ray.methods.ride import distill_loss, diversity_temperatures, ride_loss, router_loss, router_targets
 from glmc_ray.methods.shike import shike_loss, transfer_teacher
 from glmc_ray.train import main
 from glmc_ray.worker import build_network, parameter_groups, run_worker
@@ -162,6 +162,33 @@ def test_crossing_the_drw_epoch_changes_weights_and_temperature():
     assert (before.terms["drw"], after.terms["drw"]) == (0.0, 1.0)
     assert float(before.terms["loss_base"].detach()) != float(after.terms["loss_base"].detach())
     assert float(before.terms["loss_diversity"].detach()) != float(after.terms["loss_diversity"].detach())
+
+
+def test_distillation_is_t2_kl_from_the_detached_teacher_and_zero_when_they_agree():
+    student, _ = _expert_logits(e=1, seed=1)
+    teacher, _ = _expert_logits(e=1, seed=2)
+    student, teacher = student[:, 0].requires_grad_(True), teacher[:, 0].requires_grad_(True)
+    assert abs(float(distill_loss(student, student, 1.5).detach())) < 1e-6
+    loss = distill_loss(student, teacher, 1.5)
+    p = F.softmax(teacher.detach() / 1.5, dim=1)
+    expected = 1.5 ** 2 * (p * (p.log() - F.log_softmax(student.detach() / 1.5, dim=1))).sum(dim=1).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert teacher.grad is None and student.grad.abs().sum() > 0
+
+
+def test_a_teacher_adds_its_distillation_once_not_once_per_expert():
+    """The official loop adds the whole RIDE loss and the distillation term once per expert (E times)."""
+    cfg = _cfg("ride", "method.ride.distill_weight=0.7")
+    method, model = build_method(cfg.method, COUNTS, cfg), build_network(cfg, 5)
+    method.teacher = build_network(_cfg("ride", "model.experts=4"), 5).eval()
+    batch = Batch(_images(), _images(), torch.tensor([0, 1, 2, 3, 4, 4]))
+    out = method.step(model, batch, 0.1, torch.Generator())
+    expected = out.terms["loss_base"] + out.terms["loss_diversity"] + 0.7 * out.terms["loss_distill"]
+    torch.testing.assert_close(out.loss, expected)
+    with torch.no_grad():
+        alone = distill_loss(model(batch.x1), method.teacher(batch.x1), 1.5)
+    torch.testing.assert_close(out.terms["loss_distill"].detach(), alone)
 
 
 def test_router_targets_ask_for_the_next_expert_only_where_a_larger_ensemble_is_right():
@@ -338,6 +365,9 @@ def test_each_experts_accuracy_and_shot_groups_are_reported():
     (["method.name=ride", "method.ride.stage=router"], r"train.init_from: empty, but method.ride.stage=router"),
     (["method.name=ride", "method.ride.diversity_factor=9"], r"method.ride.diversity_factor: 9.0 is out of range"),
     (["method.name=ride", "model.experts=17"], r"model.experts: 17 is out of range"),
+    (["method.name=ride", "method.ride.distill_temperature=0"], r"method.ride.distill_temperature: 0.0 is out of"),
+    (["method.name=ride", "method.ride.stage=router", "train.init_from=r", "method.ride.teacher=t"],
+     r"method.ride.teacher: 't', but method.ride.stage is router"),
 ])
 def test_bad_expert_settings_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -403,13 +433,22 @@ def test_a_resumed_stage_two_needs_only_its_own_checkpoint(stage_one, tmp_path):
     assert [r["epoch"] for r in rundir.read_metrics(run)] == [0, 1]
 
 
-def test_ride_router_stage_trains_only_the_router_and_reports_the_experts_used(tmp_path):
-    stage1 = ["method.name=ride", "train.epochs=1", "data.synthetic_max_count=64", "model.width=4"]
-    assert main(["--config", str(SMOKE), "--output", str(tmp_path / "one"), *_args(stage1)]) == 0
-    (parent,) = (tmp_path / "one").iterdir()
-    stage2 = [*stage1, "method.ride.stage=router", f"train.init_from={parent}"]
-    assert main(["--config", str(SMOKE), "--output", str(tmp_path / "two"), *_args(stage2)]) == 0
-    (run,) = (tmp_path / "two").iterdir()
+RIDE1 = ["method.name=ride", "train.epochs=1", "data.synthetic_max_count=64", "model.width=4"]
+
+
+@pytest.fixture(scope="module")
+def ride_one(tmp_path_factory):
+    output = tmp_path_factory.mktemp("ride1")
+    assert main(["--config", str(SMOKE), "--output", str(output), *_args(RIDE1)]) == 0
+    (run,) = output.iterdir()
+    return run
+
+
+def test_ride_router_stage_trains_only_the_router_and_reports_the_experts_used(ride_one, tmp_path):
+    parent = ride_one
+    stage2 = [*RIDE1, "method.ride.stage=router", f"train.init_from={parent}"]
+    assert main(["--config", str(SMOKE), "--output", str(tmp_path), *_args(stage2)]) == 0
+    (run,) = tmp_path.iterdir()
     before = rundir.load_checkpoint(parent / "checkpoint.pt")["model"]
     after = rundir.load_checkpoint(run / "checkpoint.pt")["model"]
     assert all(torch.equal(before[k], after[k]) for k in before)  # experts, BatchNorm buffers included
@@ -419,6 +458,31 @@ def test_ride_router_stage_trains_only_the_router_and_reports_the_experts_used(t
     record = json.loads((run / "metrics.jsonl").read_text())
     assert 1.0 <= record["test_experts_used"] <= 3.0 and "loss_router" in record
     assert json.loads((run / "parent.json").read_text())["method"] == "ride"
+
+
+def test_a_ride_run_learns_from_a_teacher_run_with_other_experts(ride_one, tmp_path):
+    """RIDE's distillation: the teacher is a finished RIDE run (3 experts here, 2 in the student)."""
+    student = [*RIDE1, "model.experts=2", f"method.ride.teacher={ride_one}"]
+    before = rundir.load_checkpoint(ride_one / "checkpoint.pt")["model"]
+    assert main(["--config", str(SMOKE), "--output", str(tmp_path), *_args(student)]) == 0
+    (run,) = tmp_path.iterdir()
+    record = json.loads((run / "metrics.jsonl").read_text())
+    assert record["loss_distill"] > 0 and "test_expert1_top1" in record and "test_expert2_top1" not in record
+    after = rundir.load_checkpoint(ride_one / "checkpoint.pt")["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("teacher,settings,message", [
+    ("{missing}", [], r"method.ride.teacher: .*missing: no config.yaml there"),
+    ("{shike}", [], r"method.ride.teacher: .* is a shike stage mixture run; expected a RIDE stage-1 run"),
+    ("{ride}", ["data.imbalance_factor=20"], r"method.ride.teacher: data.imbalance_factor is 10.0 in the teacher"),
+])
+def test_a_bad_teacher_stops_before_making_a_run(ride_one, stage_one, tmp_path, capsys, teacher, settings, message):
+    where = teacher.format(missing=tmp_path / "missing", shike=stage_one, ride=ride_one)
+    student = [*RIDE1, f"method.ride.teacher={where}", *settings]
+    assert main(["--config", str(SMOKE), "--output", str(tmp_path / "runs"), *_args(student)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("settings,message", [

@@ -11,15 +11,16 @@ v_c = C pi_c r + 1 - r (r = reweight_factor), Tbar = mean T_c.
 Fixed or made explicit against the official code (reference 5(f)):
 - with lambda = 0 the official base loss reads the ensemble mean for every expert (its issue #7: E identical
   "collaborative" terms); here each expert always has its own loss (the issue's better 48.7 setting);
-- the distillation variant multiplies both terms by E (the full loss called inside its own expert loop) and needs
-  a 6-expert teacher: not implemented;
+- the official distillation variant multiplies both terms by E (the full loss called inside its own expert loop);
+  here, with method.ride.teacher (a finished RIDE run, officially 6 experts, frozen and in eval mode), the loss
+  gains distill_weight * T_d^2 * KL(softmax(teacher / T_d) || softmax(zbar / T_d)) once, on the ensemble mean;
 - the DRW switch is a fraction of the schedule (drw_start), a pure function of the epoch, as in ldam_drw;
 - no hard-coded .cuda(); the margins are subtracted in the logits' own scale (s m), as the official with NormedLinear.
 Stage 2 ("router", RIDE's expert assignment): a second run from a stage-1 run (train.init_from) trains only
 the router (glmc_ray/expert_models.py `ExpertRouter`), every BatchNorm frozen, with BCE(pos_weight 100) on the
 targets of `router_targets`; evaluation then averages, per sample, the experts the router adds and reports how
-many it used (`experts_used`). The official trains it on a class-balanced sampler; here on the uniform stream
-(the positive weight balances the targets).
+many it used (`experts_used`). It trains on the class-balanced stream (Batch.rx1, ry), as the official
+BalancedSampler.
 """
 from __future__ import annotations
 
@@ -59,6 +60,12 @@ def ride_loss(expert_logits: torch.Tensor, labels: torch.Tensor, margin_offsets:
     return base + diversity, base, diversity
 
 
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 KL(softmax(teacher / T) || softmax(student / T)), 'batchmean': the teacher's ensemble teaches ours."""
+    target = F.softmax(teacher_logits.detach().float() / temperature, dim=1)
+    return temperature ** 2 * kl_to(target, student_logits.float() / temperature)
+
+
 def router_targets(expert_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[B, E-1] targets of the routers: router e says "add expert e+1" where the ensemble of experts 0..e is
     wrong and some larger ensemble 0..j (j > e) is right."""
@@ -83,6 +90,7 @@ class RIDE(ExpertMethod):
         self.drw_weights = longtail.effective_number_weights(class_counts, cfg.drw_beta)
         self.drw_temperatures = diversity_temperatures(class_counts, cfg.reweight_factor)
         self.trainable = ("router",) if cfg.stage == "router" else None
+        self.teacher = None  # with method.ride.teacher: the teacher run's frozen network (worker.load_teacher)
 
     def step(self, model, batch: Batch, progress: float, generator: torch.Generator) -> StepOutput:
         if self.cfg.stage == "router":  # on the class-balanced stream (config.rebalanced_stream), as the official
@@ -97,4 +105,10 @@ class RIDE(ExpertMethod):
         temperature = self.drw_temperatures.to(device) if drw else self.cfg.diversity_temperature
         loss, base, diversity = ride_loss(out.experts, batch.y, self.margin_offsets.to(device), weights,
                                           temperature, self.cfg.diversity_factor)
-        return StepOutput(loss, {"loss_base": base, "loss_diversity": diversity, "drw": float(drw)})
+        terms = {"loss_base": base, "loss_diversity": diversity, "drw": float(drw)}
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(batch.x1)
+            terms["loss_distill"] = distill_loss(out.mean, teacher_logits, self.cfg.distill_temperature)
+            loss = loss + self.cfg.distill_weight * terms["loss_distill"]
+        return StepOutput(loss, terms)
