@@ -158,6 +158,13 @@ def test_a_run_on_s3_killed_with_its_head_node_resumes_from_its_storage_uri_alon
         assert storage.read_text(fs, f"{path}/{name}") == (run / name).read_text()
     assert len(json.loads((run / "final.json").read_text())["last"]["test"]["per_class"]) == 10
 
+    # a next run starts from the bucket's copy alone (train.init_from: a second stage, or a fine-tuning)
+    shutil.rmtree(output)
+    assert train_main(["--config", SMOKE, "--output", str(tmp_path / "next"), "--set", f"train.init_from={uri}",
+                       "--set", "train.epochs=1"]) == 0
+    (child,) = (tmp_path / "next").iterdir()
+    assert json.loads((child / "parent.json").read_text())["checkpoint"] == f"{uri}/checkpoint_epoch0004"
+
 
 # ------------------------------------------------------------------------------------------- search
 
