@@ -9,7 +9,9 @@ batch; no warm-up, since 5 of 200 epochs is a quarter of one here; DRW from epoc
 
 The runs are `tuning/search.py`'s full-schedule runs: Ray Tune trains them --concurrent at a time with one
 thread each, each in its own run directory; repeating the command with --experiment continues unfinished
-runs and reuses finished ones, so methods and seeds can be added to an experiment later.
+runs and reuses finished ones, so methods and seeds can be added to an experiment later. A second stage
+(STAGE2: SHIKE's classifier re-training) runs after its first stage, from that seed's first-stage run directory
+(train.init_from); its minutes are its own.
 
     python bench/methods.py --data-root ../shared/data [--methods ce bs ...] [--seeds 3407 3408]
         [--experiment runs/bench-methods/<stamp>]
@@ -75,6 +77,13 @@ METHODS.update({
               {"method.name": "shike", "data.strong_augmentation": "none", "optim.lr": 0.15 * 64 / 128,
                "optim.weight_decay": 5e-4}),
 })
+# Second stages: label -> (what it is, the first-stage label, the dotted values on top of the first stage's). Each
+# seed's run starts from that seed's finished first-stage run of the experiment (train.init_from).
+# SHIKE re-trains its classifiers for the last 20 of 200 epochs: 2 epochs after the protocol's 10, at the official
+# lr 0.05 @128 (no warm-up, as the rest), Balanced Softmax per expert, every other parameter and statistic frozen.
+STAGE2 = {"shike_retrain": ("SHIKE stage 2: its re-trained classifiers, 2 epochs from the shike run (lr 0.05 @128; "
+                            "only the rt heads train)", "shike",
+                            {"method.shike.stage": "retrain", "train.epochs": 2, "optim.lr": 0.05 * 64 / 128})}
 POSTHOC = "ce_posthoc"  # CE's runs evaluated with logits - tau log(prior), tau chosen on validation
 PUBLISHED = {  # methods-reference.md: the published ordering at paper scale (200+ epochs, full width)
     "cifar10_lt_if200_balms_readme": {"ce": 74.0, "bs": 79.8},
@@ -122,10 +131,26 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def finished_runs(experiment: Path, base: config_lib.Config, label: str, seed: int | str = "*") -> list[Path]:
+    return [run for run in sorted((experiment / FULL_DIR).glob(f"{base.name}-{label}-seed{seed}-*"))
+            if (run / "final.json").is_file()]
+
+
+def second_stage(experiment: Path, base: config_lib.Config, label: str, seed: int) -> FullRun | None:
+    """The second-stage run of `seed` from that seed's finished first-stage run (None, said, if it has none)."""
+    _, first, values = STAGE2[label]
+    parents = finished_runs(experiment, base, first, seed)
+    if not parents:
+        print(f"{label} seed {seed}: no finished {first} run of that seed in {experiment}; not trained", flush=True)
+        return None
+    return FullRun(label, {**METHODS[first][1], **values, "train.init_from": str(parents[-1])}, seed)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", default="../shared/data")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=[*METHODS, *STAGE2], choices=[*METHODS, *STAGE2],
+                   help="a second stage (shike_retrain) also trains its first stage (shike) where unfinished")
     p.add_argument("--seeds", nargs="+", type=int, default=[3407, 3408])
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="change the protocol (a quick check: --set train.epochs=1); recorded in the JSON")
@@ -144,24 +169,31 @@ def main() -> None:
     else:
         experiment = rundir.new_stamped_folder(Path(args.output), "methods")
     experiment.mkdir(parents=True, exist_ok=True)
-    jobs = [FullRun(label, METHODS[label][1], seed) for label in args.methods for seed in args.seeds]
+    seconds = [label for label in args.methods if label in STAGE2]
+    firsts = list(dict.fromkeys([label for label in args.methods if label in METHODS] +
+                                [STAGE2[label][1] for label in seconds]))
+    jobs = [FullRun(label, METHODS[label][1], seed) for label in firsts for seed in args.seeds]
     opts = SearchOptions(space="", concurrent=args.concurrent, cpus_per_trial=1.0, gpus_per_trial=0.0)
     search.set_environment()
     ray_train.connect(None, args.concurrent)
     print(f"experiment {experiment}: {len(jobs)} runs, {args.concurrent} at a time", flush=True)
     results = search.train_full(experiment, base, opts, jobs)
+    stage2 = [job for label in seconds for seed in args.seeds if (job := second_stage(experiment, base, label, seed))]
+    if stage2:
+        print(f"second stages: {len(stage2)} runs", flush=True)
+        results += search.train_full(experiment, base, opts, stage2)
 
     # every finished run of the experiment counts, also those of earlier invocations (other seeds, methods)
     runs: dict[str, list[dict]] = {}
-    for label in METHODS:
-        for run in sorted((experiment / FULL_DIR).glob(f"{base.name}-{label}-seed*")):
-            if (run / "final.json").is_file():
-                runs.setdefault(label, []).append(run_summary(run))
-                if label == "ce":
-                    runs.setdefault(POSTHOC, []).append(run_summary(run, "test_posthoc"))
+    for label in [*METHODS, *STAGE2]:
+        for run in finished_runs(experiment, base, label):
+            runs.setdefault(label, []).append(run_summary(run))
+            if label == "ce":
+                runs.setdefault(POSTHOC, []).append(run_summary(run, "test_posthoc"))
     summary = {label: aggregate(rs) for label, rs in runs.items()}
+    described = {label: what for label, (what, *_) in {**METHODS, **STAGE2}.items()}
     report = {"experiment": str(experiment), "protocol": PROTOCOL + args.overrides, "seeds": args.seeds,
-              "methods": {label: what for label, (what, _) in METHODS.items()}, "published": PUBLISHED,
+              "methods": described, "published": PUBLISHED,
               "unfinished": [r for r in results if r["status"] != "complete"], "summary": summary, "runs": runs}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))
