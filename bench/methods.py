@@ -29,8 +29,9 @@ import sys
 from pathlib import Path
 
 from glmc_ray import config as config_lib
-from glmc_ray import plots, rundir, search
-from glmc_ray.search import FULL_DIR, FullRun, SearchOptions
+from glmc_ray import plots, rundir, search, search_full
+from glmc_ray.search import SearchOptions
+from glmc_ray.search_full import FULL_DIR, FullRun
 
 sys.path.insert(0, str(Path(__file__).parent))
 from search import PROTOCOL  # noqa: E402  (bench/search.py: the same reduced protocol)
@@ -177,11 +178,11 @@ def main() -> None:
     search.set_environment()
     ray_train.connect(None, args.concurrent)
     print(f"experiment {experiment}: {len(jobs)} runs, {args.concurrent} at a time", flush=True)
-    results = search.train_full(experiment, base, opts, jobs)
+    results = search_full.train_full(experiment, base, opts, jobs)
     stage2 = [job for label in seconds for seed in args.seeds if (job := second_stage(experiment, base, label, seed))]
     if stage2:
         print(f"second stages: {len(stage2)} runs", flush=True)
-        results += search.train_full(experiment, base, opts, stage2)
+        results += search_full.train_full(experiment, base, opts, stage2)
 
     # every finished run of the experiment counts, also those of earlier invocations (other seeds, methods)
     runs: dict[str, list[dict]] = {}

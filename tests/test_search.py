@@ -15,7 +15,7 @@ import ray
 import yaml
 
 from glmc_ray import config as config_lib
-from glmc_ray import rundir, search, search_space
+from glmc_ray import rundir, search, search_full, search_space
 from glmc_ray.train import main as train_main
 from tests.conftest import REPO, git_head
 from tests.servers import postgres_server
@@ -150,10 +150,10 @@ def test_methods_space_samples_only_the_chosen_method_s_knobs():
     assert methods == set(config_lib.METHOD_NAMES)
     # the full-schedule runs take a trial's searched fields only (trials.csv's empty cells are None)
     row = {"trial_id": "t", **{p.key: None for p in space.all_params()}, **space.point(base)}
-    assert search.full_job(row, space, base, 0) == search.FullRun(search.RECIPE, space.point(base), 0)
+    assert search_full.full_job(row, space, base, 0) == search_full.FullRun(search_full.RECIPE, space.point(base), 0)
     row.update({"method.name": "ldam_drw", "method.ldam_drw.max_margin": 0.3, "method.ldam_drw.scale": 20.0,
                 "method.ldam_drw.drw_start": 0.6})
-    job = search.full_job(row, space, base, 0)
+    job = search_full.full_job(row, space, base, 0)
     assert job.label == "t" and set(job.values) == {"method.name", "optim.lr", "optim.weight_decay",
                                                     "method.ldam_drw.max_margin", "method.ldam_drw.scale",
                                                     "method.ldam_drw.drw_start"}
@@ -342,10 +342,10 @@ def test_a_trial_can_be_a_two_worker_ray_train_run(tmp_path, ray_session):
 
 
 def test_spearman_is_the_correlation_of_ranks():
-    assert search.spearman([1, 2, 3, 4], [10, 20, 40, 30]) == pytest.approx(0.8)
-    assert search.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert search.spearman([1, 1, 2], [5, 6, 7]) == pytest.approx(0.866, abs=1e-3)  # ties share a mean rank
-    assert search.spearman([1, 2], [1, 2]) is None  # two points rank nothing
+    assert search_full.spearman([1, 2, 3, 4], [10, 20, 40, 30]) == pytest.approx(0.8)
+    assert search_full.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert search_full.spearman([1, 1, 2], [5, 6, 7]) == pytest.approx(0.866, abs=1e-3)  # ties share a mean rank
+    assert search_full.spearman([1, 2], [1, 2]) is None  # two points rank nothing
 
 
 def test_fidelity_check_and_final_seeds_train_the_full_schedule_once_per_run(tmp_path, ray_session):
@@ -381,7 +381,7 @@ def test_fidelity_check_and_final_seeds_train_the_full_schedule_once_per_run(tmp
         assert [r["epoch"] for r in run] == [0, 1] and run[-1]["val_balanced_top1"] == pair["val_balanced_top1"]
         assert config_lib.load(f"{pair['run']}/config.yaml").optim.lr == float(rows[pair["trial_id"]]["optim.lr"])
     pairs = fidelity["pairs"]
-    expected = search.spearman([p["short"] for p in pairs], [p["val_balanced_top1"] for p in pairs])
+    expected = search_full.spearman([p["short"] for p in pairs], [p["val_balanced_top1"] for p in pairs])
     assert fidelity["spearman"] == pytest.approx(expected) and (experiment / "fidelity.png").stat().st_size > 5_000
 
     final = json.loads((experiment / "final_seeds.json").read_text())

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from glmc_ray import config as config_lib
-from glmc_ray import search, search_space, storage
+from glmc_ray import search, search_full, search_space, storage
 from glmc_ray.errors import run_command
 
 
@@ -75,7 +75,7 @@ def run(args) -> tuple[Path, bool]:
             raise config_lib.ConfigError(f"{name}: {value} is out of range; expected >= 0")
     experiment, finished = _run_search(args)
     if finished and (args.fidelity_check or args.final_seeds):
-        finished = search.full_stages(experiment, args.fidelity_check, args.final_seeds) is not None
+        finished = search_full.full_stages(experiment, args.fidelity_check, args.final_seeds) is not None
     return experiment, finished
 
 
