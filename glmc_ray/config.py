@@ -28,6 +28,7 @@ from glmc_ray.method_config import (  # noqa: F401 (the method sections are part
     SHIKEConfig,
     default_classifier,
     method_checks,
+    rebalanced_stream,
 )
 
 
@@ -487,18 +488,6 @@ def strong_view(cfg: Config) -> str:
     if cfg.method.name not in ("mdcs", "shike"):
         return "none"
     return "randaugment_cutout" if cfg.data.augmentation == "simclr" else "autoaugment_cutout"
-
-
-def rebalanced_stream(cfg: Config) -> float | None:
-    """The exponent q of the class-rebalanced second training stream (class c drawn with probability
-    ∝ n_c^(1-q): Batch.rx1/rx2/ry) for the methods that train on one, None for the others: GLMC's
-    method.glmc.resample_exponent, and class-balanced (q = 1) for RIDE's router stage, as its official
-    BalancedSampler."""
-    if cfg.method.name == "glmc":
-        return cfg.method.glmc.resample_exponent
-    if cfg.method.name == "ride" and cfg.method.ride.stage == "router":
-        return 1.0
-    return None
 
 
 def _validate_data(data: DataConfig, strong: str) -> None:

@@ -110,6 +110,18 @@ class MethodConfig:
         return getattr(self, self.name, None)
 
 
+def rebalanced_stream(cfg) -> float | None:
+    """The exponent q of the class-rebalanced second training stream (class c drawn with probability
+    ∝ n_c^(1-q): Batch.rx1/rx2/ry) for the methods that train on one, None for the others: GLMC's
+    method.glmc.resample_exponent, and class-balanced (q = 1) for RIDE's router stage, as its official
+    BalancedSampler."""
+    if cfg.method.name == "glmc":
+        return cfg.method.glmc.resample_exponent
+    if cfg.method.name == "ride" and cfg.method.ride.stage == "router":
+        return 1.0
+    return None
+
+
 def method_checks(method: MethodConfig) -> list[tuple]:
     """(ok, key, value, expected) range checks of every method section (the unchosen ones hold defaults)."""
     glmc, la, ldam, cb = method.glmc, method.logit_adjusted, method.ldam_drw, method.class_balanced
