@@ -6,17 +6,15 @@ import contextlib
 import math
 
 import pytest
-import ray
 import torch
 import torch.nn.functional as F
 
 from glmc_ray import config as config_lib
-from glmc_ray import longtail, rundir
+from glmc_ray import longtail
 from glmc_ray.activations import AGLU, APA, _OfficialAGLU, aglu, apa, no_decay
 from glmc_ray.config import ModelConfig
 from glmc_ray.evaluation import evaluate
 from glmc_ray.models import build_model
-from glmc_ray.train import main
 from glmc_ray.worker import parameter_groups
 from tests.conftest import REPO, resume_matches_straight
 
@@ -138,14 +136,3 @@ def test_apa_trains_and_a_resume_gives_the_straight_runs_weights(tmp_path):
     lams = [v for k, v in straight["model"].items() if k.endswith(".lam")]
     assert len(lams) == 1 + 15 * 3 + 15 and all(math.isfinite(float(v)) for v in lams)
     assert len(straight["optimizer"]["param_groups"]) == 2  # the scalars without weight decay, also resumed
-
-
-def test_apa_trains_on_two_ray_workers(tmp_path):
-    ray.init(num_cpus=3, object_store_memory=256 << 20)
-    try:
-        sets = [a for s in [*APA_RUN, "model.norm=group", "model.aglu_gradient=official"] for a in ("--set", s)]
-        assert main(["--config", SMOKE, "--workers", "2", "--output", str(tmp_path), *sets]) == 0
-    finally:
-        ray.shutdown()
-    (run,) = tmp_path.iterdir()
-    assert [r["epoch"] for r in rundir.read_metrics(run)] == [0, 1]

@@ -406,20 +406,6 @@ def test_stage_two_trains_only_the_retrained_heads_of_its_parent(stage_one, tmp_
     assert "loss_bs" in record and 0 <= record["test_expert2_few"] <= 100
 
 
-def test_stage_two_on_two_ray_workers_from_an_in_process_parent(stage_one, tmp_path):
-    import ray
-
-    stage2 = [*STAGE1, "method.shike.stage=retrain", f"train.init_from={stage_one}"]
-    ray.init(num_cpus=4, object_store_memory=256 << 20)
-    try:
-        assert main(["--config", str(SMOKE), "--workers", "2", "--output", str(tmp_path), *_args(stage2)]) == 0
-    finally:
-        ray.shutdown()
-    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
-    assert json.loads((run / "parent.json").read_text())["checkpoint"] == str(stage_one / "checkpoint.pt")
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
-
-
 def test_a_resumed_stage_two_needs_only_its_own_checkpoint(stage_one, tmp_path):
     """Interrupted after its first epoch, a stage-2 run resumes although its parent run is gone by then."""
     parent = shutil.copytree(stage_one, tmp_path / "parent")

@@ -349,9 +349,10 @@ def test_the_error_line_of_a_bad_method_setting(tmp_path, capsys):
 # ---- each method in the loop: 2 smoke epochs in-process, DRW across a resume -----------------------------------
 
 def run_settings(name: str, extra: list[str]) -> list[str]:
-    """2 smoke epochs of the method; LDAM-DRW re-weights in the second (drw_start 0.5)."""
+    """2 smoke epochs of the method on a quarter of the smoke data at width 4; LDAM-DRW re-weights in the
+    second (drw_start 0.5)."""
     drw = ["method.ldam_drw.drw_start=0.5"] if name == "ldam_drw" else []
-    return ["train.epochs=2", f"method.name={name}", *extra, *drw]
+    return ["train.epochs=2", "data.synthetic_max_count=64", "model.width=4", f"method.name={name}", *extra, *drw]
 
 
 def check_method_run(run, name: str, settings: list[str]) -> None:

@@ -1,11 +1,21 @@
 """Each long-tail method on 2 Ray Train CPU workers (DDP on gloo), 2 smoke epochs: DDP must neither hang on
-the heads a method leaves without gradient (uses_all_heads) nor lose the post-hoc scan's all_reduce.
+the heads a method leaves without gradient (uses_all_heads) nor lose the post-hoc scan's all_reduce; a second
+stage from an in-process parent, and the APA model, on 2 workers too (one Ray session for all: it costs ~8 s).
 Plain GLMC's 2-worker run is tests/test_ray_train.py's."""
+import json
+
 import pytest
 import ray
 
+from glmc_ray import rundir
 from glmc_ray.train import main
+from tests.test_activations import APA_RUN
+from tests.test_experts import STAGE1
 from tests.test_methods import SMOKE, TRAINED, check_method_run, run_settings
+
+
+def _sets(settings):
+    return [a for s in settings for a in ("--set", s)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -18,7 +28,23 @@ def ray_session():
 @pytest.mark.parametrize("name,extra", [v for v, _ in TRAINED], ids=[i for _, i in TRAINED])
 def test_each_method_trains_two_smoke_epochs_on_two_workers(name, extra, tmp_path):
     settings = run_settings(name, extra)
-    assert main(["--config", str(SMOKE), "--workers", "2", "--output", str(tmp_path),
-                 *[a for s in settings for a in ("--set", s)]]) == 0
+    assert main(["--config", str(SMOKE), "--workers", "2", "--output", str(tmp_path), *_sets(settings)]) == 0
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     check_method_run(run, name, settings)
+
+
+def test_stage_two_on_two_ray_workers_from_an_in_process_parent(tmp_path):
+    assert main(["--config", str(SMOKE), "--output", str(tmp_path / "one"), *_sets(STAGE1)]) == 0
+    (parent,) = (tmp_path / "one").iterdir()
+    stage2 = [*STAGE1, "method.shike.stage=retrain", f"train.init_from={parent}"]
+    assert main(["--config", str(SMOKE), "--workers", "2", "--output", str(tmp_path / "two"), *_sets(stage2)]) == 0
+    (run,) = [p for p in (tmp_path / "two").iterdir() if p.is_dir()]
+    assert json.loads((run / "parent.json").read_text())["checkpoint"] == str(parent / "checkpoint.pt")
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_apa_trains_on_two_ray_workers(tmp_path):
+    sets = _sets([*APA_RUN, "model.norm=group", "model.aglu_gradient=official"])
+    assert main(["--config", str(SMOKE), "--workers", "2", "--output", str(tmp_path), *sets]) == 0
+    (run,) = tmp_path.iterdir()
+    assert [r["epoch"] for r in rundir.read_metrics(run)] == [0, 1]

@@ -99,7 +99,7 @@ def test_resume_rejects_new_settings_and_missing_checkpoint(tmp_path, capsys):
 
 def test_bf16_autocast_and_channels_last_path_runs_on_cpu(tmp_path):
     assert main(["--config", SMOKE, "--output", str(tmp_path), "--set", "train.epochs=1", "--set", "train.amp=bf16",
-                 "--set", "data.synthetic_max_count=64",
+                 "--set", "data.synthetic_max_count=64", "--set", "model.width=4",
                  "--set", "train.memory_format=channels_last", "--set", "method.glmc.maxnorm_threshold=0.1"]) == 0
     state = rundir.load_checkpoint(_only_run(tmp_path) / "checkpoint.pt")
     radii = state["model"]["maxnorm_radii"]
