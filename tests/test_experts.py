@@ -383,12 +383,16 @@ def _args(settings):
     return [a for s in settings for a in ("--set", s)]
 
 
-@pytest.fixture(scope="module")
-def stage_one(tmp_path_factory):
-    output = tmp_path_factory.mktemp("stage1")
-    assert main(["--config", str(SMOKE), "--output", str(output), *_args(STAGE1)]) == 0
+def _trained_run(tmp_path_factory, name: str, settings: list[str]):
+    output = tmp_path_factory.mktemp(name)
+    assert main(["--config", str(SMOKE), "--output", str(output), *_args(settings)]) == 0
     (run,) = output.iterdir()
     return run
+
+
+@pytest.fixture(scope="module")
+def stage_one(tmp_path_factory):
+    return _trained_run(tmp_path_factory, "stage1", STAGE1)
 
 
 def test_stage_two_trains_only_the_retrained_heads_of_its_parent(stage_one, tmp_path, capsys):
@@ -424,10 +428,7 @@ RIDE1 = ["method.name=ride", "train.epochs=1", "data.synthetic_max_count=64", "m
 
 @pytest.fixture(scope="module")
 def ride_one(tmp_path_factory):
-    output = tmp_path_factory.mktemp("ride1")
-    assert main(["--config", str(SMOKE), "--output", str(output), *_args(RIDE1)]) == 0
-    (run,) = output.iterdir()
-    return run
+    return _trained_run(tmp_path_factory, "ride1", RIDE1)
 
 
 def test_ride_router_stage_trains_only_the_router_and_reports_the_experts_used(ride_one, tmp_path):
