@@ -68,10 +68,12 @@ def _newest_checkpoint(init_from: str, fs, path: str) -> str | None:
     return newest if not storage.is_uri(experiment) else f"{experiment.split('://')[0]}://{newest}"
 
 
-def load_state(checkpoint: str) -> dict:
-    if checkpoint.endswith(rundir.CHECKPOINT):
-        return rundir.load_checkpoint(Path(checkpoint))
-    return ray_resume.load_state(checkpoint)
+def newest_weights(run: str, key: str = "train.init_from") -> tuple[config_lib.Config, dict]:
+    """The run's config and the model weights of its newest checkpoint (errors name `key`, as `find`'s)."""
+    found = find(run, key)
+    if found.checkpoint.endswith(rundir.CHECKPOINT):
+        return found.config, rundir.load_checkpoint(Path(found.checkpoint))["model"]
+    return found.config, ray_resume.load_state(found.checkpoint)["model"]
 
 
 def check(cfg: config_lib.Config) -> Parent | None:

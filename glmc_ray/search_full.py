@@ -73,7 +73,7 @@ def train_full(experiment: Path, base, opts: SearchOptions, jobs: list[FullRun])
         param_space={"job": tune.grid_search([asdict(job) for job in unique])},
         tune_config=tune.TuneConfig(max_concurrent_trials=opts.concurrent),
         run_config=tune_run_config(experiment, rundir.new_stamped_folder(experiment / FULL_DIR / "tune", "full").name,
-                               storage.join(location(experiment), FULL_DIR, "tune")))
+                                   storage.join(location(experiment), FULL_DIR, "tune")))
     errored = {_job_key(result.config["job"]) for result in tuner.fit() if result.error is not None}
     return [full_result(experiment, base, job, _job_key(asdict(job)) in errored) for job in jobs]
 

@@ -75,7 +75,7 @@ def build_trainee(cfg, class_counts, device, memory_format, prepare_model=lambda
 
 def load_parent_weights(model: torch.nn.Module, init_from: str, trainable: tuple[str, ...] | None) -> None:
     """The parent run's newest weights; only what this stage trains may be missing there (RIDE's router)."""
-    state = parent_run.load_state(parent_run.find(init_from).checkpoint)["model"]
+    _, state = parent_run.newest_weights(init_from)
     missing, unexpected = model.load_state_dict(state, strict=False)
     wrong = unexpected + [key for key in missing if not key.startswith(trainable or ())]
     if wrong:
@@ -86,9 +86,9 @@ def load_parent_weights(model: torch.nn.Module, init_from: str, trainable: tuple
 def load_teacher(run: str, num_classes: int, device, memory_format) -> torch.nn.Module:
     """A distillation teacher: the network of a finished run with its newest weights, frozen, in eval mode for
     good (it is no part of the trained model: nothing switches it back to training)."""
-    teacher = parent_run.find(run, parent_run.TEACHER_KEY)
-    network = build_network(teacher.config, num_classes)
-    network.load_state_dict(parent_run.load_state(teacher.checkpoint)["model"])
+    teacher_cfg, state = parent_run.newest_weights(run, parent_run.TEACHER_KEY)
+    network = build_network(teacher_cfg, num_classes)
+    network.load_state_dict(state)
     return network.requires_grad_(False).eval().to(device, memory_format=memory_format)
 
 
