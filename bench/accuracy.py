@@ -15,9 +15,9 @@ import statistics
 import time
 from pathlib import Path
 
-from glmc_ray import config as config_lib
-from glmc_ray import rundir
-from glmc_ray.worker import run_worker
+from glmc_ray.core import config as config_lib
+from glmc_ray.runs import rundir
+from glmc_ray.training.worker import run_worker
 
 OFFICIAL = {"glmc_top1": 37.0, "glmc_many": 26.1, "glmc_medium": 80.7, "glmc_minutes": 56.0,
             "ce_top1": 38.9, "ce_rarest3": 0.03}  # official code on this machine (issue 2)

@@ -52,7 +52,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from glmc_ray import config as config_lib
+from glmc_ray.core import config as config_lib
 from glmc_ray.data import shard_format
 from glmc_ray.data.cifar import long_tailed_counts
 from glmc_ray.data.files import ImageListDataset, ReadableBatches, collate_readable, read_split_file

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from glmc_ray import config as config_lib
+from glmc_ray.core import config as config_lib
 from glmc_ray.data import build_data
-from glmc_ray.worker import build_trainee
+from glmc_ray.training.worker import build_trainee
 
 sys.path.insert(0, str(Path(__file__).parent))
 from step_throughput import time_block  # noqa: E402  (bench/step_throughput.py: the same timed step)

@@ -28,10 +28,12 @@ import statistics
 import sys
 from pathlib import Path
 
-from glmc_ray import config as config_lib
-from glmc_ray import plots, rundir, search, search_full
-from glmc_ray.search import SearchOptions
-from glmc_ray.search_full import FULL_DIR, FullRun
+from glmc_ray.core import config as config_lib
+from glmc_ray.runs import plots, rundir
+from glmc_ray.search import full as search_full
+from glmc_ray.search import trials
+from glmc_ray.search.full import FULL_DIR, FullRun
+from glmc_ray.search.trials import SearchOptions
 
 sys.path.insert(0, str(Path(__file__).parent))
 from search import PROTOCOL  # noqa: E402  (bench/search.py: the same reduced protocol)
@@ -162,7 +164,7 @@ def main() -> None:
     p.add_argument("--plot", default="docs/img/methods_per_class.png")
     args = p.parse_args()
 
-    from glmc_ray import ray_train
+    from glmc_ray.distributed import ray_train
 
     base = base_config(args.data_root, args.overrides)
     if args.experiment:
@@ -175,7 +177,7 @@ def main() -> None:
                                 [STAGE2[label][1] for label in seconds]))
     jobs = [FullRun(label, METHODS[label][1], seed) for label in firsts for seed in args.seeds]
     opts = SearchOptions(space="", concurrent=args.concurrent, cpus_per_trial=1.0, gpus_per_trial=0.0)
-    search.set_environment()
+    trials.set_environment()
     ray_train.connect(None, args.concurrent)
     print(f"experiment {experiment}: {len(jobs)} runs, {args.concurrent} at a time", flush=True)
     results = search_full.train_full(experiment, base, opts, jobs)

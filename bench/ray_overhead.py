@@ -22,9 +22,10 @@ from pathlib import Path
 
 import ray
 
-from glmc_ray import config as config_lib
-from glmc_ray import ray_train, rundir
-from glmc_ray.worker import run_worker
+from glmc_ray.core import config as config_lib
+from glmc_ray.distributed import ray_train
+from glmc_ray.runs import rundir
+from glmc_ray.training.worker import run_worker
 
 VARIANTS = {"inprocess_1x1": (None, 1), "ray_1x1": (1, 1), "inprocess_1x2": (None, 2), "ray_1x2": (1, 2),
             "ray_2x1": (2, 1)}

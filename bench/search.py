@@ -29,8 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-from glmc_ray import rundir
-from glmc_ray.search import METRIC
+from glmc_ray.runs import rundir
+from glmc_ray.search.trials import METRIC
 
 SEARCH = Path(__file__).resolve().parents[1] / "tuning" / "search.py"
 

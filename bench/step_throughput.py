@@ -33,7 +33,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms as T
 
-from glmc_ray import config as config_lib
+from glmc_ray.core import config as config_lib
 from glmc_ray.data import build_data
 from glmc_ray.data.cifar import NORMALIZATION
 from glmc_ray.data.files import ImageListDataset, LoaderBatches
@@ -49,7 +49,7 @@ from glmc_ray.methods.glmc import (
     soft_cross_entropy,
     symmetric_consistency,
 )
-from glmc_ray.worker import build_trainee
+from glmc_ray.training.worker import build_trainee
 
 
 class FusedGLMC(GLMC):

@@ -12,9 +12,10 @@ import os
 import sys
 from pathlib import Path
 
-from glmc_ray import config as config_lib
-from glmc_ray import parent_run, provenance, run_mirror, rundir, storage
-from glmc_ray.errors import run_command
+from glmc_ray.core import config as config_lib
+from glmc_ray.core import storage
+from glmc_ray.core.errors import run_command
+from glmc_ray.runs import mirror, parent_run, provenance, rundir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,7 +61,7 @@ def resume_dir(args) -> Path | None:
         if not found:
             raise FileNotFoundError(f"--resume {args.resume}: no config.yaml there; not the storage copy of a run "
                                     f"(a Ray Train run writes it there with its first checkpoint)")
-        run_mirror.pull(args.resume, run)
+        mirror.pull(args.resume, run)
         print(f"restored run directory {run} from {args.resume}", flush=True)
     return run
 
@@ -85,10 +86,10 @@ def dry_run(cfg) -> None:
 
 def run_local(cfg, args) -> dict:
     from glmc_ray.data import ray_cpus
-    from glmc_ray.worker import run_worker
+    from glmc_ray.training.worker import run_worker
 
     if ray_cpus(cfg):  # the loop runs here, its data streams through Ray Data
-        from glmc_ray import ray_train
+        from glmc_ray.distributed import ray_train
 
         ray_train.connect(None, 0, ray_cpus(cfg))
     state = None
@@ -108,8 +109,8 @@ def run_local(cfg, args) -> dict:
 
 
 def run_ray(cfg, args) -> dict:
-    from glmc_ray import ray_train
     from glmc_ray.data import ray_cpus
+    from glmc_ray.distributed import ray_train
 
     resume = resume_dir(args)
     run_storage = ray_train.run_storage(resume, args.storage) or os.environ.get("GLMC_STORAGE")

@@ -6,13 +6,29 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from glmc_ray import rundir
+from glmc_ray.runs import rundir
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR_ROOT = SHARED / "data"
 REPO = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train's controller polls its workers every 2 s: up to 2 s after a fit's last report before it ends, a
+# third of a smoke fit. Read from the driver's environment by every fit (propagated to the controller).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
+# A test is `quick` (pytest -m quick, docs/contributing.md) unless it starts Ray, a server or another Python
+# process that trains: by the fixtures it uses (module-scoped autouse ones included) or by its module.
+NOT_QUICK_FIXTURES = {"ray_session", "ray_address", "two_node_cluster", "postgres", "s3", "s3_shards"}
+NOT_QUICK_MODULES = {"test_local_cluster", "test_ray_console", "test_ray_faults", "test_ray_train",
+                     "test_ray_methods", "test_ray_cluster", "test_object_storage", "test_shards_stream"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if not NOT_QUICK_FIXTURES & set(item.fixturenames) and item.module.__name__.split(".")[-1] not in \
+                NOT_QUICK_MODULES:
+            item.add_marker(pytest.mark.quick)
 
 
 @pytest.fixture
@@ -74,9 +90,9 @@ def resume_matches_straight(tmp_path: Path, config: str, settings: list[str], st
     the resumed run directory."""
     import torch
 
-    from glmc_ray import config as config_lib
+    from glmc_ray.core import config as config_lib
     from glmc_ray.train import main
-    from glmc_ray.worker import run_worker
+    from glmc_ray.training.worker import run_worker
 
     assert main(["--config", config, "--output", str(tmp_path / "straight"),
                  *[a for s in settings for a in ("--set", s)]]) == 0

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from glmc_ray.local_cluster import free_port
+from glmc_ray.distributed.local_cluster import free_port
 
 # Moto lets this many requests through unauthenticated: the IAM calls that make the test user and its key.
 SETUP_ACTIONS = 3

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmc_ray import config as config_lib
-from glmc_ray import longtail
-from glmc_ray.activations import AGLU, APA, _OfficialAGLU, aglu, apa, no_decay
-from glmc_ray.config import ModelConfig
-from glmc_ray.evaluation import evaluate
-from glmc_ray.models import build_model
-from glmc_ray.worker import parameter_groups
+from glmc_ray.core import config as config_lib
+from glmc_ray.core import longtail
+from glmc_ray.core.config import ModelConfig
+from glmc_ray.core.evaluation import evaluate
+from glmc_ray.models.activations import AGLU, APA, _OfficialAGLU, aglu, apa, no_decay
+from glmc_ray.models.backbones import build_model
+from glmc_ray.training.worker import parameter_groups
 from tests.conftest import REPO, resume_matches_straight
 
 SMOKE = str(REPO / "configs/smoke.yaml")

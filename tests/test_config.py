@@ -6,10 +6,10 @@ import typing
 
 import pytest
 
-from glmc_ray import config as config_lib
-from glmc_ray.config import Config, ConfigError
+from glmc_ray.core import config as config_lib
+from glmc_ray.core.config import Config, ConfigError
 from glmc_ray.train import main
-from glmc_ray.worker import build_trainee
+from glmc_ray.training.worker import build_trainee
 from tests.conftest import REPO
 
 

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
+from glmc_ray.core.evaluation import accuracy_metrics, shot_groups
 from glmc_ray.data import cifar, files
 from glmc_ray.data.arrays import random_crop_flip
 from glmc_ray.data.batches import EpochPlan
-from glmc_ray.evaluation import accuracy_metrics, shot_groups
 
 
 @pytest.mark.parametrize("max_count,classes,factor,total", [

@@ -315,8 +315,8 @@ def test_jpegs_decoded_on_the_device_give_the_crops_the_decode_actors_would_cut(
 
 
 def test_decoding_on_the_device_needs_the_shards_and_the_simclr_tail():
-    from glmc_ray import config as config_lib
-    from glmc_ray.config import ConfigError
+    from glmc_ray.core import config as config_lib
+    from glmc_ray.core.config import ConfigError
 
     sets = ["data.source=files", "data.train_split=t.txt", "data.test_split=t.txt", "data.mean=[0.5]",
             "data.std=[0.2]", "data.augmentation=simclr", "data.decode_on=device"]

@@ -10,19 +10,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmc_ray import config as config_lib
-from glmc_ray import longtail, rundir
-from glmc_ray.config import ConfigError
-from glmc_ray.evaluation import evaluate
-from glmc_ray.expert_models import ExpertNet, ShallowExpert, freeze_except, routed_mean
+from glmc_ray.core import config as config_lib
+from glmc_ray.core import longtail
+from glmc_ray.core.config import ConfigError
+from glmc_ray.core.evaluation import evaluate
 from glmc_ray.methods import Batch, build_method
 from glmc_ray.methods.balanced_softmax import balanced_softmax_loss
 from glmc_ray.methods.ldam_drw import ldam_loss
 from glmc_ray.methods.mdcs import consistency_ramp, mdcs_loss
 from glmc_ray.methods.ride import distill_loss, diversity_temperatures, ride_loss, router_loss, router_targets
 from glmc_ray.methods.shike import shike_loss, transfer_teacher
+from glmc_ray.models.experts import ExpertNet, ShallowExpert, freeze_except, routed_mean
+from glmc_ray.runs import rundir
 from glmc_ray.train import main
-from glmc_ray.worker import build_network, parameter_groups, run_worker
+from glmc_ray.training.worker import build_network, parameter_groups, run_worker
 from tests.conftest import Interrupted, StopAfter, resume_matches_straight
 from tests.test_methods import SMOKE
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from glmc_ray import loop, rundir
+from glmc_ray.runs import rundir
 from glmc_ray.train import main
+from glmc_ray.training import loop
 from tests.conftest import REPO, write_image_split
 
 SMOKE = str(REPO / "configs/smoke.yaml")
@@ -144,7 +145,7 @@ def test_failed_starts_leave_no_run_directory(tmp_path, capsys):
 STAMPED_FOLDERS = """
 import sys, time
 from pathlib import Path
-from glmc_ray import rundir
+from glmc_ray.runs import rundir
 parents, out, go = sys.argv[1:]
 print("ready", flush=True)
 while not Path(go).exists():

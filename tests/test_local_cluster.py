@@ -1,4 +1,4 @@
-"""A real two-node cluster made with `ray start` (glmc_ray.local_cluster): a `--nodes 2` run and a 2-trial
+"""A real two-node cluster made with `ray start` (glmc_ray.distributed.local_cluster): a `--nodes 2` run and a 2-trial
 search through Ray's CLI path, and the loss of the second node in the middle of a run."""
 import csv
 import shlex
@@ -6,8 +6,8 @@ import subprocess
 import sys
 import time
 
-from glmc_ray import rundir
-from glmc_ray.local_cluster import LocalCluster, free_ports, processes_under
+from glmc_ray.distributed.local_cluster import LocalCluster, free_ports, processes_under
+from glmc_ray.runs import rundir
 from tests.conftest import REPO
 
 SMOKE = str(REPO / "configs/smoke.yaml")
@@ -24,7 +24,7 @@ def test_the_documented_command_trains_and_searches_on_two_nodes_and_stops_only_
               "--space", "configs/search/glmc.yaml", "--trials", "2", "--concurrent", "2", "--trial-epochs", "1",
               "--output", str(tmp_path / "shared" / "search")]  # one CPU trial on each node
     both = " && ".join(shlex.join(command) for command in (_train(tmp_path / "runs", tmp_path / "shared", 2), search))
-    done = subprocess.run([sys.executable, "-m", "glmc_ray.local_cluster", "--", "bash", "-c", both],
+    done = subprocess.run([sys.executable, "-m", "glmc_ray.distributed.local_cluster", "--", "bash", "-c", both],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "local cluster at 127.0.0.1:" in done.stdout and "2 CPU workers on 2 node(s)" in done.stdout

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from glmc_ray.config import GLMCConfig, MethodConfig, ModelConfig
+from glmc_ray.core.config import GLMCConfig, MethodConfig, ModelConfig
+from glmc_ray.core.longtail import class_balanced_weights, resampling_probabilities
 from glmc_ray.data.cifar import long_tailed_counts
-from glmc_ray.longtail import class_balanced_weights, resampling_probabilities
 from glmc_ray.methods import Batch, build_method
 from glmc_ray.methods.glmc import (
     cumulative_alpha,
@@ -19,7 +19,7 @@ from glmc_ray.methods.glmc import (
     negative_cosine,
     sample_mix_lambda,
 )
-from glmc_ray.models import build_model
+from glmc_ray.models.backbones import build_model
 
 
 def test_mixed_targets_sum_to_one_for_both_mixes():

@@ -8,18 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmc_ray import config as config_lib
-from glmc_ray import longtail, rundir
-from glmc_ray.config import ConfigError, GLMCConfig, MethodConfig, ModelConfig
-from glmc_ray.evaluation import choose_posthoc, evaluate, hit_counts, posthoc_logits, tau_grid
+from glmc_ray.core import config as config_lib
+from glmc_ray.core import longtail
+from glmc_ray.core.config import ConfigError, GLMCConfig, MethodConfig, ModelConfig
+from glmc_ray.core.evaluation import choose_posthoc, evaluate, hit_counts, posthoc_logits, tau_grid
 from glmc_ray.methods import METHODS, Batch, build_method
 from glmc_ray.methods.balanced_softmax import balanced_softmax_loss
 from glmc_ray.methods.class_balanced import class_balanced_loss
 from glmc_ray.methods.ldam_drw import drw_active, drw_first_epoch, ldam_logits, ldam_loss
 from glmc_ray.methods.logit_adjusted import logit_adjusted_loss
-from glmc_ray.models import CosineLinear, build_model
+from glmc_ray.models.backbones import CosineLinear, build_model
+from glmc_ray.runs import rundir
 from glmc_ray.train import main
-from glmc_ray.worker import build_network, build_trainee
+from glmc_ray.training.worker import build_network, build_trainee
 from tests.conftest import REPO, resume_matches_straight, tensorboard_scalars
 
 SMOKE = REPO / "configs/smoke.yaml"
@@ -94,7 +95,7 @@ def test_a_method_reads_the_rebalanced_stream_exactly_when_its_config_asks_for_o
             step()
 
 
-# ---- the shared class-frequency math (glmc_ray/longtail.py) --------------------------------------------------
+# ---- the shared class-frequency math (glmc_ray/core/longtail.py) --------------------------------------------------
 
 @pytest.mark.parametrize("function", [
     lambda c: longtail.class_balanced_weights(c, 1.2), lambda c: longtail.resampling_probabilities(c, 0.5),

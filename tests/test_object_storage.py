@@ -17,14 +17,17 @@ import ray
 import torch
 from ray.train import Result
 
-from glmc_ray import config as config_lib
-from glmc_ray import ray_train, rundir, shards, storage
+from glmc_ray import shards
+from glmc_ray.core import config as config_lib
+from glmc_ray.core import storage
 from glmc_ray.data import build_data, shard_format
 from glmc_ray.data import shards as shard_source
 from glmc_ray.data.cifar import long_tailed_counts
 from glmc_ray.data.synthetic import write_image_tree
-from glmc_ray.local_cluster import free_port
-from glmc_ray.search import TRIALS_DIR
+from glmc_ray.distributed import ray_train
+from glmc_ray.distributed.local_cluster import free_port
+from glmc_ray.runs import rundir
+from glmc_ray.search.trials import TRIALS_DIR
 from glmc_ray.train import main as train_main
 from tests.conftest import REPO
 from tests.servers import make_bucket, s3_keys, s3_server

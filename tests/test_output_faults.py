@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from glmc_ray import rundir
+from glmc_ray.runs import rundir
 from glmc_ray.train import main
 from tests.conftest import REPO
 

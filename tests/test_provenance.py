@@ -5,7 +5,7 @@ import subprocess
 import ray
 import torch
 
-from glmc_ray import provenance
+from glmc_ray.runs import provenance
 from tests.conftest import REPO, git_head
 
 

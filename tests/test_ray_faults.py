@@ -12,8 +12,9 @@ import ray
 from ray.train import Result
 from ray.util.state import list_actors
 
-from glmc_ray import ray_train, rundir
-from glmc_ray.ray_resume import SNAPSHOT
+from glmc_ray.distributed import ray_train
+from glmc_ray.runs import rundir
+from glmc_ray.runs.ray_resume import SNAPSHOT
 from glmc_ray.train import main
 from tests.conftest import REPO, tensorboard_scalars
 
@@ -26,7 +27,7 @@ SMOKE = str(REPO / "configs/smoke.yaml")
 KILLED_DRIVER = '''
 import os, signal, sys
 from ray.train import UserCallback
-from glmc_ray import ray_train
+from glmc_ray.distributed import ray_train
 from glmc_ray.train import main
 
 def kill(driver_pid):

@@ -7,7 +7,7 @@ import json
 import pytest
 import ray
 
-from glmc_ray import rundir
+from glmc_ray.runs import rundir
 from glmc_ray.train import main
 from tests.test_activations import APA_RUN
 from tests.test_experts import STAGE1

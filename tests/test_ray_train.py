@@ -11,8 +11,9 @@ import ray
 import torch
 from ray.util.state import list_actors
 
-from glmc_ray import config as config_lib
-from glmc_ray import ray_train, rundir
+from glmc_ray.core import config as config_lib
+from glmc_ray.distributed import ray_train
+from glmc_ray.runs import rundir
 from glmc_ray.train import main
 from tests.conftest import REPO, tensorboard_scalars
 

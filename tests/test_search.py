@@ -14,8 +14,11 @@ import pytest
 import ray
 import yaml
 
-from glmc_ray import config as config_lib
-from glmc_ray import rundir, search, search_full, search_space
+from glmc_ray.core import config as config_lib
+from glmc_ray.runs import rundir
+from glmc_ray.search import full as search_full
+from glmc_ray.search import space as search_space
+from glmc_ray.search import trials
 from glmc_ray.train import main as train_main
 from tests.conftest import REPO, git_head
 from tests.servers import postgres_server
@@ -142,7 +145,7 @@ def test_methods_space_samples_only_the_chosen_method_s_knobs():
         assert all(key.split(".")[1] in ("name", method) for key in params if key.startswith("method.")), params
         assert ("method.glmc.cumulative_exponent" in params) == (params.get("method.glmc.cumulative_shape") == "power")
         assert space.active(params) == params
-        cfg = search.trial_config(base, params, 1)
+        cfg = trials.trial_config(base, params, 1)
         assert set(config_lib.to_dict(cfg)["method"]) <= {"name", method}
         assert all(search_space.get_dotted(cfg, key) == value for key, value in params.items())
         if method == "glmc":  # the base's method: its section is the base's, with the sampled knobs

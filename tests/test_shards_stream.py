@@ -17,8 +17,8 @@ import ray
 import ray.data  # noqa: F401  its console log handler takes sys.stderr now: not a test's capsys, closed after it
 import torch
 
-from glmc_ray import config as config_lib
 from glmc_ray import shards
+from glmc_ray.core import config as config_lib
 from glmc_ray.data import build_data, shard_format
 from glmc_ray.data import shards as shard_source
 from glmc_ray.data.cifar import long_tailed_counts

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from glmc_ray import config as config_lib
-from glmc_ray.config import ConfigError
+from glmc_ray.core import config as config_lib
+from glmc_ray.core.config import ConfigError
 from glmc_ray.data import build_data
 from glmc_ray.data.images import TwoViews
 from glmc_ray.data.shards import Decode

@@ -7,11 +7,11 @@ import time
 import pytest
 import torch
 
-from glmc_ray import config as config_lib
-from glmc_ray import rundir
-from glmc_ray.tensorboard_events import EpochEvents
+from glmc_ray.core import config as config_lib
+from glmc_ray.runs import rundir
+from glmc_ray.runs.tensorboard_events import EpochEvents
 from glmc_ray.train import main
-from glmc_ray.worker import run_worker
+from glmc_ray.training.worker import run_worker
 from tests.conftest import REPO, Interrupted, StopAfter, git_head, tensorboard_scalars
 
 SMOKE = str(REPO / "configs/smoke.yaml")

@@ -16,7 +16,7 @@ import importlib
 
 import torch
 
-from glmc_ray.config import IN_MEMORY_SOURCES
+from glmc_ray.core.config import IN_MEMORY_SOURCES
 from glmc_ray.data.batches import DataBundle
 
 

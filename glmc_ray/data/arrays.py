@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from glmc_ray.config import rebalanced_stream, strong_view
+from glmc_ray.core.config import rebalanced_stream, strong_view
 from glmc_ray.data import cifar
 from glmc_ray.data.batches import DataBundle, EpochPlan, per_sample_weights
 from glmc_ray.data.images import BadImageLog, Normalizer

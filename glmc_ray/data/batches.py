@@ -14,8 +14,8 @@ from typing import Protocol
 
 import torch
 
+from glmc_ray.core.longtail import class_balanced_weights
 from glmc_ray.data.images import BadImageLog
-from glmc_ray.longtail import class_balanced_weights
 from glmc_ray.methods.base import Batch
 
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-from glmc_ray.config import rebalanced_stream, strong_view
+from glmc_ray.core.config import rebalanced_stream, strong_view
 from glmc_ray.data.batches import DataBundle, EpochPlan, per_sample_weights
 from glmc_ray.data.device_augment import STREAM_IDS, DeviceTail, KeyedViews, augment_on_device, view_key
 from glmc_ray.data.images import (

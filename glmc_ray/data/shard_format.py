@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from glmc_ray.storage import StorageError, explain, join, read_text, resolve  # noqa: F401 (the readers' names)
+from glmc_ray.core.storage import StorageError, explain, join, read_text, resolve  # noqa: F401 (the readers' names)
 
 FORMAT_VERSION = 1
 FORMAT_KEY = b"glmc_ray.shards.format"  # Parquet schema metadata of every shard

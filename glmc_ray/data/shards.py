@@ -32,7 +32,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from glmc_ray.config import rebalanced_stream, strong_view
+from glmc_ray.core.config import rebalanced_stream, strong_view
+from glmc_ray.core.longtail import class_balanced_weights
 from glmc_ray.data import shard_format
 from glmc_ray.data.batches import DataBundle
 from glmc_ray.data.device_augment import (
@@ -54,7 +55,6 @@ from glmc_ray.data.images import (
     test_transform,
 )
 from glmc_ray.data.strong_views import view_transforms
-from glmc_ray.longtail import class_balanced_weights
 from glmc_ray.methods.base import Batch
 
 COLUMNS = shard_format.SCHEMA.names  # image, label, path, index

@@ -22,7 +22,7 @@ METHODS = {method.name: method for method in (GLMC, CrossEntropy, BalancedSoftma
 
 def build_method(cfg, class_counts, run=None) -> Method:
     """cfg: MethodConfig; run: the whole Config, which the multi-expert methods also read (epochs, the experts'
-    scale). A class without training images is a ValueError naming it (from glmc_ray.longtail)."""
+    scale). A class without training images is a ValueError naming it (from glmc_ray.core.longtail)."""
     method_class, counts = METHODS[cfg.name], torch.as_tensor(class_counts)
     if issubclass(method_class, ExpertMethod):
         return method_class(cfg.section, counts, run)

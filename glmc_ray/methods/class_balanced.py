@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from glmc_ray import longtail
+from glmc_ray.core import longtail
 from glmc_ray.methods.base import OneViewMethod, StepOutput
 
 

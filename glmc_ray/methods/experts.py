@@ -1,5 +1,5 @@
 """What the multi-expert methods (RIDE, MDCS, SHIKE) share: they read every expert's logits, explicitly returned
-by the model (`model(x, experts=True)` -> glmc_ray.expert_models.ExpertLogits), and have no GLMC branch."""
+by the model (`model(x, experts=True)` -> glmc_ray.models.experts.ExpertLogits), and have no GLMC branch."""
 from __future__ import annotations
 
 import torch

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from glmc_ray import longtail
+from glmc_ray.core import longtail
 from glmc_ray.methods.base import Batch, StepOutput
 
 

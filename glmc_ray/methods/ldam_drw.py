@@ -2,7 +2,7 @@
 
 LDAM: per-class margins m_c = max_margin * n_c^-1/4 / max_j n_j^-1/4 come off the target logit only, on
 cosine logits scaled by s: loss CE_w(s * (z - m_y onehot(y)), y). The model's inference head is then a
-cosine classifier (model.classifier: auto picks it for this method; glmc_ray/models.py `CosineLinear`), and
+cosine classifier (model.classifier: auto picks it for this method; glmc_ray/models/backbones.py `CosineLinear`), and
 evaluation multiplies its cosines by s (`logit_scale`), so post-hoc logit adjustment sees the trained scale.
 DRW: from the epoch where progress (epoch / epochs) reaches `drw_start`, the loss weighs class c by the
 effective-number weight (1 - beta) / (1 - beta^n_c), normalised to sum C (the official code's
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from glmc_ray import longtail
+from glmc_ray.core import longtail
 from glmc_ray.methods.base import OneViewMethod, StepOutput
 
 DRW_TOLERANCE = 1e-9  # progress is epoch/epochs, a float: the switch epoch must not depend on its rounding

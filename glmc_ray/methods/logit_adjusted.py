@@ -2,7 +2,7 @@
 
 Training: cross-entropy on z + tau * log pi_c, pi the training label distribution; evaluation reads the raw
 logits. (The post-hoc form, argmax z - tau * log pi on a model trained otherwise, is the evaluation's
-`posthoc_*` metrics for every method: glmc_ray/evaluation.py. For this method the scan over tau on the
+`posthoc_*` metrics for every method: glmc_ray/core/evaluation.py. For this method the scan over tau on the
 validation split should pick a tau near 0, since the adjustment is already learnt.)
 
 Better than the official code: the offset is exactly tau * log pi. The official `log(pi^tau + 1e-12)` bends
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from glmc_ray import longtail
+from glmc_ray.core import longtail
 from glmc_ray.methods.base import OneViewMethod, StepOutput
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from glmc_ray import longtail
+from glmc_ray.core import longtail
 from glmc_ray.methods.base import Batch, StepOutput
 from glmc_ray.methods.experts import ExpertMethod
 

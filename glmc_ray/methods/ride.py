@@ -17,7 +17,7 @@ Fixed or made explicit against the official code (reference 5(f)):
 - the DRW switch is a fraction of the schedule (drw_start), a pure function of the epoch, as in ldam_drw;
 - no hard-coded .cuda(); the margins are subtracted in the logits' own scale (s m), as the official with NormedLinear.
 Stage 2 ("router", RIDE's expert assignment): a second run from a stage-1 run (train.init_from) trains only
-the router (glmc_ray/expert_models.py `ExpertRouter`), every BatchNorm frozen, with BCE(pos_weight 100) on the
+the router (glmc_ray/models/experts.py `ExpertRouter`), every BatchNorm frozen, with BCE(pos_weight 100) on the
 targets of `router_targets`; evaluation then averages, per sample, the experts the router adds and reports how
 many it used (`experts_used`). It trains on the class-balanced stream (Batch.rx1, ry), as the official
 BalancedSampler.
@@ -27,11 +27,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from glmc_ray import longtail
-from glmc_ray.expert_models import running_means
+from glmc_ray.core import longtail
 from glmc_ray.methods.base import Batch, StepOutput
 from glmc_ray.methods.experts import ExpertMethod, kl_to
 from glmc_ray.methods.ldam_drw import drw_active, margin_logits
+from glmc_ray.models.experts import running_means
 
 
 def diversity_temperatures(class_counts, reweight_factor: float) -> torch.Tensor:

@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from glmc_ray import longtail
-from glmc_ray.config import strong_view
+from glmc_ray.core import longtail
+from glmc_ray.core.config import strong_view
 from glmc_ray.methods.balanced_softmax import balanced_softmax_loss
 from glmc_ray.methods.base import Batch, StepOutput
 from glmc_ray.methods.experts import ExpertMethod, kl_to

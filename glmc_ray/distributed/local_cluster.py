@@ -1,6 +1,6 @@
 """A two-node Ray cluster on this machine, made with Ray's own CLI, to try cluster commands without a cloud.
 
-    python -m glmc_ray.local_cluster -- python -m glmc_ray.train --config configs/smoke.yaml --nodes 2 \\
+    python -m glmc_ray.distributed.local_cluster -- python -m glmc_ray.train --config configs/smoke.yaml --nodes 2 \\
         --storage /tmp/glmc-shared
 
 starts a head node and a worker node with `ray start` (their own ports, CPUs and temp dirs; one auth token
@@ -164,7 +164,8 @@ def descendants(pids: set[int]) -> set[int]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m glmc_ray.local_cluster", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m glmc_ray.distributed.local_cluster",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--head-cpus", type=int, default=1)
     p.add_argument("--worker-cpus", type=int, default=1)
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run against the cluster (after --)")

@@ -9,15 +9,16 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from glmc_ray import longtail, parent_run
-from glmc_ray.activations import no_decay
-from glmc_ray.config import EXPERT_LAYOUTS, default_classifier, experts_of
+from glmc_ray.core import longtail
+from glmc_ray.core.config import EXPERT_LAYOUTS, default_classifier, experts_of
+from glmc_ray.core.schedules import lr_factor
 from glmc_ray.data import build_data
-from glmc_ray.expert_models import ExpertPlan, build_expert_model, freeze_except
-from glmc_ray.loop import Dist, Reporter, Trainee, fit
 from glmc_ray.methods import build_method
-from glmc_ray.models import build_model
-from glmc_ray.schedules import lr_factor
+from glmc_ray.models.activations import no_decay
+from glmc_ray.models.backbones import build_model
+from glmc_ray.models.experts import ExpertPlan, build_expert_model, freeze_except
+from glmc_ray.runs import parent_run
+from glmc_ray.training.loop import Dist, Reporter, Trainee, fit
 
 
 def select_device(requested: str, available: torch.device | None = None) -> torch.device:

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from glmc_ray.models import BasicBlockA, CosineLinear, norm_layer, torchvision_backbone
+from glmc_ray.models.backbones import BasicBlockA, CosineLinear, norm_layer, torchvision_backbone
 
 
 class ExpertLogits(NamedTuple):

@@ -1,4 +1,4 @@
-"""The full-schedule stages after a search (glmc_ray/search.py): the fidelity check (trials re-trained with the
+"""The full-schedule stages after a search (glmc_ray/search/trials.py): the fidelity check (trials re-trained with the
 full schedule, Spearman of the short against the full objective) and the final seeds (the winner and the recipe,
 several train seeds). Each run is a Tune trial of its own, named by label and seed under <experiment>/full/, so a
 run both stages need is trained once and a repeated call continues or reuses it. bench/methods.py trains its
@@ -11,10 +11,12 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from glmc_ray import config as config_lib
-from glmc_ray import plots, run_mirror, rundir, storage
-from glmc_ray.config import ConfigError
-from glmc_ray.search import (
+from glmc_ray.core import config as config_lib
+from glmc_ray.core import storage
+from glmc_ray.core.config import ConfigError
+from glmc_ray.runs import mirror, plots, rundir
+from glmc_ray.search.space import Space, apply_values, same_value
+from glmc_ray.search.trials import (
     METRIC,
     Publish,
     SearchOptions,
@@ -26,7 +28,6 @@ from glmc_ray.search import (
     tune_run_config,
     tune_trainable,
 )
-from glmc_ray.search_space import Space, apply_values, same_value
 
 FULL_DIR = "full"  # full-schedule runs: the fidelity check and the final seeds
 RECIPE = "recipe"  # the label of the base config's own values
@@ -84,7 +85,7 @@ def _job_key(job: dict) -> str:
 
 def full_result(experiment: Path, base, job: FullRun, errored: bool) -> dict:
     """The run's last-epoch results; status failed (its trial raised) or unfinished (interrupted)."""
-    run = run_mirror.find(storage.join(location(experiment), FULL_DIR), job.run_name(base.name))
+    run = mirror.find(storage.join(location(experiment), FULL_DIR), job.run_name(base.name))
     row = {"label": job.label, "seed": job.seed, "run": run}
     final = storage.join(run, "final.json") if run else None
     if final is None or not storage.exists(final):

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch
 
+from glmc_ray.core.storage import atomic_write
+
 VERSION_FILE = "version.json"
 COMMAND_ENV = "GLMC_COMMAND"  # set in a Tune trial to the search's command line (its own is a Ray worker's)
-SOURCE = Path(__file__).resolve().parents[1]  # the checkout root when the package runs from one
+SOURCE = Path(__file__).resolve().parents[2]  # the checkout root when the package runs from one
 
 
 def code_version(command: list[str] | str | None = None) -> dict:
@@ -84,8 +86,6 @@ def read_version(run: Path) -> dict | None:
 
 
 def _save(run: Path, document: dict) -> None:
-    from glmc_ray.rundir import atomic_write
-
     atomic_write(run / VERSION_FILE, lambda tmp: tmp.write_text(json.dumps(document, indent=1) + "\n"))
 
 

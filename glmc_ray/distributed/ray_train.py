@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from glmc_ray import config as config_lib
-from glmc_ray import parent_run, provenance, ray_resume, run_mirror, rundir
-from glmc_ray import storage as storage_lib
-from glmc_ray.errors import exit_code
-from glmc_ray.loop import Dist
+from glmc_ray.core import config as config_lib
+from glmc_ray.core import storage as storage_lib
+from glmc_ray.core.errors import exit_code
 from glmc_ray.methods import METHODS
-from glmc_ray.ray_resume import STATE_FILE, STORAGE_FILE
+from glmc_ray.runs import mirror, parent_run, provenance, ray_resume, rundir
+from glmc_ray.runs.ray_resume import STATE_FILE, STORAGE_FILE
+from glmc_ray.training.loop import Dist
 
 SCORE = "checkpoint_score"
 PER_CLASS = "test_per_class"  # rank 0's per-class test accuracy travels with its metrics to the controller
@@ -83,8 +83,8 @@ def train_fn(loop_config: dict) -> dict:
     import ray.train
     from ray.train.torch import get_device, prepare_model
 
-    from glmc_ray.ray_logging import route_train_context_logger
-    from glmc_ray.worker import run_worker
+    from glmc_ray.distributed.ray_logging import route_train_context_logger
+    from glmc_ray.training.worker import run_worker
 
     route_train_context_logger()
     cfg = config_lib.from_dict(loop_config["config"])
@@ -122,7 +122,7 @@ def metrics_callback(run: Path, remote: str | None = None):
     committed epochs, and their copy at `remote` (run_mirror) when the run has one."""
     from ray.train import UserCallback
 
-    from glmc_ray.tensorboard_events import EpochEvents
+    from glmc_ray.runs.tensorboard_events import EpochEvents
 
     class MetricsFile(UserCallback):
         def __init__(self):
@@ -135,7 +135,7 @@ def metrics_callback(run: Path, remote: str | None = None):
             rundir.append_metrics(run, record)
             self.events.write(record, metrics[0][PER_CLASS])
             if remote is not None:
-                self.pushed = run_mirror.push(run, remote, self.pushed)
+                self.pushed = mirror.push(run, remote, self.pushed)
 
     return MetricsFile()
 
@@ -282,7 +282,7 @@ def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | No
     one the run recorded). Storage elsewhere (s3://...) also gets a copy of the run directory, every epoch.
     `ray_verbose` shows Ray Train's own INFO lines on the console (always in its log files); `callbacks`:
     extra Ray Train UserCallbacks (the search forwards each epoch to Tune with one)."""
-    from glmc_ray.ray_logging import quiet_snapshot_notice
+    from glmc_ray.distributed.ray_logging import quiet_snapshot_notice
 
     check_scaling(cfg, scaling)
     quiet_snapshot_notice(ray_verbose)  # reading the run's snapshot on a resume would print Ray's notice
@@ -345,7 +345,7 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, call
     from ray.train.torch import TorchTrainer
 
     from glmc_ray.data import ray_datasets
-    from glmc_ray.ray_logging import controller_console_callback
+    from glmc_ray.distributed.ray_logging import controller_console_callback
 
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
     trainer = TorchTrainer(
@@ -382,7 +382,7 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, call
     final = result.return_value
     rundir.write_final(run, final, cfg)
     if remote is not None:
-        run_mirror.push(run, remote)
+        mirror.push(run, remote)
     return final
 
 
@@ -392,7 +392,7 @@ def connect(address: str | None, workers: int, data_cpus: float = 0.0) -> None:
     import ray
     from ray._private.services import canonicalize_bootstrap_address
 
-    from glmc_ray.ray_logging import quiet_ray_data
+    from glmc_ray.distributed.ray_logging import quiet_ray_data
 
     quiet_ray_data()
     if ray.is_initialized():
@@ -422,7 +422,7 @@ def start_local(num_cpus: int, **init_kwargs) -> None:
     after ray.shutdown() to start another instance without start_local)."""
     import ray
 
-    from glmc_ray.local_cluster import free_port
+    from glmc_ray.distributed.local_cluster import free_port
 
     port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 
-from glmc_ray import config as config_lib
-from glmc_ray import provenance
-from glmc_ray.errors import OutputError
-from glmc_ray.loop import kept_checkpoint
-from glmc_ray.storage import PARTIAL_SUFFIX, atomic_write, remove_partial_writes  # noqa: F401 (used from rundir)
-from glmc_ray.tensorboard_events import EpochEvents
+from glmc_ray.core import config as config_lib
+from glmc_ray.runs import provenance
+from glmc_ray.core.errors import OutputError, kept_checkpoint
+from glmc_ray.core.storage import PARTIAL_SUFFIX, atomic_write, remove_partial_writes  # noqa: F401 (used from rundir)
+from glmc_ray.runs.tensorboard_events import EpochEvents
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -206,7 +205,7 @@ def truncate_metrics(run: Path, next_epoch: int) -> None:
 
 
 def write_final(run: Path, final: dict, cfg) -> None:
-    from glmc_ray.plots import per_class_plot
+    from glmc_ray.runs.plots import per_class_plot
 
     document = {**final, "config": config_lib.to_dict(cfg), "version": provenance.read_version(run)}
     atomic_write(run / "final.json", lambda tmp: tmp.write_text(json.dumps(document, indent=1)))

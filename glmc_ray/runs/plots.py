@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from glmc_ray.evaluation import FEW_BELOW, MANY_ABOVE  # noqa: E402
+from glmc_ray.core.evaluation import FEW_BELOW, MANY_ABOVE  # noqa: E402
 
 
 def per_class_plot(per_class: list, class_counts: list[int], path: Path, title: str) -> None:

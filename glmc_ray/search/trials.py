@@ -22,7 +22,7 @@ back), and the driver works in a local copy of the experiment's own files (GLMC_
 written. The SQLite study is one of those files; a study that must outlive the head node goes in a database
 off it (--storage-url postgresql://...).
 
-The space (`Space`, `load_space`, `apply_values`) is glmc_ray/search_space.py.
+The space (`Space`, `load_space`, `apply_values`) is glmc_ray/search/space.py.
 
 Fidelity: every trial trains a complete, shortened schedule of `trial_epochs` epochs (default: the
 config's own train.epochs), so GLMC's cumulative alpha and the lr schedule both finish inside the trial,
@@ -30,7 +30,7 @@ and the objective is the last epoch's balanced top-1 on the validation split. Th
 stopping: alpha hands the loss to the re-balanced head late, so the mid-run accuracy of a long schedule
 says little about its end. After the search, `full_stages` measures how well the short schedule ranks
 configurations for the full one (Spearman over trials re-trained with the full schedule) and trains the
-winner and the recipe with several train seeds; their runs go to <experiment>/full/ (glmc_ray/search_full.py).
+winner and the recipe with several train seeds; their runs go to <experiment>/full/ (glmc_ray/search/full.py).
 
 The loop, methods and data know nothing of Tune: a trial wraps `worker.run_worker` (one worker, in the
 trial's own process) or `ray_train.launch` (K workers under Ray Train) with a reporter that also calls
@@ -50,10 +50,11 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from glmc_ray import config as config_lib
-from glmc_ray import provenance, run_mirror, rundir, storage
-from glmc_ray.config import ConfigError
-from glmc_ray.search_space import Space, apply_values
+from glmc_ray.core import config as config_lib
+from glmc_ray.core import storage
+from glmc_ray.core.config import ConfigError
+from glmc_ray.runs import mirror, provenance, rundir
+from glmc_ray.search.space import Space, apply_values
 
 METRIC = "val_balanced_top1"  # the objective: balanced top-1 on the validation split, never the test set
 MODE = "max"
@@ -133,7 +134,7 @@ def prepare(base, space: Space, opts: SearchOptions, source: str) -> None:
 def warn_sqlite_on_network(path: Path, option: str) -> None:
     """SQLite's file locking is unreliable on network filesystems; Optuna's docs advise against a SQLite study
     there. Said once on stderr: the search driver is the study's only writer, which makes it work in practice."""
-    from glmc_ray.ray_train import NETWORK_FILESYSTEMS, filesystem_type
+    from glmc_ray.distributed.ray_train import NETWORK_FILESYSTEMS, filesystem_type
 
     kind = filesystem_type(path)
     if kind in NETWORK_FILESYSTEMS:
@@ -198,7 +199,7 @@ def train_run(cfg, options: SearchOptions, parent: str, command: str) -> None:
     os.environ[provenance.COMMAND_ENV] = command  # version.json names the search, not this Ray worker
     if options.gpus_per_trial == 0 and cfg.train.threads == 0:  # CPU trials share the node's cores
         cfg.train.threads = max(1, int(options.cpus_per_trial // options.workers_per_trial) or 1)
-    existing = run_mirror.find(parent, cfg.name)
+    existing = mirror.find(parent, cfg.name)
     if existing is not None and storage.exists(storage.join(existing, "final.json")):  # finished before
         report_evaluated(_read_metrics(existing))
         return
@@ -206,7 +207,7 @@ def train_run(cfg, options: SearchOptions, parent: str, command: str) -> None:
         _train_in(cfg, options, Path(parent), Path(existing) if existing else None, None)
         return
     with tempfile.TemporaryDirectory(prefix="glmc-trial-") as scratch:
-        local = run_mirror.pull(existing, Path(scratch) / storage.name(existing)) if existing else None
+        local = mirror.pull(existing, Path(scratch) / storage.name(existing)) if existing else None
         _train_in(cfg, options, Path(scratch), local, parent)
 
 
@@ -232,15 +233,15 @@ class MirroredTuneReporter(TuneReporter):
 
     def report(self, record: dict, checkpoint, is_best: bool, per_class: list | None) -> None:
         super().report(record, checkpoint, is_best, per_class)
-        self.pushed = run_mirror.push(self.run, self.remote, self.pushed)
+        self.pushed = mirror.push(self.run, self.remote, self.pushed)
 
     def finish(self, final: dict) -> None:
         super().finish(final)
-        run_mirror.push(self.run, self.remote, self.pushed)
+        mirror.push(self.run, self.remote, self.pushed)
 
 
 def _run_local_trial(cfg, parent: Path, existing: Path | None, remote: str | None) -> None:
-    from glmc_ray.worker import run_worker
+    from glmc_ray.training.worker import run_worker
 
     state = None
     if existing is not None and (existing / rundir.CHECKPOINT).exists():
@@ -264,7 +265,7 @@ def _run_local_trial(cfg, parent: Path, existing: Path | None, remote: str | Non
 def _run_ray_trial(cfg, options: SearchOptions, parent: Path, existing: Path | None, remote: str | None) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from glmc_ray import ray_train
+    from glmc_ray.distributed import ray_train
 
     class ForwardEvaluated(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
@@ -354,7 +355,7 @@ class Publish:
 
     def __call__(self) -> None:
         if storage.is_uri(location(self.experiment)):
-            self.pushed = run_mirror.push(self.experiment, location(self.experiment), self.pushed)
+            self.pushed = mirror.push(self.experiment, location(self.experiment), self.pushed)
 
 
 def publish_callback(experiment: Path):
@@ -381,7 +382,7 @@ def publish_callback(experiment: Path):
 def check_output(output: str | Path, opts: SearchOptions) -> None:
     """Trials write their run directories wherever Tune places them: on a cluster of several machines the
     experiment directory must be on storage every node sees (object storage, or a network filesystem)."""
-    from glmc_ray import ray_train
+    from glmc_ray.distributed import ray_train
 
     if storage.is_uri(output):
         storage.check_writable(str(output), "--output")
@@ -469,7 +470,7 @@ def working_copy(given: str) -> Path:
             raise storage.StorageError(f"--resume {given}: {storage.explain(err)}") from None
         if not found:
             raise ConfigError(f"--resume {given}: not a search experiment (no {SEARCH_FILE} there)")
-        run_mirror.pull(given, experiment)
+        mirror.pull(given, experiment)
         print(f"restored the working copy {experiment} from {given}", flush=True)
     return experiment
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from glmc_ray import storage
-from glmc_ray.ray_resume import SNAPSHOT
-from glmc_ray.storage import PARTIAL_SUFFIX, atomic_write
+from glmc_ray.core import storage
+from glmc_ray.runs.ray_resume import SNAPSHOT
+from glmc_ray.core.storage import PARTIAL_SUFFIX, atomic_write
 
 FIRST = ("checkpoint.pt", "best.pt")  # an epoch's state lands before any record that names the epoch
 LAST = ("final.json",)  # its presence says the run finished

@@ -4,7 +4,7 @@
 (fc logits, fc_cb logits, projection z, prediction p) for training. Heads are single Linear layers, as
 in the official code; with `classifier="cosine"` fc_cb is a `CosineLinear` (LDAM's NormedLinear).
 ResNet-50 / ResNeXt-50 come from torchvision; only the CIFAR ResNet-32 is ours (torchvision has none).
-The APA paper's options (`model.activation: aglu`, `model.se`: glmc_ray/activations.py) give every
+The APA paper's options (`model.activation: aglu`, `model.se`: glmc_ray/models/activations.py) give every
 activation site its own module; torchvision's Bottleneck calls one `self.relu` three times, so with them its
 blocks are `ActivatedBottleneck`s (the same layers, one activation per site, SE before the residual sum).
 """
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models.resnet import Bottleneck
 
-from glmc_ray.activations import SqueezeExcite, activation
+from glmc_ray.models.activations import SqueezeExcite, activation
 
 
 class BasicBlockA(nn.Module):

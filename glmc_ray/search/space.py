@@ -11,7 +11,7 @@ gets a fresh method section (`apply_values`).
 its branch, and with each value of every choice it can be sampled together with), so a bad space is one
 error naming the file and the key before any trial. `apply_values` turns a sampled point into config
 overrides; `Space.to_json`/`Space.from_json` keep the space in an experiment's search.json. The search
-driver (glmc_ray/search.py) runs the trials.
+driver (glmc_ray/search/trials.py) runs the trials.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from glmc_ray import config as config_lib
-from glmc_ray.config import ConfigError
+from glmc_ray.core import config as config_lib
+from glmc_ray.core.config import ConfigError
 
 KINDS = ("float", "int", "choice")
 WHEN = "when"  # a space file's conditional part: when: {KEY=VALUE: {fields searched only then}}

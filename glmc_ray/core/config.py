@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from glmc_ray.method_config import (  # noqa: F401 (the method sections are part of the config's interface)
+from glmc_ray.core.method_config import (  # noqa: F401 (the method sections are part of the config's interface)
     DEFAULT_CLASSIFIER,
     DEFAULT_EXPERTS,
     EXPERT_LAYOUTS,
@@ -106,13 +106,13 @@ class ModelConfig:
     # NormedLinear) | auto (the method's own: cosine for ldam_drw, linear for the others). Only ldam_drw scales
     # cosines (method.ldam_drw.scale), so cosine with another method is refused.
     classifier: str = "auto"
-    # The APA paper's options (glmc_ray/activations.py): aglu replaces every ReLU of the backbone by its own
+    # The APA paper's options (glmc_ray/models/activations.py): aglu replaces every ReLU of the backbone by its own
     # AGLU, z * APA(z; lambda, kappa) with two learnable scalars (no weight decay); se adds squeeze-excitation to
     # every residual block, gated by the sigmoid or by APA (the official "gumbel" SE: LayerNorm and dropout too)
     activation: str = "relu"  # relu | aglu
     aglu_gradient: str = "exact"  # exact (autograd) | official (the official lambda gradient, a term short)
     se: str = "none"  # none | sigmoid | apa
-    # Multi-expert models (ride, mdcs, shike; glmc_ray/expert_models.py): E experts on a shared trunk, each with
+    # Multi-expert models (ride, mdcs, shike; glmc_ray/models/experts.py): E experts on a shared trunk, each with
     # a cosine head times expert_scale. 0: the method's (3 for those three, 1 for single-head methods).
     experts: int = 0
     expert_width: str = "reduced"  # reduced (RIDE's reduce_dimension: expert stages 3/4 as wide) | full

@@ -19,9 +19,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from glmc_ray.config import to_dict
+from glmc_ray.core.config import to_dict
+from glmc_ray.core.errors import kept_checkpoint
+from glmc_ray.core.evaluation import choose_posthoc, evaluate, tau_grid
 from glmc_ray.data.batches import DataBundle, epoch_generator
-from glmc_ray.evaluation import choose_posthoc, evaluate, tau_grid
 from glmc_ray.methods import Method
 
 
@@ -93,13 +94,6 @@ def restore(t: Trainee, state: dict) -> int:
     t.history = list(state["history"])
     set_rng_state(state["rng"])
     return state["epoch"]
-
-
-def kept_checkpoint(next_epoch: int) -> str:
-    """What a failure at `next_epoch` leaves to resume from, said truthfully."""
-    if next_epoch == 0:
-        return "no checkpoint was written (no epoch finished)"
-    return f"the checkpoint after epoch {next_epoch - 1} is kept; --resume continues from there"
 
 
 def non_finite_state(model: torch.nn.Module) -> list[str]:

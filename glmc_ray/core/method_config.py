@@ -1,6 +1,6 @@
 """The method sections of the config: one dataclass per long-tail method with settings, under `method`, and
 their range checks (each `(ok, key, value, expected)`, judged by config.validate). Re-exported by
-glmc_ray.config, where the rest of the config lives."""
+glmc_ray.core.config, where the rest of the config lives."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -87,7 +87,7 @@ class SHIKEConfig:
 
 METHOD_NAMES = ("glmc", "ce", "balanced_softmax", "logit_adjusted", "ldam_drw", "class_balanced", "ride", "mdcs",
                 "shike")
-# The multi-expert methods and their expert layout (glmc_ray/expert_models.py)
+# The multi-expert methods and their expert layout (glmc_ray/models/experts.py)
 EXPERT_LAYOUTS = {"ride": "ride", "mdcs": "ride", "shike": "shike"}
 DEFAULT_EXPERTS = 3
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from glmc_ray import config as config_lib
-from glmc_ray import ray_resume, rundir, storage
+from glmc_ray.core import config as config_lib
+from glmc_ray.runs import ray_resume
+from glmc_ray.runs import rundir
+from glmc_ray.core import storage
 
 PARENT_FILE = "parent.json"  # in the child's run directory
 TEACHER_KEY = "method.ride.teacher"

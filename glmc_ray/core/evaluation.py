@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from glmc_ray import longtail
+from glmc_ray.core import longtail
 
 MANY_ABOVE = 100  # Many: n_c > 100
 FEW_BELOW = 20  # Few: n_c < 20
@@ -104,7 +104,7 @@ def accuracy_metrics(counts: torch.Tensor, train_counts) -> dict:
 
 
 def num_experts(model) -> int:
-    """E of a multi-expert model (glmc_ray.expert_models.ExpertNet, whose forward takes experts=True), else 0."""
+    """E of a multi-expert model (glmc_ray.models.experts.ExpertNet, whose forward takes experts=True), else 0."""
     return getattr(model, "num_experts", 0)
 
 

@@ -23,6 +23,13 @@ def exit_code(error: BaseException) -> int | None:
     return next((code for kind, code in EXIT_CODES if isinstance(error, kind)), None)
 
 
+def kept_checkpoint(next_epoch: int) -> str:
+    """What a failure at `next_epoch` leaves to resume from, said truthfully."""
+    if next_epoch == 0:
+        return "no checkpoint was written (no epoch finished)"
+    return f"the checkpoint after epoch {next_epoch - 1} is kept; --resume continues from there"
+
+
 def run_command(command: Callable[[], int]) -> int:
     """command(); a failure no restart can fix ends as one `error:` line on stderr and its exit code."""
     try:

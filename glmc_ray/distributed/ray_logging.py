@@ -58,7 +58,7 @@ CONTROLLER_FAILURE_LOGGERS = (
 )
 # _internal/execution/checkpoint/checkpoint_manager.py: the 3-line "A run snapshot was found in storage folder
 # ..." notice (INFO). The controller logs it into its log file on every resume; Result.from_path, which the
-# driver calls before a resume (glmc_ray/ray_resume.py), logs it again on the driver's console through the
+# driver calls before a resume (glmc_ray/runs/ray_resume.py), logs it again on the driver's console through the
 # `ray` logger's handler.
 SNAPSHOT_NOTICE_LOGGER = "ray.train.v2._internal.execution.checkpoint.checkpoint_manager"
 

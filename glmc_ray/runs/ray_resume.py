@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow.fs
 import torch
 
-from glmc_ray import rundir
+from glmc_ray.runs import rundir
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 STATE_FILE = "state.pt"
@@ -138,7 +138,7 @@ def _rewrite_metrics(run: Path, history: list[dict]) -> None:
 def _write_missing_events(run: Path, history: list[dict]) -> None:
     """TensorBoard points of committed epochs whose metrics line was never written (their per-class
     accuracy is not in the history, only the scalars)."""
-    from glmc_ray.tensorboard_events import EpochEvents
+    from glmc_ray.runs.tensorboard_events import EpochEvents
 
     written = {record["epoch"] for record in rundir.read_metrics(run)}
     missing = [record for record in history if record["epoch"] not in written]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from glmc_ray.errors import OutputError
+from glmc_ray.core.errors import OutputError
 
 PARTIAL_SUFFIX = ".partial"  # temp files of atomic_write; a kill can leave one, the next start removes it
 # Object stores make a written object visible whole, when its upload completes: no temp key needed there

@@ -1,0 +1,118 @@
+"""Hyper-parameter search for GLMC: Ray Tune runs the trials, Optuna (TPE) proposes them.
+
+    python tuning/search.py --config configs/cifar100_lt.yaml --space configs/search/glmc.yaml \\
+        --trials 64 --concurrent 4 --gpus-per-trial 0.25
+    python tuning/search.py --config configs/cifar100_lt.yaml --space configs/search/methods.yaml --trials 64
+        # methods.yaml searches the method too, each method's knobs only in the trials that chose it
+
+Optimises balanced top-1 on the validation split (never the test set); every trial trains a complete,
+shortened schedule (--trial-epochs). Outputs (trials.csv, best_config.yaml, plots, the Optuna study) go to
+<output>/<name>-search-<stamp>/; `--resume` that directory after an interruption. See glmc_ray/search/trials.py.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+from glmc_ray.core import config as config_lib
+from glmc_ray.core import storage
+from glmc_ray.core.errors import run_command
+from glmc_ray.search import full as search_full
+from glmc_ray.search import space as search_space
+from glmc_ray.search import trials
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python tuning/search.py", description=__doc__.split("\n\n")[0])
+    config_lib.add_recipe_arguments(p, "base YAML recipe (its values are the first trial); needs a validation split",
+                                    "data.val_fraction=0.1")
+    p.add_argument("--space", help="search space YAML, e.g. configs/search/glmc.yaml (GLMC's knobs) or "
+                                     "configs/search/methods.yaml (the method itself and each one's knobs)")
+    p.add_argument("--trials", type=int, default=64, help="number of trials (default 64)")
+    p.add_argument("--concurrent", type=int, default=4, help="trials running at once (default 4)")
+    p.add_argument("--gpus-per-trial", type=float,
+                   help="GPUs per trial, fractions allowed (default: 1 if the cluster has GPUs, else 0: CPU trials)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
+    p.add_argument("--workers-per-trial", type=int, default=1,
+                   help="K > 1: each trial is a K-worker Ray Train run (default 1: the loop in the trial's process)")
+    p.add_argument("--trial-epochs", type=int,
+                   help="epochs of each trial's complete, shortened schedule (default: the config's train.epochs)")
+    p.add_argument("--fidelity-check", type=int, default=0, metavar="K",
+                   help="after the search: train K trials spread over its ranking, and the recipe, with the full "
+                        "schedule; fidelity.json/png give the Spearman correlation of the two objectives")
+    p.add_argument("--final-seeds", type=int, default=0, metavar="N",
+                   help="after the search: train the winner and the recipe with the full schedule and N train "
+                        "seeds each; final_seeds.json gives validation and test top-1, Many/Medium/Few mean +- std")
+    p.add_argument("--output", default="runs", help="parent folder of the experiment directory (default runs/), or "
+                                                      "object storage: s3://bucket/searches (no shared folder needed)")
+    p.add_argument("--resume", metavar="EXPERIMENT", help="continue an interrupted search (its folder or URI)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, a cluster on this node, "
+                                     "else a local Ray instance)")
+    p.add_argument("--seed", type=int, default=0, help="seed of Optuna's TPE sampler (default 0)")
+    p.add_argument("--storage-url", help="SQLAlchemy URL of the Optuna study, e.g. postgresql://user@host/db for a "
+                                         "study that outlives the head node (default: SQLite in the experiment)")
+    return p.parse_args(argv)
+
+
+def _options(args) -> trials.SearchOptions:
+    return trials.SearchOptions(
+        space=str(Path(args.space).resolve()), trials=args.trials, concurrent=args.concurrent,
+        gpus_per_trial=args.gpus_per_trial,
+        cpus_per_trial=args.cpus_per_trial, workers_per_trial=args.workers_per_trial,
+        trial_epochs=args.trial_epochs, seed=args.seed, storage_url=args.storage_url)
+
+
+def _default_gpus(opts: trials.SearchOptions) -> None:
+    import ray
+
+    if opts.gpus_per_trial is None:  # not given: one GPU per worker where there are GPUs
+        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        opts.gpus_per_trial = float(opts.workers_per_trial) if has_gpus else 0.0
+
+
+def run(args) -> tuple[Path, bool]:
+    for name, value in (("--fidelity-check", args.fidelity_check), ("--final-seeds", args.final_seeds)):
+        if value < 0:
+            raise config_lib.ConfigError(f"{name}: {value} is out of range; expected >= 0")
+    experiment, finished = _run_search(args)
+    if finished and (args.fidelity_check or args.final_seeds):
+        finished = search_full.full_stages(experiment, args.fidelity_check, args.final_seeds) is not None
+    return experiment, finished
+
+
+def _run_search(args) -> tuple[Path, bool]:
+    from glmc_ray.distributed import ray_train
+
+    trials.set_environment()
+    if args.resume:
+        if args.config or args.space or args.overrides:
+            raise config_lib.ConfigError("--resume uses the experiment's saved base config and space; "
+                                         "drop --config/--set/--space")
+        ray_train.connect(args.address, 1)
+        return trials.resume(args.resume)
+    if not args.space:
+        raise config_lib.ConfigError("--space is required (e.g. configs/search/glmc.yaml)")
+    base = config_lib.load_for_workers(args.config, args.overrides)
+    space = search_space.load_space(args.space, base)
+    opts = _options(args)
+    trials.prepare(base, space, opts, args.config or "the default config")
+    storage.check_writable(args.output, "--output")  # object storage: before Ray starts
+    from glmc_ray.data import ray_cpus
+
+    # a trial streaming shards makes its own Ray Data streams (q is searched): their CPUs on top
+    ray_train.connect(args.address, max(1, int(opts.concurrent * opts.cpus_per_trial)),
+                      opts.concurrent * ray_cpus(base))
+    _default_gpus(opts)
+    return trials.search(base, space, opts, args.output)
+
+
+def main(argv=None) -> int:
+    return run_command(functools.partial(_search, parse_args(argv)))
+
+
+def _search(args) -> int:
+    _, finished = run(args)
+    return 0 if finished else 130  # interrupted (Ctrl-C): the outputs so far are written, --resume continues
+
+
