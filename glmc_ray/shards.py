@@ -1,17 +1,8 @@
 """A long-tailed image split as Parquet shards, for Ray Data to stream: `python -m glmc_ray.shards build`.
 
-    <out>/part-00000.parquet, ...  columns image (the file's bytes), label (int32), path (the split file's
-                                   relative path), index (int64: position among the split file's samples);
-                                   rows in a seeded random order, so every shard holds many classes; a
-                                   CRC-32 on every Parquet page
-    <out>/manifest.json            rows, per-class counts, shards with rows, bytes and sha256, skipped
-                                   images; written last: a shard set without one is unfinished
-    <out>/_progress/plan.json      what is being built; a re-run with another plan is refused
-    <out>/_progress/part-*.json    one per finished shard: a killed build resumes from the missing ones
-
-<out> is a local folder or any URI pyarrow understands (s3://bucket/prefix, gs://..., hdfs://...). What a reader
-needs of the format is in glmc_ray/data/shard_format.py; `check` compares a set with its manifest (`--deep`:
-every row group decoded and every shard's sha256 compared, so storage corruption is found before a long run).
+`build` writes a split file's images as shards and a manifest (a killed build resumes), `check` compares a set
+with its manifest (`--deep`: every row group decoded and every shard's sha256 compared). The layout of a shard
+set is in glmc_ray/data/shard_build.py, what a reader needs of it in glmc_ray/data/shard_format.py.
 """
 from __future__ import annotations
 

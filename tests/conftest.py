@@ -16,19 +16,64 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray Train's controller polls its workers every 2 s: up to 2 s after a fit's last report before it ends, a
 # third of a smoke fit. Read from the driver's environment by every fit (propagated to the controller).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# What the command line does for a Ray instance it starts (distributed/ray_train.py `connect`): nothing drains
+# this machine, so Ray Train's preemption watcher would be one more actor process per fit.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # A test is `quick` (pytest -m quick, docs/contributing.md) unless it starts Ray, a server or another Python
 # process that trains: by the fixtures it uses (module-scoped autouse ones included) or by its module.
-NOT_QUICK_FIXTURES = {"ray_session", "ray_address", "two_node_cluster", "postgres", "s3", "s3_shards"}
+NOT_QUICK_FIXTURES = {"shared_ray", "ray_session", "ray_address", "two_node_cluster", "postgres", "s3", "s3_shards"}
 NOT_QUICK_MODULES = {"test_local_cluster", "test_ray_console", "test_ray_faults", "test_ray_train",
                      "test_ray_methods", "test_ray_cluster", "test_object_storage", "test_shards_stream"}
 
 
+SHARED_RAY = {"modules": set(), "running": False}  # the modules that use shared_ray; whether it is up
+
+
 def pytest_collection_modifyitems(items):
+    SHARED_RAY["modules"] = {item.module.__name__ for item in items if "shared_ray" in item.fixturenames}
     for item in items:
         if not NOT_QUICK_FIXTURES & set(item.fixturenames) and item.module.__name__.split(".")[-1] not in \
                 NOT_QUICK_MODULES:
             item.add_marker(pytest.mark.quick)
+
+
+def stop_ray() -> None:
+    """End this process's Ray instance, if any (a module that needs one of its own starts it after this)."""
+    import ray
+
+    ray.shutdown()
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # start_local's, for that instance
+    SHARED_RAY["running"] = False
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """The shared instance ends before a module that has no use for it: its idle processes slowed in-process
+    runs beside it (test_train's resume test took 37 s instead of 12)."""
+    if SHARED_RAY["running"] and item.module.__name__ not in SHARED_RAY["modules"]:
+        stop_ray()
+
+
+@pytest.fixture(scope="session")
+def _stop_ray_at_the_end():
+    yield
+    stop_ray()
+
+
+@pytest.fixture(scope="module")
+def shared_ray(_stop_ray_at_the_end) -> str:
+    """One local Ray instance (8 logical CPUs: Train workers and Ray Data beside them) for every module that can
+    share it, as the command line starts one: started by the first such module, kept for the next (a start
+    costs about 8 s), ended by a module that needs its own (stop_ray) or by the session's end. Its address."""
+    import ray
+
+    from glmc_ray.distributed import ray_train
+
+    if not ray.is_initialized():
+        ray_train.start_local(8, object_store_memory=256 << 20)
+        SHARED_RAY["running"] = True
+    return ray.get_runtime_context().gcs_address
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from glmc_ray.distributed.local_cluster import free_port
 from glmc_ray.runs import rundir
 from glmc_ray.search.trials import TRIALS_DIR
 from glmc_ray.train import main as train_main
-from tests.conftest import REPO
+from tests.conftest import REPO, stop_ray
 from tests.servers import make_bucket, s3_keys, s3_server
 from tests.test_ray_faults import KILLED_DRIVER
 from tests.test_search import FAST
@@ -57,10 +57,10 @@ def s3(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_address(s3):
+    stop_ray()  # its own instance: Ray's processes must inherit the server's environment
     ray_train.start_local(6, object_store_memory=256 << 20)
     yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-    os.environ.pop("RAY_API_SERVER_ADDRESS")
+    stop_ray()
 
 
 def _run_copy(prefix: str) -> set[str]:

@@ -7,11 +7,12 @@ from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
 from glmc_ray.train import main
-from tests.conftest import REPO
+from tests.conftest import REPO, stop_ray
 
 
 @pytest.fixture
 def two_node_cluster():
+    stop_ray()  # main() must find this cluster, not the suite's shared instance
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()

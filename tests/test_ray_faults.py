@@ -8,11 +8,9 @@ import subprocess
 import sys
 
 import pytest
-import ray
 from ray.train import Result
 from ray.util.state import list_actors
 
-from glmc_ray.distributed import ray_train
 from glmc_ray.runs import rundir
 from glmc_ray.runs.ray_resume import SNAPSHOT
 from glmc_ray.train import main
@@ -65,11 +63,8 @@ sys.exit(main(sys.argv[2:]))
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_address():
-    ray_train.start_local(4, object_store_memory=256 << 20)  # as the command line starts one
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-    os.environ.pop("RAY_API_SERVER_ADDRESS")  # this instance's: the next module starts its own
+def ray_address(shared_ray):
+    return shared_ray
 
 
 def _train_workers():

@@ -1,7 +1,11 @@
 """Each long-tail method on 2 Ray Train CPU workers (DDP on gloo), 2 smoke epochs: DDP must neither hang on
 the heads a method leaves without gradient (uses_all_heads) nor lose the post-hoc scan's all_reduce; a second
 stage from an in-process parent, and the APA model, on 2 workers too (one Ray session for all: it costs ~8 s).
-Plain GLMC's 2-worker run is tests/test_ray_train.py's."""
+Plain GLMC's 2-worker run is tests/test_ray_train.py's.
+
+The methods' runs are independent, so they train CONCURRENT at a time from one driver (a run is mostly
+process start-up and waiting: 9 one after the other took 172 s); each test then checks its own run."""
+import concurrent.futures
 import json
 
 import pytest
@@ -18,19 +22,36 @@ def _sets(settings):
     return [a for s in settings for a in ("--set", s)]
 
 
+CONCURRENT = 3  # 2-worker runs at once: 6 logical CPUs, about 9 GB of memory at their peak
+
+
 @pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    ray.init(num_cpus=4, object_store_memory=256 << 20)
-    yield
-    ray.shutdown()
+def ray_session(shared_ray):
+    assert ray.cluster_resources()["CPU"] >= 2 * CONCURRENT
+
+
+@pytest.fixture(scope="module")
+def method_runs(tmp_path_factory):
+    """label -> (exit code, output folder) of every method's 2-epoch, 2-worker run, trained concurrently."""
+    runs = tmp_path_factory.mktemp("methods")
+
+    def train(label, name, extra):
+        output = runs / label
+        output.mkdir()
+        return main(["--config", str(SMOKE), "--workers", "2", "--output", str(output),
+                     *_sets(run_settings(name, extra))]), output
+
+    with concurrent.futures.ThreadPoolExecutor(CONCURRENT) as pool:
+        futures = {label: pool.submit(train, label, *variant) for variant, label in TRAINED}
+        return {label: future.result() for label, future in futures.items()}
 
 
 @pytest.mark.parametrize("name,extra", [v for v, _ in TRAINED], ids=[i for _, i in TRAINED])
-def test_each_method_trains_two_smoke_epochs_on_two_workers(name, extra, tmp_path):
-    settings = run_settings(name, extra)
-    assert main(["--config", str(SMOKE), "--workers", "2", "--output", str(tmp_path), *_sets(settings)]) == 0
-    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
-    check_method_run(run, name, settings)
+def test_each_method_trains_two_smoke_epochs_on_two_workers(name, extra, method_runs, request):
+    code, output = method_runs[request.node.callspec.id]
+    assert code == 0
+    (run,) = [p for p in output.iterdir() if p.is_dir()]
+    check_method_run(run, name, run_settings(name, extra))
 
 
 def test_stage_two_on_two_ray_workers_from_an_in_process_parent(tmp_path):

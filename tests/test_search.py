@@ -30,11 +30,9 @@ FAST = ["--set", "data.synthetic_max_count=64", "--set", "data.synthetic_test_pe
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
-    ray.init(num_cpus=4, object_store_memory=256 << 20)
-    yield
-    ray.shutdown()
+def ray_session(shared_ray):
+    os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"  # read by Tune in this process
+    return shared_ray
 
 
 def _space(tmp_path, text, name="space.yaml"):

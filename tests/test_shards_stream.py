@@ -47,10 +47,8 @@ def shard_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    ray.init(num_cpus=8, object_store_memory=256 << 20)  # logical over-commit of 2 cores: Train + Data
-    yield
-    ray.shutdown()
+def ray_session(shared_ray):  # 8 logical CPUs: an over-commit of 2 cores for Train and Data
+    return shared_ray
 
 
 def _cfg(shard_root, *extra):
@@ -223,7 +221,7 @@ def test_a_search_over_shards_streams_each_trials_own_resampling(shard_root, tmp
     space.write_text("method.glmc.resample_exponent: {float: [0.0, 1.0]}\n")
     output = tmp_path / "out"
     sets = [*SHARD_RUN, f"data.root={shard_root}", f"data.val_split={tmp_path / 'val'}", "train.epochs=1"]
-    assert search_main([*_sets(sets), "--space", str(space), "--trials", "2", "--concurrent", "1",
+    assert search_main([*_sets(sets), "--space", str(space), "--trials", "2", "--concurrent", "2",
                         "--output", str(output)]) == 0
     (experiment,) = output.iterdir()
     with open(experiment / "trials.csv") as f:

@@ -1,6 +1,8 @@
 """PNG plots people would rather look at than read."""
 from __future__ import annotations
 
+import functools
+import threading
 from pathlib import Path
 
 import matplotlib
@@ -10,7 +12,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from glmc_ray.core.evaluation import FEW_BELOW, MANY_ABOVE  # noqa: E402
 
+# pyplot's figure manager and the mathtext parser behind log-scale tick labels are process-wide state: two runs
+# finishing at once in one driver (Ray Train fits from threads) garbled each other's labels (ParseException).
+_PLOTTING = threading.Lock()
 
+
+def _one_at_a_time(plot):
+    @functools.wraps(plot)
+    def locked(*args, **kwargs):
+        with _PLOTTING:
+            return plot(*args, **kwargs)
+    return locked
+
+
+@_one_at_a_time
 def per_class_plot(per_class: list, class_counts: list[int], path: Path, title: str) -> None:
     """Per-class accuracy (bars, classes sorted by training count) against the training count (line)."""
     order = sorted(range(len(class_counts)), key=lambda c: -class_counts[c])
@@ -33,6 +48,7 @@ def per_class_plot(per_class: list, class_counts: list[int], path: Path, title: 
     _save(fig, path)
 
 
+@_one_at_a_time
 def methods_per_class_plot(per_class: dict[str, list], class_counts: list[int], path: Path, title: str) -> None:
     """Per-class test accuracy of several methods (one line each, classes sorted by training count), with the
     training count behind them: where each method trades head classes for tail classes."""
@@ -55,6 +71,7 @@ def methods_per_class_plot(per_class: dict[str, list], class_counts: list[int], 
     _save(fig, path)
 
 
+@_one_at_a_time
 def fidelity_plot(pairs: list[dict], report: dict, path: Path) -> None:
     """Each checked configuration's objective after the short schedule (x) and the full one (y)."""
     fig, ax = plt.subplots(figsize=(5.5, 4.5))

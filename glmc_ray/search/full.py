@@ -72,7 +72,7 @@ def train_full(experiment: Path, base, opts: SearchOptions, jobs: list[FullRun])
     tuner = tune.Tuner(
         tune_trainable(experiment, base, opts, run_full),
         param_space={"job": tune.grid_search([asdict(job) for job in unique])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=opts.concurrent),
+        tune_config=tune.TuneConfig(max_concurrent_trials=opts.concurrent, reuse_actors=True),
         run_config=tune_run_config(experiment, rundir.new_stamped_folder(experiment / FULL_DIR / "tune", "full").name,
                                    storage.join(location(experiment), FULL_DIR, "tune")))
     errored = {_job_key(result.config["job"]) for result in tuner.fit() if result.error is not None}

@@ -414,7 +414,7 @@ def search(base, space: Space, opts: SearchOptions, output: str | Path) -> tuple
     tuner = tune.Tuner(
         tune_trainable(experiment, base, opts),
         tune_config=tune.TuneConfig(search_alg=_searcher(experiment, base, space, opts), num_samples=opts.trials,
-                                    max_concurrent_trials=opts.concurrent),
+                                    max_concurrent_trials=opts.concurrent, reuse_actors=True),
         run_config=tune_run_config(experiment, experiment.name, storage.parent(location(experiment))))
     tuner.fit()  # an errored trial (NaN: FloatingPointError) is recorded and the search goes on
     return experiment, write_outputs(experiment)
