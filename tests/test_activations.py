@@ -13,7 +13,7 @@ from glmc_ray.core import config as config_lib
 from glmc_ray.core import longtail
 from glmc_ray.core.config import ModelConfig
 from glmc_ray.core.evaluation import evaluate
-from glmc_ray.models.activations import AGLU, APA, _OfficialAGLU, aglu, apa, no_decay
+from glmc_ray.models.activations import AGLU, APA, SqueezeExcite, _OfficialAGLU, aglu, apa, no_decay
 from glmc_ray.models.backbones import build_model
 from glmc_ray.training.worker import parameter_groups
 from tests.conftest import REPO, resume_matches_straight
@@ -66,9 +66,11 @@ def _modules(model, kind):
 def test_every_activation_site_of_resnet32_gets_its_own_aglu_and_se_its_apa_gate():
     model = build_model(ModelConfig(width=8, projection_dim=8, activation="aglu", se="apa"), 10)
     aglus, gates = _modules(model, AGLU), _modules(model, APA)
-    # stem 1 + 15 blocks x (2 sites + 1 in the SE excitation); one APA gate per block
-    assert len(aglus) == 1 + 15 * 3 and len(gates) == 15
-    assert not any(isinstance(m, torch.nn.ReLU) for m in model.modules())
+    # stem 1 + 15 blocks x 2 sites; one APA gate per block; the SE excitation keeps its ReLU (official SE class)
+    assert len(aglus) == 1 + 15 * 2 and len(gates) == 15
+    relus = _modules(model, torch.nn.ReLU)
+    excitations = _modules(model, SqueezeExcite)
+    assert len(relus) == 15 and all(any(r is m for m in se.excite) for r, se in zip(relus, excitations, strict=True))
     x = torch.randn(2, 3, 32, 32)
     fc, fc_cb, z, p = model(x, all_heads=True)
     (fc.sum() + fc_cb.sum() + p.sum()).backward()
@@ -97,8 +99,9 @@ def test_relu_keeps_the_same_model():
 def test_resnext50_gets_one_aglu_per_site_although_torchvision_reuses_its_relu():
     model = build_model(ModelConfig(arch="resnext50_32x4d", projection_dim=8, activation="aglu", se="sigmoid"), 10)
     aglus = _modules(model, AGLU)
-    # stem 1 + 16 bottlenecks x (3 sites + 1 in the SE excitation), each its own module
-    assert len(aglus) == 1 + 16 * 4 and len({id(m) for m in aglus}) == len(aglus)
+    # stem 1 + 16 bottlenecks x 3 sites, each its own module; the SE excitations keep ReLU
+    assert len(aglus) == 1 + 16 * 3 and len({id(m) for m in aglus}) == len(aglus)
+    assert len(_modules(model, torch.nn.ReLU)) == 16
     reference = build_model(ModelConfig(arch="resnext50_32x4d", projection_dim=8), 10)
     convs = [m.weight.shape for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs == [m.weight.shape for m in reference.modules() if isinstance(m, torch.nn.Conv2d)]  # same layers
@@ -134,5 +137,5 @@ def test_apa_trains_and_a_resume_gives_the_straight_runs_weights(tmp_path):
     straight, _ = resume_matches_straight(tmp_path, SMOKE, APA_RUN, stop_after=1)
     assert straight["epoch"] == 2
     lams = [v for k, v in straight["model"].items() if k.endswith(".lam")]
-    assert len(lams) == 1 + 15 * 3 + 15 and all(math.isfinite(float(v)) for v in lams)
+    assert len(lams) == 1 + 15 * 2 + 15 and all(math.isfinite(float(v)) for v in lams)  # AGLUs, APA gates
     assert len(straight["optimizer"]["param_groups"]) == 2  # the scalars without weight decay, also resumed

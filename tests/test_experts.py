@@ -94,12 +94,13 @@ def test_ride_layout_widths_and_the_reduced_experts():
 
 @pytest.mark.parametrize("width", [4, 16])
 def test_shallow_expert_shapes_match_the_last_stage(width):
-    """SHIKE's depth-wise knowledge fusion: from stage 1 (two strided convs) or stage 2 (one) to stage 3's shape."""
+    """SHIKE's depth-wise knowledge fusion: from stage 1 (two strided convs) or stage 2 (one) to stage 3's shape;
+    a ReLU after each conv but the second (official `use_relu=(k != 1)`): the one-conv expert ends with one."""
     taps = [torch.randn(2, width, 32, 32), torch.randn(2, 2 * width, 16, 16)]
-    for tap, convs in ((0, 2), (1, 1)):
+    for tap, relus in ((0, [True, False]), (1, [True])):
         shallow = ShallowExpert(width, tap, 2, torch.nn.BatchNorm2d)
         assert shallow(taps).shape == (2, 4 * width, 8, 8)
-        assert len(shallow.convs) == convs and not isinstance(shallow.convs[-1][-1], torch.nn.ReLU)
+        assert [isinstance(conv[-1], torch.nn.ReLU) for conv in shallow.convs] == relus
     model = build_network(_cfg("shike", f"model.width={width}"), 5)
     assert [b.shallow.tap for b in model.branches] == [0, 1, 0]
 
@@ -163,6 +164,19 @@ def test_crossing_the_drw_epoch_changes_weights_and_temperature():
     assert (before.terms["drw"], after.terms["drw"]) == (0.0, 1.0)
     assert float(before.terms["loss_base"].detach()) != float(after.terms["loss_base"].detach())
     assert float(before.terms["loss_diversity"].detach()) != float(after.terms["loss_diversity"].detach())
+
+
+def test_the_base_temperature_scales_the_per_class_temperatures_after_drw():
+    """Official `RIDELoss`: T_c = base_diversity_temperature * v_c / max v from the DRW epoch on."""
+    cfg = _cfg("ride", "train.epochs=10", "method.ride.drw_start=0.5", "method.ride.diversity_temperature=2")
+    method = build_method(cfg.method, COUNTS, cfg)
+    model = build_network(cfg, 5)
+    batch = Batch(_images(), _images(), torch.tensor([0, 1, 2, 3, 4, 4]))
+    step = method.step(model, batch, 0.5, torch.Generator())
+    expected = ride_loss(model(batch.x1, experts=True).experts, batch.y, method.margin_offsets,
+                         method.drw_weights, 2 * diversity_temperatures(COUNTS, cfg.method.ride.reweight_factor),
+                         cfg.method.ride.diversity_factor)[2]
+    torch.testing.assert_close(step.terms["loss_diversity"], expected)
 
 
 def test_distillation_is_t2_kl_from_the_detached_teacher_and_zero_when_they_agree():

@@ -52,7 +52,7 @@ class RIDEConfig:
     # lambda of the diversity term lambda * T^2 * KL(softmax(mean/T) || softmax(z_e/T)): negative rewards an
     # expert for differing from the ensemble (official -0.45 on CIFAR-100-LT, -0.2 on ImageNet-LT)
     diversity_factor: float = -0.45
-    diversity_temperature: float = 1.0  # T before DRW
+    diversity_temperature: float = 1.0  # T before DRW; after it the factor of the per-class T_c (official 1)
     reweight_factor: float = 0.05  # r of the per-class T_c ∝ C pi_c r + 1 - r after DRW (0.02 ImageNet-LT)
     # experts: stage 1 | router: expert assignment, a second run from a stage-1 run (train.init_from) that
     # trains only the router; evaluation then uses, per sample, the experts the router picks

@@ -5,7 +5,7 @@ distribution-aware diversity term against the ensemble mean zbar (computed witho
     L = sum_e [ CE_w(z_e - s m_y onehot(y), y) + lambda * Tbar^2 * KL(softmax(zbar / T) || softmax(z_e / T)) ]
 with KL averaged over the batch ('batchmean'). lambda < 0 (official -0.45 CIFAR, -0.2 ImageNet-LT): the loss falls
 as an expert moves away from the ensemble. Before DRW, T is the scalar diversity_temperature and w is none; from
-the DRW epoch on, w is the effective-number weights and T is per class, T_c = v_c / max v with
+the DRW epoch on, w is the effective-number weights and T is per class, T_c = T v_c / max v with
 v_c = C pi_c r + 1 - r (r = reweight_factor), Tbar = mean T_c.
 
 Fixed or made explicit against the official code (reference 5(f)):
@@ -102,7 +102,8 @@ class RIDE(ExpertMethod):
         out = model(batch.x1, experts=True)
         device, drw = batch.y.device, drw_active(progress, self.cfg.drw_start)
         weights = self.drw_weights.to(device) if drw else None
-        temperature = self.drw_temperatures.to(device) if drw else self.cfg.diversity_temperature
+        # the official scales the per-class temperatures by the base one too (base_diversity_temperature)
+        temperature = self.cfg.diversity_temperature * (self.drw_temperatures.to(device) if drw else 1.0)
         loss, base, diversity = ride_loss(out.experts, batch.y, self.margin_offsets.to(device), weights,
                                           temperature, self.cfg.diversity_factor)
         terms = {"loss_base": base, "loss_diversity": diversity, "drw": float(drw)}

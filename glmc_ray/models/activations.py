@@ -96,14 +96,15 @@ def activation(kind: str, gradient: str = "exact") -> nn.Module:
 class SqueezeExcite(nn.Module):
     """Squeeze-and-excitation on a block's residual branch (the APA recipes' SE-ResNets). With the APA gate the
     official `SE_Block(use_gumbel=True)` also normalises the squeezed vector (LayerNorm) and drops 10 % of the
-    excitation (Dropout 0.1); with the sigmoid gate it is the plain SE block."""
+    excitation (Dropout 0.1); with the sigmoid gate it is the plain SE block. The excitation's hidden activation
+    is ReLU also when the blocks use AGLU, as in the official SE class (resnet_cifar.py)."""
 
-    def __init__(self, channels: int, reduction: int, gate: str, act: nn.Module):
+    def __init__(self, channels: int, reduction: int, gate: str):
         super().__init__()
         hidden = max(1, channels // reduction)
         gumbel = gate == "apa"
         self.norm = nn.LayerNorm(channels) if gumbel else nn.Identity()
-        self.excite = nn.Sequential(nn.Linear(channels, hidden, bias=False), act,
+        self.excite = nn.Sequential(nn.Linear(channels, hidden, bias=False), nn.ReLU(),
                                     nn.Linear(hidden, channels, bias=False),
                                     nn.Dropout(0.1) if gumbel else nn.Identity())
         self.gate = APA() if gumbel else nn.Sigmoid()

@@ -188,8 +188,4 @@ def _apa_options(cfg):
     if cfg.se == "none":
         return act, None
     reduction = SE_REDUCTION.get(cfg.arch, 16)
-    return act, functools.partial(_squeeze_excite, reduction=reduction, gate=cfg.se, act=act or nn.ReLU)
-
-
-def _squeeze_excite(channels: int, reduction: int, gate: str, act) -> SqueezeExcite:
-    return SqueezeExcite(channels, reduction, gate, act())
+    return act, functools.partial(SqueezeExcite, reduction=reduction, gate=cfg.se)

@@ -113,14 +113,15 @@ def strided_conv(in_planes: int, planes: int, norm, relu: bool) -> nn.Sequential
 
 class ShallowExpert(nn.Module):
     """SHIKE's DKF: strided convs from an earlier tap (width w * 2^tap) to the last stage's width, halving the
-    side each time; ReLU after each but the last."""
+    side each time; a ReLU after each but the second, as the official `use_relu=(k != 1)` (networks.py): the
+    two-conv experts end without one, the one-conv expert (from stage 2) ends with one."""
 
     def __init__(self, width: int, tap: int, last_stage: int, norm):
         super().__init__()
         self.tap = tap
         steps = last_stage - tap
         self.convs = nn.Sequential(*[strided_conv(width * 2 ** (tap + k), width * 2 ** (tap + k + 1), norm,
-                                                  relu=k < steps - 1) for k in range(steps)])
+                                                  relu=k != 1) for k in range(steps)])
 
     def forward(self, taps: list[torch.Tensor]) -> torch.Tensor:
         return self.convs(taps[self.tap])
