@@ -4,7 +4,7 @@ import ast
 
 from tests.conftest import REPO
 
-# lowest first; a room may import from its own floor's rooms only where the floor is one room
+# lowest first; a module imports from its own room and from rooms on lower floors, never from a room beside it
 FLOORS = [("core", "models"), ("methods",), ("data", "runs"), ("training",), ("distributed",), ("search",),
           ("train", "shards")]
 FLOOR = {room: level for level, rooms in enumerate(FLOORS) for room in rooms}
