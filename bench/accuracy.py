@@ -26,7 +26,7 @@ OFFICIAL = {"glmc_top1": 37.0, "glmc_many": 26.1, "glmc_medium": 80.7, "glmc_min
 def run_method(method: str, seed: int, args) -> dict:
     # the recipe's method section is GLMC's: another method replaces the whole section (its defaults)
     method_set = "method.name=glmc" if method == "glmc" else f"method={{name: {method}}}"
-    cfg = config_lib.load("configs/cifar10_lt.yaml", [
+    cfg = config_lib.load("configs/recipes/cifar10_lt_if100/glmc.yaml", [
         f"data.root={Path(args.data_root).resolve()}", "model.width=16", f"train.epochs={args.epochs}",
         method_set, f"name=bench_{method}_seed{seed}", "train.memory_format=channels_last",
         f"train.seed={seed}",

@@ -213,9 +213,9 @@ def dataloader_pipeline(split: Path, workers: int) -> Callable[[], Epoch]:
 
 
 def decode_config(workers: int):
-    """configs/imagenet_lt.yaml read from shards, with N decode actors of 1 CPU."""
-    return config_lib.load("configs/imagenet_lt.yaml", ["data.source=shards", f"data.decode_actors={workers}",
-                                                        "data.decode_cpus=1"]).data
+    """configs/recipes/imagenet_lt/glmc.yaml read from shards, with N decode actors of 1 CPU."""
+    return config_lib.load("configs/recipes/imagenet_lt/glmc.yaml",
+                           ["data.source=shards", f"data.decode_actors={workers}", "data.decode_cpus=1"]).data
 
 
 def small_block_stream(data, paths: list[str], seed: int):

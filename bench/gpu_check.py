@@ -14,6 +14,9 @@ runner (torch, torchvision, numpy, pyyaml, pillow and this checkout), in well un
                       one
   6. experts          bench/expert_cost.py --synthetic --device cuda --amp bf16: RIDE, MDCS, SHIKE's steps (their
                       expert models and losses under bf16) against CE's
+  7. recipe           a real run of configs/recipes/cifar10_lt_if100/ldam_drw.yaml (ResNet-32, batch 128) for 4
+                      epochs on generated images with CIFAR-10-LT's class counts (../shared does not travel): its
+                      images/s and the projected wall time of the recipe's 200 epochs
 
 Each part prints PASS, FAIL or its figures and goes on; the JSON (bench/results/gpu_check.json) holds them all,
 and the exit code is 1 if a check failed. `--device cpu` runs the same code on the CPU (a dry run of the script,
@@ -28,6 +31,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +46,8 @@ from torchvision.transforms.v2 import functional as TF2
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from glmc_ray.core import config as config_lib  # noqa: E402
+from glmc_ray.data import cifar  # noqa: E402
 from glmc_ray.data.device_augment import JpegDecoder, KeyedViews, augment_tail, view_key  # noqa: E402
 from glmc_ray.data.images import BadImageLog, decode_tensor  # noqa: E402
 
@@ -132,8 +138,9 @@ def training(split: Path, device: torch.device, workdir: Path) -> dict:
                                                                    "data.image_size=32"]
     sets = [f"data.train_split={split.name}", "data.test_split=ImageNet_LT_test.txt", "data.augment_on=device",
             "data.num_workers=4", "train.epochs=1", "train.batch_size=32", f"train.device={device.type}",
-            "train.progress_every=1", "optim.warmup_epochs=0", *model]
-    command = [sys.executable, "-m", "glmc_ray.train", "--config", str(REPO / "configs/imagenet_lt.yaml"),
+            "train.progress_every=1", "optim.warmup_epochs=0", "data.classes=0", *model]  # a 4-class tree
+    recipe = REPO / "configs/recipes/imagenet_lt/glmc.yaml"
+    command = [sys.executable, "-m", "glmc_ray.train", "--config", str(recipe),
                "--data-root", str(split.parent), "--output", str(workdir / "runs"),
                *[arg for s in sets for arg in ("--set", s)]]
     start = time.perf_counter()
@@ -169,11 +176,40 @@ def expert_cost(device: torch.device, workdir: Path) -> dict:
             "pass": done.returncode == 0}
 
 
+RECIPE = "configs/recipes/cifar10_lt_if100/ldam_drw.yaml"
+
+
+def recipe_run(device: torch.device, workdir: Path) -> dict:
+    """The recipe's model, method, batch and optimiser on generated CIFAR-10-LT-sized data (the same class counts)
+    for a few epochs on a constant lr; the steady epochs' images/s projects the recipe's training time."""
+    cfg = config_lib.load(REPO / RECIPE)
+    size = [] if device.type == "cuda" else ["data.synthetic_max_count=200", "model.width=4"]
+    epochs = 4 if device.type == "cuda" else 2
+    sets = ["data.source=synthetic", "data.synthetic_classes=10", "data.synthetic_max_count=5000",
+            "data.synthetic_test_per_class=100", f"train.epochs={epochs}", "optim.schedule=cosine",
+            "optim.warmup_epochs=0", "optim.milestones=[]", f"train.device={device.type}", "train.progress_every=0",
+            *size]
+    command = [sys.executable, "-m", "glmc_ray.train", "--config", str(REPO / RECIPE),
+               "--output", str(workdir / "recipe-runs"), *[arg for s in sets for arg in ("--set", s)]]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=420)
+    metrics = next((workdir / "recipe-runs").glob("*/metrics.jsonl"), None)
+    epochs_done = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics else []
+    steady = [e["images_per_s"] for e in epochs_done[1:] if "images_per_s" in e]  # the first epoch warms up
+    report = {"recipe": RECIPE, "exit_code": done.returncode, "epochs": len(epochs_done),
+              "images_per_s": statistics.median(steady) if steady else None,
+              "output_tail": (done.stdout + done.stderr)[-1500:], "pass": done.returncode == 0 and bool(steady)}
+    if steady:
+        images = sum(cifar.long_tailed_counts(5000, 10, cfg.data.imbalance_factor)) * cfg.train.epochs
+        report["projected_recipe_hours"] = images / report["images_per_s"] / 3600  # training only, no evaluation
+    return report
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--images", type=int, default=256, help="generated JPEGs for the decode and feed parts")
-    p.add_argument("--skip", nargs="*", default=[], choices=("tail", "nvjpeg", "feed", "training", "step", "experts"))
+    p.add_argument("--skip", nargs="*", default=[],
+                   choices=("tail", "nvjpeg", "feed", "training", "step", "experts", "recipe"))
     p.add_argument("--json", default="bench/results/gpu_check.json")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -191,7 +227,8 @@ def main() -> int:
                  "feed": lambda: feed(encoded, device, batch=min(256, len(encoded))),
                  "training": lambda: training(split, device, Path(scratch)),
                  "step": lambda: step_throughput(device, Path(scratch)),
-                 "experts": lambda: expert_cost(device, Path(scratch))}
+                 "experts": lambda: expert_cost(device, Path(scratch)),
+                 "recipe": lambda: recipe_run(device, Path(scratch))}
         for name, run in parts.items():
             if name in args.skip:
                 continue

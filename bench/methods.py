@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from search import PROTOCOL  # noqa: E402  (bench/search.py: the same reduced protocol)
 
 LR_128 = 0.1 * 64 / 128  # the official lr 0.1 at batch 128 (LDAM, CB, LA, their CE), at batch 64
-# label: (what it is, the dotted values on top of configs/cifar10_lt.yaml + PROTOCOL)
+# label: (what it is, the dotted values on top of configs/recipes/cifar10_lt_if100/glmc.yaml + PROTOCOL)
 METHODS = {
     "ce": ("CE (the LDAM codebase's ERM: lr 0.1 @128, wd 2e-4)",
            {"method.name": "ce", "optim.lr": LR_128, "optim.weight_decay": 2e-4}),
@@ -96,7 +96,7 @@ PUBLISHED = {  # methods-reference.md: the published ordering at paper scale (20
 
 def base_config(data_root: str, overrides: list[str]) -> config_lib.Config:
     sets = [f"data.root={Path(data_root).resolve()}", *PROTOCOL, "name=methods", *overrides]
-    return config_lib.load("configs/cifar10_lt.yaml", sets)
+    return config_lib.load("configs/recipes/cifar10_lt_if100/glmc.yaml", sets)
 
 
 def run_summary(run: Path, split: str = "test") -> dict:

@@ -36,7 +36,7 @@ RATIOS = {"ray_1x1_over_inprocess_1x1": ("ray_1x1", "inprocess_1x1"),
 
 def run_variant(name: str, args) -> dict:
     workers, threads = VARIANTS[name]
-    cfg = config_lib.load("configs/cifar10_lt.yaml", [
+    cfg = config_lib.load("configs/recipes/cifar10_lt_if100/glmc.yaml", [
         f"data.root={Path(args.data_root).resolve()}", f"model.width={args.width}", f"train.epochs={args.epochs}",
         f"train.threads={threads}", f"train.eval_every={args.epochs}", "train.progress_every=0",
         f"name=overhead_{name}"])

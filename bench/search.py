@@ -96,7 +96,8 @@ def main() -> None:
         run_stage("search", ["--resume", str(experiment)], timings)  # seconds when the search had finished
     else:
         sets = [f"data.root={Path(args.data_root).resolve()}", *PROTOCOL]
-        run_stage("search", ["--config", "configs/cifar10_lt.yaml", *[a for s in sets for a in ("--set", s)],
+        recipe = "configs/recipes/cifar10_lt_if100/glmc.yaml"
+        run_stage("search", ["--config", recipe, *[a for s in sets for a in ("--set", s)],
                              "--space", "configs/search/glmc.yaml", "--trials", str(args.trials),
                              "--trial-epochs", str(args.trial_epochs), "--concurrent", str(args.concurrent),
                              "--cpus-per-trial", "1", "--output", args.output], timings)

@@ -152,8 +152,9 @@ def main() -> None:
     args = p.parse_args()
     data = ["data.source=synthetic", "data.synthetic_max_count=5000", "data.synthetic_test_per_class=10"] \
         if args.synthetic else [f"data.root={Path(args.data_root).resolve()}"]
-    cfg = config_lib.load("configs/cifar10_lt.yaml", [*data, f"model.width={args.width}", f"train.amp='{args.amp}'",
-                                                      f"train.device={args.device}"])
+    cfg = config_lib.load("configs/recipes/cifar10_lt_if100/glmc.yaml",
+                          [*data, f"model.width={args.width}", f"train.amp='{args.amp}'",
+                           f"train.device={args.device}"])
     device = torch.device(args.device)
     data_fast = build_data(cfg, device, memory_format=torch.channels_last)
     data_official = build_data(cfg, torch.device("cpu"))

@@ -1,4 +1,5 @@
-"""Command line: `python -m glmc_ray.train --config configs/cifar10_lt.yaml --data-root ../shared/data`.
+"""Command line:
+`python -m glmc_ray.train --config configs/recipes/cifar10_lt_if100/glmc.yaml --data-root ../shared/data`.
 
 Without Ray options the loop runs in-process on the local device. With --workers, --nodes, --address (or
 RAY_ADDRESS set) it runs under Ray Train: on a cluster, or on a Ray instance started in-process.
@@ -144,6 +145,10 @@ def _train(args) -> int:
     if not args.resume:  # a second stage's parent: there, with a checkpoint, the same model and subset
         parent_run.check(cfg)
     parent_run.check_teacher(cfg)  # read again by every worker, also on a resume
+    if cfg.data.classes:  # a recipe's dataset against the data given (the workers count again)
+        from glmc_ray.data import training_class_counts
+
+        training_class_counts(cfg)
     if args.dry_run:
         dry_run(cfg)
         return 0

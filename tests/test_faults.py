@@ -17,6 +17,7 @@ from glmc_ray.training import loop
 from tests.conftest import REPO, write_image_split
 
 SMOKE = str(REPO / "configs/smoke.yaml")
+CIFAR10_GLMC = str(REPO / "configs/recipes/cifar10_lt_if100/glmc.yaml")
 
 
 def _epochs(run):
@@ -109,25 +110,25 @@ def test_a_truncated_cifar_pickle_is_named_and_leaves_no_run_directory(tmp_path,
     root.mkdir(parents=True)
     (root / "data_batch_1").write_bytes((cifar_root / "cifar-10-batches-py/data_batch_1").read_bytes()[:5000])
     output = tmp_path / "runs"
-    assert main(["--config", str(REPO / "configs/cifar10_lt.yaml"), "--data-root", str(tmp_path / "data"),
+    assert main(["--config", CIFAR10_GLMC, "--data-root", str(tmp_path / "data"),
                  "--output", str(output)]) == 2
     err = capsys.readouterr().err
     assert f"{root / 'data_batch_1'} is not a readable CIFAR pickle" in err and "truncated or corrupt" in err
     assert not output.exists()
     (root / "data_batch_1").write_bytes(pickle.dumps([1, 2, 3]))
-    assert main(["--config", str(REPO / "configs/cifar10_lt.yaml"), "--data-root", str(tmp_path / "data"),
+    assert main(["--config", CIFAR10_GLMC, "--data-root", str(tmp_path / "data"),
                  "--output", str(output)]) == 2
     assert "expected a dict with keys 'data' and 'labels'" in capsys.readouterr().err
 
 
 def test_failed_starts_leave_no_run_directory(tmp_path, capsys):
     output = tmp_path / "runs"
-    assert main(["--config", str(REPO / "configs/cifar10_lt.yaml"), "--data-root", str(tmp_path / "missing"),
+    assert main(["--config", CIFAR10_GLMC, "--data-root", str(tmp_path / "missing"),
                  "--output", str(output)]) == 2
     (tmp_path / "empty").mkdir()
-    assert main(["--config", str(REPO / "configs/cifar10_lt.yaml"), "--data-root", str(tmp_path / "empty"),
+    assert main(["--config", CIFAR10_GLMC, "--data-root", str(tmp_path / "empty"),
                  "--output", str(output)]) == 2
-    assert main(["--config", str(REPO / "configs/cifar10_lt.yaml"), "--set", "data.root=",
+    assert main(["--config", CIFAR10_GLMC, "--set", "data.root=",
                  "--output", str(output)]) == 2
     err = capsys.readouterr().err
     assert "missing does not exist" in err and "cifar-10-batches-py" in err
@@ -136,7 +137,7 @@ def test_failed_starts_leave_no_run_directory(tmp_path, capsys):
     nested, own = tmp_path / "a" / "b", tmp_path / "own"
     own.mkdir()
     for folder in (nested, own):
-        assert main(["--config", str(REPO / "configs/cifar10_lt.yaml"), "--data-root", str(tmp_path / "missing"),
+        assert main(["--config", CIFAR10_GLMC, "--data-root", str(tmp_path / "missing"),
                      "--output", str(folder)]) == 2
     assert not (tmp_path / "a").exists()  # every folder the run made, when empty
     assert own.is_dir() and not list(own.iterdir())  # a folder the user made stays
@@ -201,8 +202,8 @@ BROKEN = [("train_0.JPEG", lambda b: b[: len(b) // 2]),  # truncated
 def _split_run(root, output, *extra):
     sets = ["model.arch=resnet32", "model.width=4", "data.image_size=32", "data.num_workers=1",
             "train.batch_size=8", "train.epochs=2", "optim.warmup_epochs=1", "train.progress_every=0",
-            "data.train_split=splits/train.txt", "data.test_split=splits/test.txt", *extra]
-    return main(["--config", str(REPO / "configs/imagenet_lt.yaml"), "--data-root", str(root),
+            "data.train_split=splits/train.txt", "data.test_split=splits/test.txt", "data.classes=0", *extra]
+    return main(["--config", str(REPO / "configs/recipes/imagenet_lt/glmc.yaml"), "--data-root", str(root),
                  "--output", str(output), *[a for s in sets for a in ("--set", s)]])
 
 

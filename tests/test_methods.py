@@ -323,10 +323,11 @@ def test_bad_method_settings_name_the_key_and_the_range(overrides, message):
 
 
 def test_a_recipe_switches_method_by_replacing_its_section():
-    with pytest.raises(ConfigError, match=r"cifar10_lt.yaml: method.glmc.resample_exponent: set, but method.name "
+    with pytest.raises(ConfigError, match=r"glmc.yaml: method.glmc.resample_exponent: set, but method.name "
                                           r"is 'ce'.*--set 'method=\{name: <method>"):
-        config_lib.load(REPO / "configs/cifar10_lt.yaml", ["method.name=ce"])
-    cfg = config_lib.load(REPO / "configs/cifar10_lt.yaml", ["method={name: ldam_drw, ldam_drw: {drw_start: 0.5}}"])
+        config_lib.load(REPO / "configs/recipes/cifar10_lt_if100/glmc.yaml", ["method.name=ce"])
+    cfg = config_lib.load(REPO / "configs/recipes/cifar10_lt_if100/glmc.yaml",
+                          ["method={name: ldam_drw, ldam_drw: {drw_start: 0.5}}"])
     assert cfg.method.name == "ldam_drw" and cfg.method.ldam_drw.drw_start == 0.5
 
 

@@ -156,7 +156,7 @@ def test_a_resume_continues_whatever_state_the_snapshot_is_in(tmp_path, capsys):
 
 @pytest.mark.parametrize("args,code,message", [
     (["--config", SMOKE, "--set", "optim.lr=1e30"], 1, "error: non-finite loss"),
-    (["--config", str(REPO / "configs/cifar10_lt.yaml"), "--data-root", "/nonexistent/cifar"], 2,
+    (["--config", str(REPO / "configs/recipes/cifar10_lt_if100/glmc.yaml"), "--data-root", "/nonexistent/cifar"], 2,
      "error: data root /nonexistent/cifar does not exist"),
 ])
 def test_failures_a_restart_cannot_fix_are_not_retried(tmp_path, capsys, args, code, message):

@@ -161,7 +161,7 @@ def test_methods_space_samples_only_the_chosen_method_s_knobs():
 
 
 def test_glmc_space_fits_both_cifar_recipes_and_applies_to_a_config():
-    for recipe in ("smoke.yaml", "cifar100_lt.yaml", "cifar10_lt.yaml"):
+    for recipe in ("smoke.yaml", "recipes/cifar100_lt_if100/glmc.yaml", "recipes/cifar10_lt_if100/glmc.yaml"):
         base = config_lib.load(REPO / "configs" / recipe)
         space = search_space.load_space(REPO / "configs/search/glmc.yaml", base)
         params = space.all_params()

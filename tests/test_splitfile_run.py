@@ -13,12 +13,12 @@ def test_imagenet_lt_style_split_files_train_and_evaluate(tmp_path):
     root = tmp_path / "imagenet"
     write_image_split(root, "train", [24, 8, 3], rng)
     write_image_split(root, "test", [4, 4, 4], rng)
-    assert main(["--config", str(REPO / "configs/imagenet_lt.yaml"), "--data-root", str(root),
+    assert main(["--config", str(REPO / "configs/recipes/imagenet_lt/glmc.yaml"), "--data-root", str(root),
                  "--output", str(tmp_path / "runs"), "--set", "model.arch=resnet32", "--set", "model.width=4",
                  "--set", "data.image_size=32", "--set", "data.num_workers=1", "--set", "train.batch_size=8",
                  "--set", "train.epochs=2", "--set", "optim.warmup_epochs=1", "--set", "optim.lr=0.01",
                  "--set", "data.train_split=splits/train.txt", "--set", "data.test_split=splits/test.txt",
-                 "--set", "train.progress_every=0", "--set", "data.augment_on=device"]) == 0
+                 "--set", "train.progress_every=0", "--set", "data.augment_on=device", "--set", "data.classes=0"]) == 0
     run = next((tmp_path / "runs").iterdir())
     final = json.loads((run / "final.json").read_text())
     assert final["class_counts"] == [24, 8, 3]

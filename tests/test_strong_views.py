@@ -5,10 +5,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF1
+from torchvision.transforms.v2 import functional as TF2
 
 from glmc_ray.core import config as config_lib
 from glmc_ray.core.config import ConfigError
 from glmc_ray.data import build_data
+from glmc_ray.data.arrays import ROTATION_SEED
+from glmc_ray.data.cifar import NORMALIZATION
 from glmc_ray.data.images import TwoViews
 from glmc_ray.data.shards import Decode
 from glmc_ray.data.strong_views import cutout, mean_fill, view_transforms
@@ -128,3 +133,62 @@ def test_the_setting_round_trips_and_names_its_choices():
     with pytest.raises(ConfigError, match=r"data.strong_augmentation: 'cutout' is not one of auto, none, "
                                           r"autoaugment_cutout, randaugment_cutout"):
         config_lib.load(SMOKE, ["data.strong_augmentation=cutout"])
+
+
+# ----------------------------------------------------------------- the weak view's rotation (RIDE's and MDCS's x1)
+
+FILES = ["data.source=files", "data.train_split=a", "data.test_split=b", "data.mean=[0.5]", "data.std=[0.5]",
+         "data.val_fraction=0"]
+
+
+@pytest.mark.parametrize("overrides,degrees", [
+    (["method.name=mdcs"], 15.0), (["method.name=ride"], 15.0), ([], 0.0), (["method.name=shike"], 0.0),
+    (["method.name=mdcs", "method.mdcs.weak_rotation=0"], 0.0),
+    (["method.name=mdcs", "data.augmentation=simclr", *FILES], 0.0),  # the ImageNet-LT list has none officially
+])
+def test_the_weak_view_of_ride_and_mdcs_rotates_as_their_official_cifar_lists(overrides, degrees):
+    """Official: RandomCrop(32, 4), RandomHorizontalFlip(), RandomRotation(15) (MDCS's augmentation_weak and
+    RIDE's train_trsfm, data_loader/cifar_data_loaders.py)."""
+    cfg = config_lib.load(SMOKE, overrides)
+    assert config_lib.weak_rotation(cfg) == degrees
+    weak, second = view_transforms(cfg.data.augmentation, 32, config_lib.strong_view(cfg), MEAN, degrees)
+    steps = [type(step).__name__ for step in weak.transforms]
+    if cfg.data.augmentation == "crop_flip":
+        rotate = ["RandomRotation"] if degrees else []
+        assert steps == ["Resize", "CenterCrop", "RandomCrop", "RandomHorizontalFlip", *rotate, "PILToTensor"]
+    if degrees:
+        rotation = weak.transforms[4]
+        assert rotation.degrees == [-degrees, degrees] and rotation.fill == 0
+        assert rotation.interpolation == InterpolationMode.NEAREST
+        assert "RandomRotation" not in [type(step).__name__ for step in second.transforms]  # x2 is not the weak view
+
+
+def test_in_memory_weak_view_is_each_crop_rotated_at_its_keyed_angle_as_pil_rotates(cifar_root):
+    """x1 of an MDCS batch is the same crops as without the rotation, each rotated as PIL's RandomRotation does
+    (nearest, black corners) at an angle drawn from the step's seed; x2 (the strong view) is untouched."""
+    cifar = ["data.source=cifar10", f"data.root={cifar_root}", "method.name=mdcs"]
+    rotated = _first_batch(*cifar)
+    plain = _first_batch(*cifar, "method.mdcs.weak_rotation=0")
+    assert torch.equal(rotated.x2, plain.x2) and not torch.equal(rotated.x1, plain.x1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in NORMALIZATION["cifar10"])
+    crops = (plain.x1 * std + mean).round().to(torch.uint8)
+    cfg = config_lib.load(SMOKE, ["data.synthetic_max_count=64", "train.batch_size=16", *cifar])
+    step = next(iter(build_data(cfg, torch.device("cpu")).train.plan.steps(3)))
+    angles = ((torch.rand(16, generator=torch.Generator().manual_seed(step.seed + ROTATION_SEED),
+                          dtype=torch.float64) * 2 - 1) * 15).tolist()
+    assert max(map(abs, angles)) <= 15 and len({round(a, 6) for a in angles}) == 16  # one angle per image
+    got = (rotated.x1 * std + mean).round().to(torch.uint8)
+    for crop, angle, view in zip(crops, angles, got, strict=True):
+        assert torch.equal(view, TF2.rotate(crop, angle, interpolation=InterpolationMode.NEAREST, fill=0))
+        pil = TF1.rotate(Image.fromarray(crop.permute(1, 2, 0).numpy()), angle, InterpolationMode.NEAREST, fill=0)
+        same = (torch.from_numpy(np.array(pil)).permute(2, 0, 1) == view).all(dim=0).float().mean()
+        assert same >= 0.99  # torchvision's kernel and PIL's differ at a few nearest-neighbour ties (<= 3 of 1024)
+    shares = [_first_batch(*cifar, rank=r, world_size=2) for r in (0, 1)]
+    for rank, share in enumerate(shares):  # each image's angle is its own, whoever draws the batch
+        assert torch.equal(share.x1, rotated.x1[rank::2])
+
+
+def test_the_weak_views_rotation_with_the_tail_on_the_device_is_refused():
+    with pytest.raises(ConfigError, match=r"data.augment_on: device, but the weak view's rotation "
+                                          r"\(method.ride.weak_rotation=15\) runs in the decode workers"):
+        config_lib.load(SMOKE, ["method.name=ride", *FILES, "data.augment_on=device"])

@@ -109,7 +109,7 @@ def test_bf16_autocast_and_channels_last_path_runs_on_cpu(tmp_path):
 
 def test_one_epoch_on_real_cifar10_lt(tmp_path, cifar_root):
     """Real data, small width: per-step alpha so both heads train within the single epoch."""
-    assert main(["--config", str(REPO / "configs/cifar10_lt.yaml"), "--data-root", str(cifar_root),
+    assert main(["--config", str(REPO / "configs/recipes/cifar10_lt_if100/glmc.yaml"), "--data-root", str(cifar_root),
                  "--output", str(tmp_path), "--set", "model.width=4", "--set", "train.epochs=1",
                  "--set", "train.batch_size=128", "--set", "optim.lr=0.05",
                  "--set", "method.glmc.cumulative_per_step=true", "--set", "train.progress_every=0"]) == 0

@@ -30,6 +30,7 @@ from glmc_ray.core.method_config import (  # noqa: F401 (the method sections are
     method_checks,
     rebalanced_stream,
 )
+from glmc_ray.core.schedules import SCHEDULES, WARMUP_SCHEDULES
 
 
 class ConfigError(ValueError):
@@ -86,6 +87,9 @@ class DataConfig:
     # shards: decoded rows each worker mixes across shards (~0.3 MB a row at 224 px), on top of a new shard
     # order and a new row order inside each shard every epoch
     shuffle_buffer: int = 1024
+    # The number of classes the recipe's dataset has (0: any): a run whose training split (the CIFAR source, or
+    # the split file or shards under data.root) has another number stops before training, naming both
+    classes: int = 0
     max_bad_images: int = 20  # unreadable images skipped per split per epoch and worker before the run stops
     synthetic_classes: int = 10  # synthetic data: classes, largest class size, test images per class
     synthetic_max_count: int = 200
@@ -125,8 +129,12 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-3
     nesterov: bool = False
-    schedule: str = "cosine"  # cosine | warmup_cosine | official_paco (the official off-by-one warmup)
+    # cosine | warmup_cosine | official_paco | warmup_step | balms_warmup_cosine (glmc_ray/core/schedules.py)
+    schedule: str = "cosine"
     warmup_epochs: int = 0
+    milestones: list[int] = field(default_factory=list)  # warmup_step: the epochs (0-based) where lr *= gamma
+    gamma: float = 0.1  # warmup_step: the factor at each milestone
+    warmup_peak: float = 1.0  # balms_warmup_cosine: the lr its warm-up reaches, as a multiple of optim.lr
 
 
 @dataclass
@@ -195,7 +203,7 @@ CHOICES = {
     "method.name": METHOD_NAMES,
     "method.glmc.cumulative_shape": ("power", "cosine", "linear"),
     "method.glmc.rebalanced_loss": ("weighted_ce", "balanced_softmax_unofficial"),
-    "optim.schedule": ("cosine", "warmup_cosine", "official_paco"),
+    "optim.schedule": SCHEDULES,
     "train.device": ("auto", "cpu", "cuda"),
     "train.amp": ("auto", "bf16", "off"),
     "train.memory_format": ("auto", "channels_last", "contiguous"),
@@ -401,6 +409,7 @@ def validate(cfg: Config) -> None:
         (0 < cfg.train.posthoc_tau_step and cfg.train.posthoc_tau_max / cfg.train.posthoc_tau_step <= 1000,
          "train.posthoc_tau_step", cfg.train.posthoc_tau_step, "> 0, at most 1000 steps up to train.posthoc_tau_max"),
         (cfg.data.synthetic_classes >= 2, "data.synthetic_classes", cfg.data.synthetic_classes, ">= 2"),
+        (cfg.data.classes >= 0, "data.classes", cfg.data.classes, ">= 0 (0: any number)"),
         (cfg.data.max_bad_images >= 0, "data.max_bad_images", cfg.data.max_bad_images, ">= 0 (0: any is fatal)"),
         (cfg.data.image_size >= 8, "data.image_size", cfg.data.image_size, "a side of at least 8 pixels"),
         (cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, ">= 0 (0: decode in the trainer)"),
@@ -412,10 +421,12 @@ def validate(cfg: Config) -> None:
     for ok, key, value, expected in checks:
         if not ok:
             raise ConfigError(f"{key}: {value!r} is out of range; expected {expected}", key)
-    if cfg.optim.schedule == "cosine" and cfg.optim.warmup_epochs:
-        raise ConfigError("optim.warmup_epochs: set but optim.schedule is 'cosine'; use 'warmup_cosine'",
-                          "optim.warmup_epochs")
+    _validate_schedule(cfg.optim, cfg.train.epochs)
     _validate_data(cfg.data, strong_view(cfg))
+    if weak_rotation(cfg) and cfg.data.source not in IN_MEMORY_SOURCES and cfg.data.augment_on == "device":
+        raise ConfigError(f"data.augment_on: device, but the weak view's rotation (method.{cfg.method.name}."
+                          f"weak_rotation={weak_rotation(cfg):g}) runs in the decode workers, on PIL images; use "
+                          f"auto, or method.{cfg.method.name}.weak_rotation=0", "data.augment_on")
     _validate_experts(cfg)
     if cfg.model.classifier == "cosine" and DEFAULT_CLASSIFIER.get(cfg.method.name) != "cosine":
         raise ConfigError(f"model.classifier: cosine outputs cosines in [-1, 1], which only ldam_drw scales "
@@ -424,8 +435,34 @@ def validate(cfg: Config) -> None:
     if cfg.model.aglu_gradient != "exact" and cfg.model.activation != "aglu":
         raise ConfigError(f"model.aglu_gradient: {cfg.model.aglu_gradient} is AGLU's; model.activation is "
                           f"{cfg.model.activation!r} (set model.activation=aglu, or drop it)", "model.aglu_gradient")
-    if cfg.optim.schedule == "official_paco" and cfg.optim.warmup_epochs < 1:
-        raise ConfigError("optim.warmup_epochs: official_paco needs at least 1 warmup epoch", "optim.warmup_epochs")
+
+
+def _validate_schedule(optim: OptimConfig, epochs: int) -> None:
+    """What a schedule's keys must be (train.epochs and optim.warmup_epochs's range are checked before)."""
+    schedule, warmup, milestones = optim.schedule, optim.warmup_epochs, optim.milestones
+    if warmup and schedule not in WARMUP_SCHEDULES:
+        raise ConfigError(f"optim.warmup_epochs: {warmup}, but optim.schedule {schedule!r} has no warm-up; use one "
+                          f"of {', '.join(WARMUP_SCHEDULES)}", "optim.warmup_epochs")
+    least = {"official_paco": 1, "balms_warmup_cosine": 2}.get(schedule, 0)
+    if warmup < least:
+        raise ConfigError(f"optim.warmup_epochs: {warmup}; optim.schedule {schedule} needs at least {least}",
+                          "optim.warmup_epochs")
+    if milestones and schedule != "warmup_step":
+        raise ConfigError(f"optim.milestones: {milestones}, but optim.schedule is {schedule!r}; milestones are "
+                          f"warmup_step's", "optim.milestones")
+    if sorted(set(milestones)) != milestones:
+        raise ConfigError(f"optim.milestones: {milestones} are not in increasing order (each epoch once)",
+                          "optim.milestones")
+    for milestone in milestones:
+        if not warmup <= milestone < epochs:
+            where = "past the last epoch" if milestone >= epochs else "inside the warm-up"
+            raise ConfigError(f"optim.milestones: {milestone} is {where}; expected epochs in [optim.warmup_epochs, "
+                              f"train.epochs) = [{warmup}, {epochs})", "optim.milestones")
+    if not 0 < optim.gamma <= 1:
+        raise ConfigError(f"optim.gamma: {optim.gamma} is out of range; expected a factor in (0, 1]", "optim.gamma")
+    if optim.warmup_peak <= 0:
+        raise ConfigError(f"optim.warmup_peak: {optim.warmup_peak} is out of range; expected > 0",
+                          "optim.warmup_peak")
 
 
 def experts_of(cfg: Config) -> int:
@@ -488,6 +525,14 @@ def strong_view(cfg: Config) -> str:
     if cfg.method.name not in ("mdcs", "shike"):
         return "none"
     return "randaugment_cutout" if cfg.data.augmentation == "simclr" else "autoaugment_cutout"
+
+
+def weak_rotation(cfg: Config) -> float:
+    """Degrees of x1's random rotation (and rx1's): the method's weak_rotation (RIDE, MDCS) with the crop_flip
+    list, 0 otherwise."""
+    if cfg.data.augmentation != "crop_flip":
+        return 0.0
+    return getattr(cfg.method.section, "weak_rotation", 0.0)
 
 
 def _validate_data(data: DataConfig, strong: str) -> None:

@@ -65,6 +65,9 @@ class RIDEConfig:
     teacher: str = ""
     distill_temperature: float = 1.5  # T_d (official 1.5)
     distill_weight: float = 1.0  # (official 1.0)
+    # degrees of the random rotation the weak view x1 gets after the crop and flip of the crop_flip list (the
+    # official CIFAR transform's RandomRotation(15); 0: none); the simclr list (ImageNet-LT) has none officially
+    weak_rotation: float = 15.0
 
 
 @dataclass
@@ -74,6 +77,9 @@ class MDCSConfig:
     consistency_weight: float = 0.6  # of the weak-to-strong self-distillation KL
     consistency_ramp: float = 0.05  # the KL's weight ramps linearly to full over this fraction of the schedule
     #                                 (official 20 of 400 epochs; 1-based, so 1/20 of it in the first epoch)
+    # degrees of the random rotation the weak view x1 gets after the crop and flip of the crop_flip list (the
+    # official CIFAR transform's RandomRotation(15); 0: none); the simclr list (ImageNet-LT) has none officially
+    weak_rotation: float = 15.0
 
 
 @dataclass
@@ -150,6 +156,8 @@ def _expert_method_checks(method: MethodConfig) -> list[tuple]:
         (0 <= ride.max_margin <= 1, "method.ride.max_margin", ride.max_margin, "in [0, 1] (official 0.5)"),
         (0 <= ride.drw_start <= 1, "method.ride.drw_start", ride.drw_start, "a fraction of the schedule in [0, 1]"),
         (0 <= ride.drw_beta < 1, "method.ride.drw_beta", ride.drw_beta, "in [0, 1) (official 0.9999)"),
+        (0 <= ride.weak_rotation <= 180, "method.ride.weak_rotation", ride.weak_rotation, "degrees in [0, 180]"),
+        (0 <= mdcs.weak_rotation <= 180, "method.mdcs.weak_rotation", mdcs.weak_rotation, "degrees in [0, 180]"),
         (ride.router_hidden > 0, "method.ride.router_hidden", ride.router_hidden, "a positive integer"),
         (ride.router_top_k > 0, "method.ride.router_top_k", ride.router_top_k, "a positive integer"),
         (ride.router_pos_weight > 0, "method.ride.router_pos_weight", ride.router_pos_weight, "> 0 (official 100)"),

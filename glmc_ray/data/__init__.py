@@ -16,7 +16,7 @@ import importlib
 
 import torch
 
-from glmc_ray.core.config import IN_MEMORY_SOURCES
+from glmc_ray.core.config import IN_MEMORY_SOURCES, ConfigError
 from glmc_ray.data.batches import DataBundle
 
 
@@ -35,7 +35,16 @@ def build_data(cfg, device, rank: int = 0, world_size: int = 1, memory_format=to
 
 
 def training_class_counts(cfg) -> list[int]:
-    return source_module(cfg).training_class_counts(cfg)
+    """Per-class training counts; a number of classes other than data.classes (where set) is a ConfigError."""
+    counts = source_module(cfg).training_class_counts(cfg)
+    if cfg.data.classes and len(counts) != cfg.data.classes:
+        where = f"data.root={cfg.data.root}, data.train_split={cfg.data.train_split}"
+        if cfg.data.source in IN_MEMORY_SOURCES:
+            where = f"data.source={cfg.data.source}"
+        raise ConfigError(f"data.classes: {cfg.data.classes}, the recipe's dataset, but the training split "
+                          f"({where}) has {len(counts)} classes: a recipe for another dataset, or another "
+                          f"dataset's data (data.classes=0 accepts any number)", "data.classes")
+    return counts
 
 
 def ray_datasets(cfg, gpu: bool = False) -> dict:

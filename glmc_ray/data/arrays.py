@@ -7,8 +7,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
-from glmc_ray.core.config import rebalanced_stream, strong_view
+from glmc_ray.core.config import rebalanced_stream, strong_view, weak_rotation
 from glmc_ray.data import cifar
 from glmc_ray.data.batches import DataBundle, EpochPlan, per_sample_weights
 from glmc_ray.data.images import BadImageLog, Normalizer
@@ -19,6 +21,17 @@ from glmc_ray.methods.base import Batch
 CIFAR_CLASSES = {"cifar10": (10, 5000), "cifar100": (100, 500)}
 SYNTHETIC_NORMALIZATION = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 STRONG_SEED = 7_919  # the strong views' generator: the step's seed plus this (x2) or twice it (rx2)
+ROTATION_SEED = 104_729  # the weak view's rotation angles: the step's seed plus this (x1) or twice it (rx1)
+
+
+def random_rotation(images: torch.Tensor, degrees: float, seed: int, global_size: int, share) -> torch.Tensor:
+    """RandomRotation(degrees) of uint8 (B, C, H, W) crops as the official CIFAR lists apply it (nearest
+    neighbour, about the centre, the uncovered corners black), with torchvision's kernel, each image at its own
+    angle in [-degrees, degrees] drawn for the whole global batch from `seed` (this rank's `share` of them)."""
+    generator = torch.Generator().manual_seed(seed)
+    angles = ((torch.rand(global_size, generator=generator, dtype=torch.float64) * 2 - 1) * degrees)[share]
+    return torch.stack([TF.rotate(image, angle, interpolation=InterpolationMode.NEAREST, fill=0)
+                        for image, angle in zip(images, angles.tolist(), strict=True)])
 
 
 def random_crop_flip(padded: torch.Tensor, index: torch.Tensor, size: int, offsets: torch.Tensor,
@@ -39,7 +52,7 @@ class InMemoryBatches:
     """The CIFAR fast path: the whole uint8 training set on the device, augmentation batched there."""
 
     def __init__(self, images, labels, plan: EpochPlan, normalizer: Normalizer, device, padding: int = 4,
-                 strong: DeviceStrongViews | None = None):
+                 strong: DeviceStrongViews | None = None, rotation: float = 0.0):
         images = torch.as_tensor(images).permute(0, 3, 1, 2)  # (N, C, H, W) uint8
         self.size = images.shape[-1]
         self.padding = padding
@@ -47,6 +60,7 @@ class InMemoryBatches:
         self.labels = torch.as_tensor(labels).to(device)
         self.plan, self.normalizer, self.device = plan, normalizer, device
         self.strong = strong  # data.strong_augmentation: x2 (and rx2) become the strong view
+        self.rotation = rotation  # degrees of x1's (and rx1's) random rotation (config.weak_rotation)
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -54,11 +68,15 @@ class InMemoryBatches:
     def _views(self, index: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         return self.normalizer(random_crop_flip(self.padded, index, self.size, offsets, flips))
 
-    def _augmented_pair(self, index, g, global_size, share):
-        """Two independent augmentations of the same images (TwoCropTransform)."""
+    def _augmented_pair(self, index, g, global_size, share, rotation_seed: int):
+        """Two independent augmentations of the same images (TwoCropTransform), the first rotated where the
+        method's weak view is (its angles from a generator of their own: the crops are the same either way)."""
         offsets = torch.randint(2 * self.padding + 1, (2, global_size, 2), generator=g)[:, share].to(self.device)
         flips = (torch.rand((2, global_size), generator=g) < 0.5)[:, share].to(self.device)
-        return self._views(index, offsets[0], flips[0]), self._views(index, offsets[1], flips[1])
+        first = random_crop_flip(self.padded, index, self.size, offsets[0], flips[0])
+        if self.rotation:
+            first = random_rotation(first, self.rotation, rotation_seed, global_size, share)
+        return self.normalizer(first), self._views(index, offsets[1], flips[1])
 
     def _strong_view(self, index, seed: int, global_size, share) -> torch.Tensor:
         """The strong view, from a generator of its own: x1 is the same with or without it."""
@@ -75,13 +93,14 @@ class InMemoryBatches:
         for step in self.plan.steps(epoch):
             g = torch.Generator().manual_seed(step.seed)
             uniform = step.uniform.to(self.device)
-            x1, x2 = self._augmented_pair(uniform, g, step.global_size, share)
+            x1, x2 = self._augmented_pair(uniform, g, step.global_size, share, step.seed + ROTATION_SEED)
             if self.strong is not None:
                 x2 = self._strong_view(uniform, step.seed + STRONG_SEED, step.global_size, share)
             batch = Batch(x1, x2, self.labels[uniform])
             if step.rebalanced is not None:
                 rebalanced = step.rebalanced.to(self.device)
-                batch.rx1, batch.rx2 = self._augmented_pair(rebalanced, g, step.global_size, share)
+                batch.rx1, batch.rx2 = self._augmented_pair(rebalanced, g, step.global_size, share,
+                                                            step.seed + 2 * ROTATION_SEED)
                 if self.strong is not None:
                     batch.rx2 = self._strong_view(rebalanced, step.seed + 2 * STRONG_SEED, step.global_size, share)
                 batch.ry = self.labels[rebalanced]
@@ -146,7 +165,7 @@ def build(cfg, device, rank: int, world_size: int, memory_format, dataset_shard=
     plan = EpochPlan(len(labels), cfg.train.batch_size, weights, cfg.train.seed, rank, world_size)
     normalizer = Normalizer(mean, std, device, memory_format)
     strong = None if strong_view(cfg) == "none" else DeviceStrongViews(strong_view(cfg), mean)
-    train = InMemoryBatches(images, labels, plan, normalizer, device, strong=strong)
+    train = InMemoryBatches(images, labels, plan, normalizer, device, strong=strong, rotation=weak_rotation(cfg))
 
     def make_eval(arrays):
         return InMemoryEval(*arrays, normalizer, device, cfg.train.eval_batch_size, rank, world_size)

@@ -174,11 +174,12 @@ def augment_tail(views: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     return torch.where(params[:, FLIP].bool().view(-1, 1, 1, 1), x.flip(-1), x)
 
 
-def augment_on_device(data, gpu: bool, strong: str = "none") -> bool:
+def augment_on_device(data, gpu: bool, strong: str = "none", rotation: float = 0.0) -> bool:
     """data.augment_on resolved: auto is the device where the workers train on GPUs (and wherever the JPEGs are
     decoded there). On CPU workers the decode workers (processes of their own) run the tail side by side, off
-    the training process. With a strong view (`strong`, config.strong_view) the whole list runs in the workers."""
-    if strong != "none":  # the strong view's policy runs in the decode workers, on PIL images
+    the training process. With a strong view (`strong`, config.strong_view) or the weak view's rotation
+    (`rotation`, config.weak_rotation) the whole list runs in the workers."""
+    if strong != "none" or rotation:  # the strong view's policy and the rotation run in the decode workers, on PIL
         return False
     return data.augment_on == "device" or (data.augment_on == "auto" and (gpu or data.decode_on == "device"))
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-from glmc_ray.core.config import rebalanced_stream, strong_view
+from glmc_ray.core.config import rebalanced_stream, strong_view, weak_rotation
 from glmc_ray.data.batches import DataBundle, EpochPlan, per_sample_weights
 from glmc_ray.data.device_augment import STREAM_IDS, DeviceTail, KeyedViews, augment_on_device, view_key
 from glmc_ray.data.images import (
@@ -212,11 +212,12 @@ def build(cfg, device, rank: int, world_size: int, memory_format, dataset_shard=
     plan = EpochPlan(len(labels), cfg.train.batch_size, weights, cfg.train.seed, rank, world_size)
     pin = torch.device(device).type == "cuda"
     normalizer = Normalizer(data.mean, data.std, device, memory_format)
-    strong = strong_view(cfg)
-    if augment_on_device(data, pin, strong):
+    strong, rotation = strong_view(cfg), weak_rotation(cfg)
+    if augment_on_device(data, pin, strong, rotation):
         views, finish = KeyedViews(data.augmentation, data.image_size), DeviceTail(normalizer)
     else:
-        views, finish = TwoViews(*view_transforms(data.augmentation, data.image_size, strong, data.mean)), normalizer
+        views = TwoViews(*view_transforms(data.augmentation, data.image_size, strong, data.mean, rotation))
+        finish = normalizer
     train_set = ImageListDataset(paths, labels, views, data.channels)
     bad_images = BadImageLog(data.max_bad_images)
     train = LoaderBatches(train_set, plan, data.num_workers, finish, bad_images, pin_memory=pin)

@@ -71,17 +71,20 @@ class PILGaussianBlur:
         return image.filter(ImageFilter.GaussianBlur(radius=sigma))
 
 
-def train_transform(augmentation: str, size: int) -> T.Compose:
+def train_transform(augmentation: str, size: int, rotation: float = 0.0) -> T.Compose:
     """PIL image -> uint8 (C, size, size) tensor.
 
     simclr: the official (post-2023-05-28) ImageNet-LT list, with the official PIL blur (PILGaussianBlur).
-    crop_flip: the CIFAR recipe (pad by a side/8, random crop, flip) for small images, brought to `size` first.
+    crop_flip: the CIFAR recipe (pad by a side/8, random crop, flip) for small images, brought to `size` first,
+    then a random rotation of up to `rotation` degrees where given.
     """
     if augmentation == "simclr":
         steps = [T.RandomResizedCrop(size), T.ColorJitter(0.4, 0.4, 0.4, 0.0), T.RandomGrayscale(p=0.2),
                  T.RandomApply([PILGaussianBlur((0.1, 2.0))], p=0.5), T.RandomHorizontalFlip()]
     else:
         steps = [T.Resize(size), T.CenterCrop(size), T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip()]
+        if rotation:  # RIDE's and MDCS's weak view (config.weak_rotation): PIL's nearest, black corners
+            steps.append(T.RandomRotation(rotation))
     return T.Compose([*steps, T.PILToTensor()])
 
 

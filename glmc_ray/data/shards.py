@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from glmc_ray.core.config import rebalanced_stream, strong_view
+from glmc_ray.core.config import rebalanced_stream, strong_view, weak_rotation
 from glmc_ray.core.longtail import class_balanced_weights
 from glmc_ray.data import shard_format
 from glmc_ray.data.batches import DataBundle
@@ -150,11 +150,11 @@ class Decode:
 
     def __init__(self, augmentation: str, size: int, channels: int, train: bool, rates=None, keyed: bool = False,
                  seed: int = 0, stream: int = 0, decode_on_device: bool = False, strong: str = "none",
-                 mean: tuple = ()):
+                 mean: tuple = (), rotation: float = 0.0):
         if keyed and train:
             self.transform = KeyedViews(augmentation, size)
         elif train:  # x1 and x2: the preset twice, or the preset and the strong view
-            self.transforms = view_transforms(augmentation, size, strong, mean)
+            self.transforms = view_transforms(augmentation, size, strong, mean, rotation)
         else:
             self.transforms = (test_transform(augmentation, size),)
         self.views, self.channels, self.keyed = 2 if train else 1, channels, keyed and train
@@ -242,10 +242,11 @@ class Decode:
 
 
 def stream(data, paths: list[str], seed: int, train: bool, rates=None, keyed: bool = False, stream_id: int = 0,
-           strong: str = "none"):
+           strong: str = "none", rotation: float = 0.0):
     """A Ray Dataset of decoded rows of the shards at `paths` (lazy: each iteration is a new execution);
     `keyed`: crops and their parameters for the device tail (with data.decode_on device: the JPEGs, their
-    crop boxes and parameters); `strong`: x2 is that strong view (config.strong_view)."""
+    crop boxes and parameters); `strong`: x2 is that strong view (config.strong_view); `rotation`: x1's
+    (config.weak_rotation)."""
     import ray.data
 
     dataset = ray.data.read_datasource(shard_source(paths, seed, shuffle=train), override_num_blocks=len(paths))
@@ -255,7 +256,7 @@ def stream(data, paths: list[str], seed: int, train: bool, rates=None, keyed: bo
                                        "channels": data.channels, "train": train, "rates": rates, "keyed": keyed,
                                        "seed": seed, "stream": stream_id,
                                        "decode_on_device": data.decode_on == "device",
-                                       "strong": strong, "mean": tuple(data.mean)},
+                                       "strong": strong, "mean": tuple(data.mean), "rotation": rotation},
         batch_size=DECODE_BATCH, compute=pool, num_cpus=data.decode_cpus)
 
 
@@ -263,15 +264,15 @@ def ray_datasets(cfg, gpu: bool = False) -> dict:
     """The training streams, as callables Ray Train calls when a worker group starts (also after a restart).
     `gpu`: the workers train on GPUs (data.augment_on auto then puts the tail there)."""
     data, (manifest, paths) = cfg.data, open_split(cfg.data, cfg.data.train_split)
-    strong = strong_view(cfg)
-    keyed = augment_on_device(data, gpu, strong)
+    strong, rotation = strong_view(cfg), weak_rotation(cfg)
+    keyed = augment_on_device(data, gpu, strong, rotation)
     datasets = {STREAMS["uniform"]: lambda: stream(data, paths, cfg.train.seed, train=True, keyed=keyed,
-                                                   stream_id=STREAM_IDS["uniform"], strong=strong)}
+                                                   stream_id=STREAM_IDS["uniform"], strong=strong, rotation=rotation)}
     if (exponent := rebalanced_stream(cfg)) is not None:
         rates = poisson_rates(manifest["class_counts"], exponent)
         datasets[STREAMS["rebalanced"]] = lambda: stream(data, paths, cfg.train.seed + 1, train=True, rates=rates,
                                                          keyed=keyed, stream_id=STREAM_IDS["rebalanced"],
-                                                         strong=strong)
+                                                         strong=strong, rotation=rotation)
     return datasets
 
 
@@ -412,6 +413,7 @@ def build(cfg, device, rank: int, world_size: int, memory_format, dataset_shard=
             mine = paths[rank::world_size]
             dataset = stream(data, mine, train.seed, train=False) if mine else None
             evals[name] = EvalBatches(rows_of(dataset, train.eval_batch_size, name), normalizer)
-    finish = DeviceTail(normalizer) if augment_on_device(data, gpu, strong_view(cfg)) else normalizer
+    on_device = augment_on_device(data, gpu, strong_view(cfg), weak_rotation(cfg))
+    finish = DeviceTail(normalizer) if on_device else normalizer
     decoder = JpegDecoder(device, data.channels, data.image_size, bad_images) if data.decode_on == "device" else None
     return DataBundle(ShardBatches(uniform, second, steps, finish, decoder), evals, counts, bad_images)

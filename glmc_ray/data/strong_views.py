@@ -77,11 +77,14 @@ def strong_transform(strong: str, augmentation: str, size: int, mean) -> T.Compo
                       Cutout(size // 2, mean_fill(mean))])
 
 
-def view_transforms(augmentation: str, size: int, strong: str, mean) -> tuple:
+def view_transforms(augmentation: str, size: int, strong: str, mean, rotation: float = 0.0) -> tuple:
     """The two views' transforms in decode workers: the preset twice (TwoCropTransform), or the preset's (weak)
-    and the strong one (data.strong_augmentation)."""
-    weak = train_transform(augmentation, size)
-    return (weak, weak) if strong == "none" else (weak, strong_transform(strong, augmentation, size, mean))
+    and the strong one (data.strong_augmentation); the first rotated by up to `rotation` degrees where given
+    (config.weak_rotation)."""
+    weak = train_transform(augmentation, size, rotation)
+    if strong != "none":
+        return weak, strong_transform(strong, augmentation, size, mean)
+    return weak, (train_transform(augmentation, size) if rotation else weak)
 
 
 class DeviceStrongViews:

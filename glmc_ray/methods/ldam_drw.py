@@ -17,8 +17,8 @@ Better than the official code (reference 3(f)):
 - device-agnostic tensors and a boolean target mask (the official code hard-codes torch.cuda.FloatTensor and
   indexes torch.where with a uint8 mask);
 - a class without training images is an error naming it (n^-1/4 of 0 is inf).
-Not here: the official warm-up + step lr schedule (5 warm-up epochs, x0.01 at 160, x0.0001 at 180); the
-harness's optim.schedule has cosine and warmup_cosine only.
+The official warm-up + step lr schedule (5 warm-up epochs, x0.01 from epoch 160, x0.0001 from 180) is the
+harness's optim.schedule warmup_step (configs/recipes/*/ldam_drw.yaml).
 """
 from __future__ import annotations
 

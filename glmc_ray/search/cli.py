@@ -1,8 +1,9 @@
 """Hyper-parameter search for GLMC: Ray Tune runs the trials, Optuna (TPE) proposes them.
 
-    python tuning/search.py --config configs/cifar100_lt.yaml --space configs/search/glmc.yaml \\
+    python tuning/search.py --config configs/recipes/cifar100_lt_if100/glmc.yaml --space configs/search/glmc.yaml \\
         --trials 64 --concurrent 4 --gpus-per-trial 0.25
-    python tuning/search.py --config configs/cifar100_lt.yaml --space configs/search/methods.yaml --trials 64
+    python tuning/search.py --config configs/recipes/cifar100_lt_if100/glmc.yaml --space configs/search/methods.yaml \\
+        --trials 64
         # methods.yaml searches the method too, each method's knobs only in the trials that chose it
 
 Optimises balanced top-1 on the validation split (never the test set); every trial trains a complete,

@@ -53,6 +53,7 @@ import pyarrow.fs as pafs
 from glmc_ray.core import config as config_lib
 from glmc_ray.core import storage
 from glmc_ray.core.config import ConfigError
+from glmc_ray.core.schedules import scaled_milestones
 from glmc_ray.runs import mirror, provenance, rundir
 from glmc_ray.search.space import Space, apply_values
 
@@ -105,8 +106,9 @@ def check_base(cfg, source: str) -> None:
 def trial_config(base, values: dict, trial_epochs: int | None) -> config_lib.Config:
     """The config a trial trains: base, the shortened schedule, then the sampled values."""
     values = dict(values)
-    if trial_epochs is not None:
-        values = {"train.epochs": trial_epochs, **values}
+    if trial_epochs is not None:  # the step schedule's milestones keep their place in it, as DRW's start does
+        milestones = scaled_milestones(base.optim.milestones, base.train.epochs, trial_epochs)
+        values = {"train.epochs": trial_epochs, "optim.milestones": milestones, **values}
     return apply_values(base, values)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from glmc_ray.core import longtail
 from glmc_ray.core.config import EXPERT_LAYOUTS, default_classifier, experts_of
-from glmc_ray.core.schedules import lr_factor
+from glmc_ray.core.schedules import lr_scheduler
 from glmc_ray.data import build_data
 from glmc_ray.methods import build_method
 from glmc_ray.models.activations import no_decay
@@ -68,8 +68,7 @@ def build_trainee(cfg, class_counts, device, memory_format, prepare_model=lambda
     model = prepare_model(raw)
     optimizer = torch.optim.SGD(parameter_groups(raw), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(
-        e, cfg.train.epochs, cfg.optim.schedule, cfg.optim.warmup_epochs))
+    scheduler = lr_scheduler(optimizer, cfg.optim, cfg.train.epochs)
     return Trainee(model, raw, method, optimizer, scheduler, device, autocast_for(device, cfg.train.amp),
                    memory_format)
 
