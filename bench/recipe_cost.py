@@ -5,10 +5,11 @@ sustained rate; and, with --time, the step measured on this device and the wall 
 The count runs the method's whole step (GLMC's two passes, MDCS's two views, the experts, a second stage's frozen
 trunk) forward and backward under torch's FlopCounterMode on random images of the recipe's size, 2 a step (the count
 is per image: linear in the batch). Training images per epoch: the CIFAR-LT subset's own count, 115,846 for
-ImageNet-LT, 437,513 for iNaturalist 2018. The projection divides by --tflops, the sustained rate of a GPU
-(default 31: the 2,500 ResNet-50 image passes/s an H100 sustains that docs/benchmarks.md sizes the feed for, at
-12.3 GFLOP each): a projection, not a measurement. Small CIFAR models run below that rate on a GPU (their steps are
-kernel-launch bound), so their projected hours are lower bounds; --time measures instead (bench/gpu_check.py).
+ImageNet-LT, 437,513 for iNaturalist 2018. The projection divides by --tflops, an assumed sustained rate (default
+73 TFLOP/s: 3,000 ResNet-50 training images/s at the 24.3 GFLOP of one forward and backward pass, a rate assumed
+for an H100 in PyTorch with bf16 and channels_last, not measured here): a projection, not a measurement, that
+scales with the rate a user's GPU reaches. Small CIFAR models run below such a rate (their steps are bound by
+kernel launches), so their projected hours are lower bounds; --time measures instead (bench/gpu_check.py part 7).
 
     python bench/recipe_cost.py                                  # every recipe, the count (CPU, ~2 minutes)
     python bench/recipe_cost.py --time 20 --device cuda --amp bf16 --recipes cifar10_lt_if100/ldam_drw.yaml
@@ -37,7 +38,7 @@ from glmc_ray.training.worker import build_trainee  # noqa: E402
 RECIPES = REPO / "configs" / "recipes"
 TRAIN_IMAGES = {"imagenet_lt": 115_846, "inat2018": 437_513}  # the OLTR / iNat-2018 training splits
 CIFAR_MAX = {"cifar10": 5000, "cifar100": 500}
-H100_TFLOPS = 31.0
+H100_TFLOPS = 73.0
 
 
 def recipe_config(recipe: str, overrides=()) -> config_lib.Config:
@@ -51,7 +52,9 @@ def class_counts(recipe: str, cfg) -> list[int]:
         return cifar.long_tailed_counts(CIFAR_MAX[cfg.data.source], cfg.data.classes, cfg.data.imbalance_factor)
     images = TRAIN_IMAGES[recipe.split("/")[0]]
     counts = cifar.long_tailed_counts(1280, cfg.data.classes, 256.0)
-    return [max(1, round(n * images / sum(counts))) for n in counts]
+    counts = [max(1, round(n * images / sum(counts))) for n in counts]
+    counts[0] += images - sum(counts)  # the split's exact size
+    return counts
 
 
 def random_batch(cfg, size: int, classes: int, device) -> Batch:
