@@ -475,12 +475,14 @@ def test_a_ride_run_learns_from_a_teacher_run_with_other_experts(ride_one, tmp_p
 
 
 @pytest.mark.parametrize("teacher,settings,message", [
-    ("{missing}", [], r"method.ride.teacher: .*missing: no config.yaml there"),
+    ("{missing}", [], r"method.ride.teacher: .*missing does not exist; expected the run directory"),
+    ("{empty}", [], r"method.ride.teacher: .*empty: no config.yaml there"),
     ("{shike}", [], r"method.ride.teacher: .* is a shike stage mixture run; expected a RIDE stage-1 run"),
     ("{ride}", ["data.imbalance_factor=20"], r"method.ride.teacher: data.imbalance_factor is 10.0 in the teacher"),
 ])
 def test_a_bad_teacher_stops_before_making_a_run(ride_one, stage_one, tmp_path, capsys, teacher, settings, message):
-    where = teacher.format(missing=tmp_path / "missing", shike=stage_one, ride=ride_one)
+    (tmp_path / "empty").mkdir()
+    where = teacher.format(missing=tmp_path / "missing", empty=tmp_path / "empty", shike=stage_one, ride=ride_one)
     student = [*RIDE1, f"method.ride.teacher={where}", *settings]
     assert main(["--config", str(SMOKE), "--output", str(tmp_path / "runs"), *_args(student)]) == 2
     assert re.search(message, capsys.readouterr().err)
@@ -488,7 +490,8 @@ def test_a_bad_teacher_stops_before_making_a_run(ride_one, stage_one, tmp_path, 
 
 
 @pytest.mark.parametrize("settings,message", [
-    (["train.init_from={missing}"], r"train.init_from: .*missing: no config.yaml there"),
+    (["train.init_from={missing}"], r"train.init_from: .*missing does not exist; expected the run directory"),
+    (["train.init_from={parent}/config.yaml"], r"train.init_from: .*config.yaml is a file; expected the run directory"),
     (["train.init_from={parent}", "model.width=8"],
      r"model.width: 8 here, 4 in the parent run .*differing: model.width"),
     (["train.init_from={parent}", "data.imbalance_factor=20"], r"data.imbalance_factor: 20.0 here, 10.0 in the parent"),

@@ -254,7 +254,7 @@ def _unreachable() -> str:
     (f"s3://{BUCKET}/runs", {"AWS_ACCESS_KEY_ID": "AKIAUNKNOWN000000000"}, "access denied at http://127.0.0.1:"),
     (f"s3://{BUCKET}/runs", {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None,
                              "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"},
-     "no credentials found"),
+     ": no credentials found ("),  # the useful part first, the SDK's words after it
     (f"s3://{BUCKET}/runs", {"AWS_ENDPOINT_URL": _unreachable}, "cannot reach the storage endpoint"),
 ], ids=["no bucket", "wrong secret", "unknown key", "no credentials", "unreachable"])
 @pytest.mark.parametrize("command", ["train", "search", "shards"])

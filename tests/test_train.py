@@ -50,6 +50,26 @@ def test_smoke_run_leaves_a_readable_run_directory(tmp_path, capsys):
     assert "test_per_class" not in records[-1]  # metrics.jsonl stays one short line per epoch
 
 
+def test_tensorboard_holds_every_committed_epoch_after_a_stop_before_its_events(tmp_path, monkeypatch):
+    """A stop after epoch 0's checkpoint and metrics line, before its TensorBoard events (the writer's first
+    write): the resumed run writes epoch 0's points, then its own."""
+    cfg = config_lib.load(SMOKE, ["train.epochs=2", "data.val_fraction=0.0"])
+    run = rundir.new_run_dir(tmp_path, cfg)
+    reporter = rundir.LocalReporter(run, cfg)
+
+    def stopped(record, per_class=None):
+        raise Interrupted
+
+    monkeypatch.setattr(reporter.events, "write", stopped)
+    with pytest.raises(Interrupted):
+        run_worker(cfg, reporter)
+    assert [r["epoch"] for r in rundir.read_metrics(run)] == [0] and not list(run.glob("events.out.tfevents.*"))
+    assert main(["--resume", str(run)]) == 0
+    records = rundir.read_metrics(run)
+    assert tensorboard_scalars(run, "test/top1") == {r["epoch"]: pytest.approx(r["test_top1"]) for r in records}
+    assert sorted(tensorboard_scalars(run, "train/loss")) == [0, 1]
+
+
 def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     overrides = ["train.epochs=2", "data.val_fraction=0.0"]
     sets = [a for o in overrides for a in ("--set", o)]
@@ -64,7 +84,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
         f.write(json.dumps({"epoch": 1, "loss": 0.0}) + "\n" + '{"epoch": 2, "lo')
     leftover = run / ".checkpoint.pt.x1y2.partial"  # what a kill during a checkpoint write leaves
     leftover.write_bytes(b"half a checkpoint")
-    crashed = EpochEvents(run)  # and its TensorBoard point
+    crashed = EpochEvents(run, lambda: [])  # and its TensorBoard point
     crashed.write({"epoch": 1, "test_top1": -1.0})
     crashed.close()
     time.sleep(1)  # event files are read in name order, which starts with the second they were opened

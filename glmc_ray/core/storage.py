@@ -175,8 +175,8 @@ def explain(err: OSError, fs: pafs.FileSystem | None = None) -> str:
         return f"access denied{where}: {_credentials_note()} ({text})"
     if any(code in text for code in ("NETWORK_CONNECTION", "curlCode", "Could not connect", "Couldn't resolve")):
         return f"cannot reach the storage endpoint{where}; check AWS_ENDPOINT_URL and the network ({text})"
-    if not _credentials_found():
-        return f"{text}; {_credentials_note()}"
+    if not _credentials_found() and (isinstance(fs, pafs.S3FileSystem) or (fs is None and "AWS Error" in text)):
+        return f"{_credentials_note()}{where} (the storage said: {text})"
     return text
 
 

@@ -124,30 +124,47 @@ class ReadableBatches:
         for batch, bad in self.loader:
             self.log.add(self.split, bad)
             if batch is None:
-                raise ValueError(f"every image of a {self.split} batch was unreadable (the last: {bad[-1].path})")
+                last = f" (the last: {bad[-1].path})" if bad else " (each a known one, not read again)"
+                raise ValueError(f"every image of a {self.split} batch was unreadable{last}")
             images, labels = batch
             yield (self.normalizer(images) if self.normalizer else images), labels
 
 
 class _PlannedBatchSampler(torch.utils.data.Sampler):
     """Feeds a DataLoader the index lists of one stream of the current epoch's plan; with `keyed`, each index
-    with the keys of its two views (from its place in the stream's epoch order, not its batch or worker)."""
+    with the keys of its two views (from its place in the stream's epoch order, not its batch or worker).
 
-    def __init__(self, plan: EpochPlan, stream: str, keyed: bool = False):
+    An image found unreadable before (`bad_images.known`) is left out of the list, not read again, and counted
+    for this epoch: the re-balanced stream redraws a bad tail image many times. (Draws the DataLoader already
+    queued, up to its prefetch depth, are read.)"""
+
+    def __init__(self, plan: EpochPlan, stream: str, paths: list, bad_images: BadImageLog, keyed: bool = False):
         self.plan, self.stream, self.epoch, self.keyed = plan, stream, 0, keyed
+        self.paths, self.bad_images = paths, bad_images
 
     def __len__(self) -> int:
         return len(self.plan)
 
     def __iter__(self):
         for step in self.plan.steps(self.epoch):
-            indices = getattr(step, self.stream).tolist()
+            kept = [(index, position) for index, position in
+                    zip(getattr(step, self.stream).tolist(), step.positions.tolist(), strict=True)
+                    if not self._known_bad(index)]
             if not self.keyed:
-                yield indices
+                yield [index for index, _ in kept]
                 continue
             stream = STREAM_IDS[self.stream]
             yield [(index, tuple(view_key(self.plan.seed, self.epoch, stream, position, view) for view in (0, 1)))
-                   for index, position in zip(indices, step.positions.tolist(), strict=True)]
+                   for index, position in kept]
+
+    def _known_bad(self, index: int) -> bool:
+        if not self.bad_images.named:  # the common case: nothing unreadable yet (and in-memory images never are)
+            return False
+        path = str(self.paths[index])
+        if not self.bad_images.known(path):
+            return False
+        self.bad_images.add("train", [Unreadable(path, "found unreadable before; not read again")])
+        return True
 
 
 class LoaderBatches:
@@ -165,7 +182,8 @@ class LoaderBatches:
                  bad_images: BadImageLog, pin_memory: bool = False):
         self.plan, self.finish = plan, finish
         streams = ["uniform"] + (["rebalanced"] if plan.sample_weights is not None else [])
-        self.samplers = [_PlannedBatchSampler(plan, s, keyed=isinstance(finish, DeviceTail)) for s in streams]
+        self.samplers = [_PlannedBatchSampler(plan, s, dataset.images, bad_images, keyed=isinstance(finish, DeviceTail))
+                         for s in streams]
         self.loaders = [ReadableBatches(torch.utils.data.DataLoader(
             dataset, batch_sampler=s, num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_readable,
             persistent_workers=num_workers > 0), bad_images, "train") for s in self.samplers]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import sys
-from collections import Counter
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,22 +122,27 @@ class Normalizer:
 
 
 class BadImageLog:
-    """Unreadable images met this epoch, per split: each is named once on stderr and counted; more than
-    `limit` in one split and epoch stop the run (a broken dataset should not train on silently)."""
+    """Unreadable images met this epoch, per split: each counted once however often it is drawn (the
+    re-balanced stream redraws a tail image many times an epoch) and named once on stderr; more than `limit`
+    distinct ones in one split and epoch stop the run (a broken dataset should not train on silently).
+    `known(path)`: whether an image was found unreadable before, so a source can skip it without reading it."""
 
     def __init__(self, limit: int):
-        self.limit, self.counts, self.named = limit, Counter(), set()
+        self.limit, self.met, self.named = limit, defaultdict(set), set()
 
     def add(self, split: str, bad: list[Unreadable]) -> None:
         for item in bad:
-            self.counts[split] += 1
+            self.met[split].add(item.path)
             if item.path not in self.named:
                 self.named.add(item.path)
                 print(f"warning: skipped unreadable image {item.path} ({item.reason})", file=sys.stderr, flush=True)
-            if self.counts[split] > self.limit:
-                raise ValueError(f"{self.counts[split]} unreadable images in the {split} split this epoch, more than "
-                                 f"data.max_bad_images={self.limit}; the last: {item.path} ({item.reason})")
+            if len(self.met[split]) > self.limit:
+                raise ValueError(f"{len(self.met[split])} unreadable images in the {split} split this epoch, more "
+                                 f"than data.max_bad_images={self.limit}; the last: {item.path} ({item.reason})")
+
+    def known(self, path: str) -> bool:
+        return path in self.named
 
     def take(self, split: str) -> int:
-        """This epoch's count for `split`, which starts again from zero."""
-        return self.counts.pop(split, 0)
+        """This epoch's count of distinct unreadable images in `split`, which starts again from zero."""
+        return len(self.met.pop(split, ()))

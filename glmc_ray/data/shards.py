@@ -145,7 +145,8 @@ class Decode:
     drawn from a key made of the stream's seed, the pass over the shards, the image's id and its copy number:
     the same image in the same epoch gets the same views whichever actor, batch or worker handles it.
 
-    Unreadable images become rows with `ok` False and zero pixels, so the worker can name and count them; rows
+    Unreadable images become rows with `ok` False and zero pixels, so the worker can name and count them (once
+    per image and epoch), and an actor does not decode one again (the re-balanced stream redraws tail images); rows
     of a damaged row group (a non-empty `damage`) pass through once, without pixels, for the worker to stop at."""
 
     def __init__(self, augmentation: str, size: int, channels: int, train: bool, rates=None, keyed: bool = False,
@@ -161,6 +162,7 @@ class Decode:
         self.headers_only = decode_on_device and self.keyed  # ship the JPEG and its boxes, not pixels
         self.size, self.rates, self.train, self.seed, self.stream = size, rates, train, seed, stream
         self.rng = np.random.default_rng()
+        self.unreadable = {}  # image index -> why: this actor's redraws of a bad image are not decoded again
 
     def _rows(self, batch: dict, damaged: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
         """The rows to emit, in order, and each one's copy number (0 unless `rates` repeats it)."""
@@ -226,10 +228,15 @@ class Decode:
             if damaged[row]:
                 ok[i] = False
                 continue
+            index = int(batch["index"][row])
+            if index in self.unreadable:
+                ok[i], reasons[i] = False, self.unreadable[index]
+                continue
             read = decode_tensor if self.keyed else decode  # the device tail crops tensors
             image = read(bytes(batch["image"][row]), self.channels, str(batch["path"][row]))
             if isinstance(image, Unreadable):
                 ok[i], reasons[i] = False, image.reason
+                self.unreadable[index] = image.reason
                 continue
             for v, (crop, drawn) in enumerate(self._draw(image, batch, row, int(copy))):
                 views[v, i] = crop.numpy()

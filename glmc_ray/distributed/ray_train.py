@@ -126,7 +126,7 @@ def metrics_callback(run: Path, remote: str | None = None):
 
     class MetricsFile(UserCallback):
         def __init__(self):
-            self.events = EpochEvents(run)
+            self.events = EpochEvents(run, lambda: rundir.read_metrics(run))
             self.pushed = None
 
         def after_report(self, run_context, metrics, checkpoint):

@@ -38,15 +38,18 @@ def find(init_from: str, key: str = "train.init_from") -> Parent:
     """The parent's config and newest checkpoint; FileNotFoundError / ConfigError naming `key` and what is
     missing."""
     where = f"{key}: {init_from}"
+    expected = "expected the run directory of a finished or interrupted run (or its storage copy)"
+    if not storage.is_uri(init_from) and not Path(init_from).is_dir():
+        found = "is a file" if Path(init_from).exists() else "does not exist"
+        raise FileNotFoundError(f"{where} {found}; {expected}")
     fs, path = storage.resolve(init_from)
     config_path = f"{path}/config.yaml"
     try:
         text = storage.read_text(fs, config_path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{where}: no config.yaml there; expected the run directory of a finished or "
-                                f"interrupted run (or its storage copy)") from None
+        raise FileNotFoundError(f"{where}: no config.yaml there; {expected}") from None
     except OSError as err:
-        raise storage.StorageError(f"{where}: {storage.explain(err)}") from None
+        raise storage.StorageError(f"{where}: {storage.explain(err, fs)}") from None
     parent_cfg = config_lib.from_dict(yaml.safe_load(text))
     checkpoint = _newest_checkpoint(init_from, fs, path)
     if checkpoint is None:

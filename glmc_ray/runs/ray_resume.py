@@ -131,22 +131,9 @@ def _history(fs, folder: str) -> list[dict]:
 
 
 def _rewrite_metrics(run: Path, history: list[dict]) -> None:
-    _write_missing_events(run, history)
+    """metrics.jsonl as the checkpoint's history; the controller's event writer then adds the TensorBoard points
+    of the epochs whose events were never written (tensorboard_events: their scalars)."""
     rundir.write_metrics(run, history)
-
-
-def _write_missing_events(run: Path, history: list[dict]) -> None:
-    """TensorBoard points of committed epochs whose metrics line was never written (their per-class
-    accuracy is not in the history, only the scalars)."""
-    from glmc_ray.runs.tensorboard_events import EpochEvents
-
-    written = {record["epoch"] for record in rundir.read_metrics(run)}
-    missing = [record for record in history if record["epoch"] not in written]
-    if missing:
-        events = EpochEvents(run)
-        for record in missing:
-            events.write(record)
-        events.close()
 
 
 def delete_untracked_checkpoints(result) -> None:

@@ -221,7 +221,7 @@ class LocalReporter:
 
     def __init__(self, run: Path, cfg):
         self.run, self.cfg = run, cfg
-        self.events = EpochEvents(run)
+        self.events = EpochEvents(run, lambda: read_metrics(run))
 
     def report(self, record: dict, checkpoint, is_best: bool, per_class: list | None) -> None:
         # The checkpoint first: an epoch is in metrics.jsonl only once it can be resumed (a failed first

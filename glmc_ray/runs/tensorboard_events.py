@@ -3,15 +3,25 @@
 Written with torch's SummaryWriter next to metrics.jsonl (by LocalReporter in-process, by the controller's
 metrics callback under Ray), flushed every epoch so a running run shows. Tags: `train/loss`, `train/lr`, ...,
 `test/top1`, `test/many`, ..., `val/balanced_top1`, ..., and per-class test accuracy.
+
+Every committed epoch gets its events, whatever stops the run: `events_epoch.json` holds the first epoch
+without flushed events, and a writer opened for a later epoch (a resume, a restarted Ray worker group) first
+writes the epochs in between from metrics.jsonl (their scalars; the per-class accuracies of such an epoch are
+in no file). A stop between an epoch's checkpoint and its events is such a gap.
 """
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from numbers import Real
 from pathlib import Path
 
 import numpy as np
 
+from glmc_ray.core.storage import atomic_write
+
 SPLITS = ("train", "val", "test", "posthoc")
+MARK = "events_epoch.json"  # {"next_epoch": the first epoch whose events are not flushed}
 
 
 def tag(key: str) -> str:
@@ -22,10 +32,11 @@ def tag(key: str) -> str:
 
 
 class EpochEvents:
-    """One writer per process; reopened when the epochs go back (a resumed run, a restarted Ray worker group)."""
+    """One writer per process; reopened when the epochs go back (a resumed run, a restarted Ray worker group).
+    `committed`: the run's committed epoch records (metrics.jsonl), for the epochs a stop left without events."""
 
-    def __init__(self, run: Path):
-        self.run = run
+    def __init__(self, run: Path, committed: Callable[[], list[dict]]):
+        self.run, self.committed = run, committed
         self._writer = None
         self._next_epoch = 0
 
@@ -35,13 +46,17 @@ class EpochEvents:
         epoch = record["epoch"]
         if self._writer is None or epoch < self._next_epoch:
             self._open(epoch)
-        for key, value in record.items():
-            if key != "epoch" and isinstance(value, Real):
-                self._writer.add_scalar(tag(key), value, epoch)
+        self._write_scalars(record)
         if per_class is not None:
             self._write_per_class(per_class, epoch)
         self._writer.flush()
         self._next_epoch = epoch + 1
+        self._mark(self._next_epoch)
+
+    def _write_scalars(self, record: dict) -> None:
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, Real):
+                self._writer.add_scalar(tag(key), value, record["epoch"])
 
     def close(self) -> None:
         if self._writer is not None:
@@ -52,9 +67,22 @@ class EpochEvents:
         from torch.utils.tensorboard import SummaryWriter
 
         self.close()
-        # purge_step: TensorBoard hides the events that earlier files hold from this epoch on (written after
+        first = min(epoch, self._marked())  # the first epoch whose events may be missing
+        # purge_step: TensorBoard hides the events that earlier files hold from that epoch on (written after
         # the checkpoint this process continues from), so a replayed epoch shows once, with its new values.
-        self._writer = SummaryWriter(str(self.run), purge_step=epoch)
+        self._writer = SummaryWriter(str(self.run), purge_step=first)
+        for record in self.committed():  # committed epochs the events lack
+            if first <= record["epoch"] < epoch:
+                self._write_scalars(record)
+
+    def _marked(self) -> int:
+        try:
+            return json.loads((self.run / MARK).read_text())["next_epoch"]
+        except (OSError, ValueError, KeyError):  # none yet, or cut off by a kill mid-write: replay them all
+            return 0
+
+    def _mark(self, next_epoch: int) -> None:
+        atomic_write(self.run / MARK, lambda tmp: tmp.write_text(json.dumps({"next_epoch": next_epoch})))
 
     def _write_per_class(self, accuracies: list, epoch: int) -> None:
         # Two views, for two questions: one scalar per class follows a tail class through training (the tag
