@@ -16,6 +16,7 @@ from pathlib import Path
 from glmc_ray.core import config as config_lib
 from glmc_ray.core import storage
 from glmc_ray.core.errors import run_command
+from glmc_ray.core.interrupts import Interrupted, StopOnSignal
 from glmc_ray.runs import mirror, parent_run, provenance, rundir
 
 
@@ -85,7 +86,22 @@ def dry_run(cfg) -> None:
     print(json.dumps({"config": config_lib.to_dict(cfg), "class_counts": training_class_counts(cfg)}, indent=1))
 
 
-def run_local(cfg, args) -> dict:
+def resume_command(args, run: Path) -> str:
+    """The command that continues `run` as this one trained it (the Ray options and the storage it used)."""
+    options = [f"--{name.replace('_', '-')} {value}" for name in ("nodes", "gpus_per_node", "workers", "address",
+                                                                     "storage") if (value := getattr(args, name))]
+    return " ".join(["python -m glmc_ray.train --resume", str(run), *options])
+
+
+def interrupted_line(interruption: Interrupted, args) -> str:
+    """The one line an interrupted run ends with: where it stopped, what it keeps, how to go on."""
+    if interruption.run is None or interruption.epoch == 0 and interruption.fresh:
+        return f"{interruption}: no epoch was committed; nothing to resume"
+    return (f"{interruption}: the epochs before it are kept; resume with: "
+            f"{resume_command(args, interruption.run)}")
+
+
+def run_local(cfg, args, stop: StopOnSignal) -> dict:
     from glmc_ray.data import ray_cpus
     from glmc_ray.training.worker import run_worker
 
@@ -103,13 +119,17 @@ def run_local(cfg, args) -> dict:
         run = rundir.new_run_dir(args.output, cfg)
         parent_run.record(run, cfg)
         print(f"run directory: {run}", flush=True)
-    with rundir.removed_if_failed_start(run, fresh=state is None):
-        final = run_worker(cfg, rundir.LocalReporter(run, cfg), state=state)
+    try:
+        with rundir.removed_if_failed_start(run, fresh=state is None, quiet=(Interrupted,)):
+            final = run_worker(cfg, rundir.LocalReporter(run, cfg, stop.requested), state=state)
+    except Interrupted as interruption:
+        interruption.run, interruption.fresh = run, state is None
+        raise
     print(f"done: {run}", flush=True)
     return final
 
 
-def run_ray(cfg, args) -> dict:
+def run_ray(cfg, args, stop: StopOnSignal) -> dict:
     from glmc_ray.data import ray_cpus
     from glmc_ray.distributed import ray_train
 
@@ -119,7 +139,8 @@ def run_ray(cfg, args) -> dict:
         storage.check_writable(run_storage, "--storage")
     ray_train.connect(args.address, args.workers or 1, ray_cpus(cfg))
     scaling = ray_train.scaling_for(args.nodes, args.workers, args.gpus_per_node)
-    run, final = ray_train.launch(cfg, scaling, args.output, resume, run_storage, args.ray_verbose)
+    stop.install()  # again: ray.init puts Ray's own SIGTERM handler in place of ours
+    run, final = ray_train.launch(cfg, scaling, args.output, resume, run_storage, args.ray_verbose, stop=stop)
     print(f"done: {run}", flush=True)
     return final
 
@@ -152,7 +173,12 @@ def _train(args) -> int:
     if args.dry_run:
         dry_run(cfg)
         return 0
-    final = run_ray(cfg, args) if uses_ray(args) else run_local(cfg, args)
+    with StopOnSignal() as stop:
+        try:
+            final = run_ray(cfg, args, stop) if uses_ray(args) else run_local(cfg, args, stop)
+        except Interrupted as interruption:
+            print(interrupted_line(interruption, args), file=sys.stderr, flush=True)
+            return stop.exit_code
     print(summary(final))
     return 0
 

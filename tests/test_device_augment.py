@@ -31,7 +31,7 @@ from glmc_ray.data.device_augment import (
     view_key,
 )
 from glmc_ray.data.files import _PlannedBatchSampler
-from glmc_ray.data.images import Unreadable, decode_tensor, train_transform
+from glmc_ray.data.images import BadImageLog, Unreadable, decode_tensor, train_transform
 from glmc_ray.data.shards import Decode
 
 KS_5_PERCENT_400 = 0.096  # two-sample KS critical value at 5 % for 400 against 400
@@ -197,7 +197,7 @@ def _keys_by_position(batch_size: int, world_size: int) -> dict:
     seen = {}
     for rank in range(world_size):
         plan = EpochPlan(100, batch_size, None, seed=3, rank=rank, world_size=world_size)
-        sampler = _PlannedBatchSampler(plan, "uniform", keyed=True)
+        sampler = _PlannedBatchSampler(plan, "uniform", [f"{i}.JPEG" for i in range(100)], BadImageLog(0), keyed=True)
         sampler.epoch = 2
         for step, batch in zip(plan.steps(2), sampler, strict=True):
             seen |= dict(zip(step.positions.tolist(), batch, strict=True))
@@ -292,7 +292,6 @@ def test_jpegs_decoded_on_the_device_give_the_crops_the_decode_actors_would_cut(
     cropping on the device (here the CPU's decode_jpeg) gives the crops the actors cut from their own decode.
     A PNG named .JPEG is decoded on the CPU instead and counted; a truncated JPEG is an unreadable image."""
     from glmc_ray.data.device_augment import JpegDecoder
-    from glmc_ray.data.images import BadImageLog
 
     pictures = [TF.to_pil_image(_image(seed, 90)[0]) for seed in range(6)]
     encoded = [_encoded(p, "JPEG") for p in pictures[:4]] + [_encoded(pictures[4], "PNG")]

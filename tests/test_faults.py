@@ -88,8 +88,8 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, capsys, monkeypatch
     """An exploding but finite loss can leave inf BatchNorm variances: the epoch is refused, its predecessor kept."""
     train_epoch = loop.train_epoch
 
-    def exploding(t, data, epoch, cfg, dist):
-        record = train_epoch(t, data, epoch, cfg, dist)
+    def exploding(t, data, epoch, cfg, dist, stop):
+        record = train_epoch(t, data, epoch, cfg, dist, stop)
         if epoch == 1:
             batchnorm = next(m for m in t.raw_model.modules() if isinstance(m, torch.nn.BatchNorm2d))
             batchnorm.running_var.fill_(math.inf)

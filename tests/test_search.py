@@ -357,7 +357,8 @@ def test_fidelity_check_and_final_seeds_train_the_full_schedule_once_per_run(tmp
                  "--concurrent", "2", "--trial-epochs", "1", "--output", str(output)]) == 0
     experiment = _only_experiment(output)
     stages = ["--resume", str(experiment), "--fidelity-check", "3", "--final-seeds", "2"]
-    # Ctrl-C once the first full-schedule run has an epoch: exit 130 and no report from part of the runs
+    # SIGTERM (handled as Ctrl-C: Tune's graceful stop) once the first full-schedule run has an epoch: exit 143
+    # and no report from part of the runs
     address = ray.get_runtime_context().gcs_address
     driver = subprocess.Popen([sys.executable, "-c", KILLED, *stages, "--address", address], cwd=REPO,
                               env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
@@ -365,8 +366,8 @@ def test_fidelity_check_and_final_seeds_train_the_full_schedule_once_per_run(tmp
     deadline = time.monotonic() + 240
     while not any(rundir.read_metrics(r) for r in experiment.glob("full/*-seed*")) and time.monotonic() < deadline:
         time.sleep(0.2)
-    driver.send_signal(signal.SIGINT)
-    assert driver.wait(timeout=120) == 130
+    driver.send_signal(signal.SIGTERM)
+    assert driver.wait(timeout=120) == 143
     assert not (experiment / "fidelity.json").exists() and not (experiment / "final_seeds.json").exists()
     assert main(stages) == 0  # the same command continues the runs and reports
     rows = {r["trial_id"]: r for r in _rows(experiment)}

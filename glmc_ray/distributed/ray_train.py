@@ -8,6 +8,11 @@ The controller, which runs on the driver's node, appends rank 0's record to `<ru
 TensorBoard events; the driver writes `final.json` and the plot from rank 0's return value. A restarted worker
 group (lost worker, `max_failures`) or `--resume RUN_DIR` continues from the latest reported checkpoint;
 config, data and divergence errors end the run at once (`fail_fast_callback`).
+
+Ctrl-C and SIGTERM (core/interrupts.py): the driver runs `trainer.fit()` in a thread, so Ray Train's own SIGINT
+handler (an abort during which the workers train on and report epochs the resume then drops) is not installed,
+and passes the request to the workers through a `StopFlag` actor they poll: they stop together at a step
+boundary and return, and the driver raises Interrupted with the committed epochs intact.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ import json
 import math
 import os
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +31,7 @@ import torch
 from glmc_ray.core import config as config_lib
 from glmc_ray.core import storage as storage_lib
 from glmc_ray.core.errors import exit_code
+from glmc_ray.core.interrupts import Interrupted, StopOnSignal
 from glmc_ray.methods import METHODS
 from glmc_ray.runs import mirror, parent_run, provenance, ray_resume, rundir
 from glmc_ray.runs.ray_resume import STATE_FILE, STORAGE_FILE
@@ -47,11 +55,37 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-class RayReporter:
-    """Every rank calls `ray.train.report` once per epoch (it is a barrier); rank 0 attaches the checkpoint."""
+class StopFlag:
+    """The driver's stop request (Ctrl-C, SIGTERM), as a Ray actor every worker polls."""
 
-    def __init__(self, dist: Dist, has_val: bool):
-        self.dist, self.has_val = dist, has_val
+    def __init__(self):
+        self.stop = False
+
+    def request(self) -> None:
+        self.stop = True
+
+    def requested(self) -> bool:
+        return self.stop
+
+
+POLL_SECONDS = 1.0  # a worker asks the StopFlag at most this often (the loop asks at its check steps)
+
+
+class RayReporter:
+    """Every rank calls `ray.train.report` once per epoch (it is a barrier); rank 0 attaches the checkpoint.
+    `stop`: the driver's StopFlag actor, or None."""
+
+    def __init__(self, dist: Dist, has_val: bool, stop=None):
+        self.dist, self.has_val, self.stop = dist, has_val, stop
+        self.stopped, self.polled = False, -math.inf
+
+    def stop_requested(self) -> bool:
+        import ray
+
+        if self.stop is not None and not self.stopped and time.monotonic() - self.polled >= POLL_SECONDS:
+            self.polled = time.monotonic()
+            self.stopped = ray.get(self.stop.requested.remote())
+        return self.stopped
 
     def report(self, record: dict, checkpoint, is_best: bool, per_class: list | None) -> None:
         import ray.train
@@ -79,7 +113,8 @@ def train_fn(loop_config: dict) -> dict:
     """The Ray Train worker function: restore the latest checkpoint, if any, and run the loop.
 
     `loop_config`: {"config": the run's config as a dict, "restore_from": a checkpoint folder to start from
-    when Ray holds none (ray_resume.Resume.folder), or None}."""
+    when Ray holds none (ray_resume.Resume.folder), or None, "stop": the driver's StopFlag actor, or None}.
+    A stop returns {"interrupted": [epoch, step]}: a normal end for Ray Train, which retries no worker."""
     import ray.train
     from ray.train.torch import get_device, prepare_model
 
@@ -106,9 +141,11 @@ def train_fn(loop_config: dict) -> dict:
             return model
         return prepare_model(model, move_to_device=False, parallel_strategy="ddp",
                              parallel_strategy_kwargs={"find_unused_parameters": find_unused})
-    reporter = RayReporter(dist, has_validation(cfg))
-    # get_device(): the GPU Ray assigned to this worker (not always cuda:<local rank>), or the CPU
-    final = run_worker(cfg, reporter, dist, state, get_device(), prepare, ray.train.get_dataset_shard)
+    reporter = RayReporter(dist, has_validation(cfg), loop_config.get("stop"))
+    try:  # get_device(): the GPU Ray assigned to this worker (not always cuda:<local rank>), or the CPU
+        final = run_worker(cfg, reporter, dist, state, get_device(), prepare, ray.train.get_dataset_shard)
+    except Interrupted as interruption:
+        return {"interrupted": [interruption.epoch, interruption.step]}
     # version.json holds the driver's device; the workers' can differ (a CPU head node drives GPU nodes)
     return {**final, "workers": {"count": dist.world_size, "rank0_device": provenance.device_description()}}
 
@@ -274,14 +311,16 @@ def check_scaling(cfg, scaling: Scaling) -> None:
 
 
 def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | None = None,
-           storage: str | None = None, ray_verbose: bool = False, callbacks: list = ()) -> tuple[Path, dict]:
+           storage: str | None = None, ray_verbose: bool = False, callbacks: list = (),
+           stop: StopOnSignal | None = None) -> tuple[Path, dict]:
     """Check the request, then make the run directory (or take `resume`'s) and run the loop under a
     TorchTrainer; the run's name and storage make it resumable. Nothing is written when a check fails.
 
     `storage`: where Ray Train keeps the checkpoints (default: the run directory's parent; a resume takes the
     one the run recorded). Storage elsewhere (s3://...) also gets a copy of the run directory, every epoch.
     `ray_verbose` shows Ray Train's own INFO lines on the console (always in its log files); `callbacks`:
-    extra Ray Train UserCallbacks (the search forwards each epoch to Tune with one)."""
+    extra Ray Train UserCallbacks (the search forwards each epoch to Tune with one); `stop`: the command's
+    signal handler, whose request stops the workers (Interrupted is raised then)."""
     from glmc_ray.distributed.ray_logging import quiet_snapshot_notice
 
     check_scaling(cfg, scaling)
@@ -300,16 +339,20 @@ def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | No
           f"on {scaling.nodes} node(s))", flush=True)
     remote = storage_lib.join(storage, run.name)
     mirrored = storage_lib.is_uri(storage) or Path(storage).resolve() != run.parent.resolve()
-    with rundir.removed_if_failed_start(run, fresh=resume is None):
-        if resume is None:
-            if mirrored:  # checked before anything is written there (and so before the clean-up below)
-                storage_lib.check_free(remote, "--storage", "run")
-            (run / STORAGE_FILE).write_text(json.dumps({"storage": storage}) + "\n")
-            parent_run.record(run, cfg)
-        with _removed_if_no_checkpoint(remote if mirrored and resume is None else None):
-            final = _fit(cfg, run, storage, scaling, ray_verbose, callbacks, restore_from,
-                         remote if mirrored else None)
-        return run, final
+    try:
+        with rundir.removed_if_failed_start(run, fresh=resume is None, quiet=(Interrupted,)):
+            if resume is None:
+                if mirrored:  # checked before anything is written there (and so before the clean-up below)
+                    storage_lib.check_free(remote, "--storage", "run")
+                (run / STORAGE_FILE).write_text(json.dumps({"storage": storage}) + "\n")
+                parent_run.record(run, cfg)
+            with _removed_if_no_checkpoint(remote if mirrored and resume is None else None):
+                final = _fit(cfg, run, storage, scaling, ray_verbose, callbacks, restore_from,
+                             remote if mirrored else None, stop)
+            return run, final
+    except Interrupted as interruption:
+        interruption.run, interruption.fresh = run, resume is None
+        raise
 
 
 def run_storage(resume: Path | None, storage: str | None) -> str | None:
@@ -340,7 +383,8 @@ def _removed_if_no_checkpoint(remote: str | None):
 
 
 def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, callbacks: list = (),
-         restore_from: str | None = None, remote: str | None = None) -> dict:
+         restore_from: str | None = None, remote: str | None = None, stop: StopOnSignal | None = None) -> dict:
+    import ray
     from ray.train import CheckpointConfig, ControllerError, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -348,9 +392,10 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, call
     from glmc_ray.distributed.ray_logging import controller_console_callback
 
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
+    flag = ray.remote(num_cpus=0)(StopFlag).remote() if stop is not None else None
     trainer = TorchTrainer(
         train_fn,
-        train_loop_config={"config": config_lib.to_dict(cfg), "restore_from": restore_from},
+        train_loop_config={"config": config_lib.to_dict(cfg), "restore_from": restore_from, "stop": flag},
         datasets=ray_datasets(cfg, scaling.use_gpu) or None,
         scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources,
@@ -371,7 +416,7 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, call
             # Ray Train's print patch would show every rank-0 line twice on the driver.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}))
     try:
-        result = trainer.fit()
+        result = _fit_watching(trainer, stop, flag)
     except ControllerError as err:
         if isinstance(err.controller_failure, NotRetried):
             raise err.controller_failure.error from None  # the worker's own error, as in-process
@@ -380,10 +425,38 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, call
         raise result.error
     ray_resume.delete_untracked_checkpoints(result)  # those from before a resume that fell back (none otherwise)
     final = result.return_value
+    if "interrupted" in final:
+        raise Interrupted(*final["interrupted"])
     rundir.write_final(run, final, cfg)
     if remote is not None:
         mirror.push(run, remote)
     return final
+
+
+def _fit_watching(trainer, stop: StopOnSignal | None, flag):
+    """trainer.fit() in a thread (so Ray Train installs no SIGINT handler of its own) while this thread, the
+    main one, handles the signals and passes a stop request on to the workers through `flag`."""
+    if stop is None:
+        return trainer.fit()
+    outcome = {}
+
+    def fit():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # handed to the main thread as it is
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    passed = False
+    while thread.is_alive():
+        thread.join(0.2)  # short waits: signal handlers run in this thread between them
+        if stop.requested() and not passed:
+            flag.request.remote()
+            passed = True
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def connect(address: str | None, workers: int, data_cpus: float = 0.0) -> None:

@@ -19,6 +19,7 @@ import pickle
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -131,13 +132,14 @@ def remove_failed_start(run: Path) -> bool:
 
 
 @contextlib.contextmanager
-def removed_if_failed_start(run: Path, fresh: bool):
+def removed_if_failed_start(run: Path, fresh: bool, quiet: tuple = ()):
     """Around the training of `run`: if it fails and `fresh` (not a resume) and no epoch was saved, the run
-    directory is deleted and the user told so; the error goes on."""
+    directory is deleted and the user told so (not for the `quiet` exceptions: their own line says it); the
+    error goes on."""
     try:
         yield
-    except BaseException:
-        if fresh and remove_failed_start(run):
+    except BaseException as err:
+        if fresh and remove_failed_start(run) and not isinstance(err, quiet):
             print(f"removed {run}: the run stopped before its first epoch was saved", file=sys.stderr, flush=True)
         raise
 
@@ -217,10 +219,10 @@ def write_final(run: Path, final: dict, cfg) -> None:
 
 class LocalReporter:
     """In-process reporting: every epoch a metrics line and TensorBoard events, then the checkpoint (and
-    best.pt) atomically."""
+    best.pt) atomically. `stop`: whether the command was asked to stop (core/interrupts.py)."""
 
-    def __init__(self, run: Path, cfg):
-        self.run, self.cfg = run, cfg
+    def __init__(self, run: Path, cfg, stop: Callable[[], bool] = lambda: False):
+        self.run, self.cfg, self.stop_requested = run, cfg, stop
         self.events = EpochEvents(run, lambda: read_metrics(run))
 
     def report(self, record: dict, checkpoint, is_best: bool, per_class: list | None) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from glmc_ray.core import config as config_lib
 from glmc_ray.core import storage
 from glmc_ray.core.errors import run_command
+from glmc_ray.core.interrupts import TermAsInt
 from glmc_ray.search import full as search_full
 from glmc_ray.search import space as search_space
 from glmc_ray.search import trials
@@ -72,17 +73,18 @@ def _default_gpus(opts: trials.SearchOptions) -> None:
         opts.gpus_per_trial = float(opts.workers_per_trial) if has_gpus else 0.0
 
 
-def run(args) -> tuple[Path, bool]:
+def run(args, term: TermAsInt | None = None) -> tuple[Path, bool]:
+    """The search and the stages after it; `term`: SIGTERM as Ctrl-C (Tune's graceful stop) once Ray is up."""
     for name, value in (("--fidelity-check", args.fidelity_check), ("--final-seeds", args.final_seeds)):
         if value < 0:
             raise config_lib.ConfigError(f"{name}: {value} is out of range; expected >= 0")
-    experiment, finished = _run_search(args)
+    experiment, finished = _run_search(args, term or TermAsInt())
     if finished and (args.fidelity_check or args.final_seeds):
         finished = search_full.full_stages(experiment, args.fidelity_check, args.final_seeds) is not None
     return experiment, finished
 
 
-def _run_search(args) -> tuple[Path, bool]:
+def _run_search(args, term: TermAsInt) -> tuple[Path, bool]:
     from glmc_ray.distributed import ray_train
 
     trials.set_environment()
@@ -91,6 +93,7 @@ def _run_search(args) -> tuple[Path, bool]:
             raise config_lib.ConfigError("--resume uses the experiment's saved base config and space; "
                                          "drop --config/--set/--space")
         ray_train.connect(args.address, 1)
+        term.install()
         return trials.resume(args.resume)
     if not args.space:
         raise config_lib.ConfigError("--space is required (e.g. configs/search/glmc.yaml)")
@@ -105,6 +108,7 @@ def _run_search(args) -> tuple[Path, bool]:
     ray_train.connect(args.address, max(1, int(opts.concurrent * opts.cpus_per_trial)),
                       opts.concurrent * ray_cpus(base))
     _default_gpus(opts)
+    term.install()
     return trials.search(base, space, opts, args.output)
 
 
@@ -113,7 +117,9 @@ def main(argv=None) -> int:
 
 
 def _search(args) -> int:
-    _, finished = run(args)
-    return 0 if finished else 130  # interrupted (Ctrl-C): the outputs so far are written, --resume continues
+    term = TermAsInt()
+    _, finished = run(args, term)
+    # interrupted (Ctrl-C, SIGTERM): the outputs so far are written, --resume continues
+    return 0 if finished else term.exit_code
 
 

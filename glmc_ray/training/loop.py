@@ -22,6 +22,7 @@ import torch
 from glmc_ray.core.config import to_dict
 from glmc_ray.core.errors import kept_checkpoint
 from glmc_ray.core.evaluation import choose_posthoc, evaluate, tau_grid
+from glmc_ray.core.interrupts import Interrupted
 from glmc_ray.data.batches import DataBundle, epoch_generator
 from glmc_ray.methods import Method
 
@@ -33,6 +34,10 @@ class Reporter(Protocol):
 
     def finish(self, final: dict) -> None:
         """Called once at the end with the final results (last epoch, best-on-validation epoch)."""
+
+    def stop_requested(self) -> bool:
+        """Whether the command was asked to stop (Ctrl-C, SIGTERM; core/interrupts.py): the loop then raises
+        Interrupted at the next step boundary the workers agree on, keeping the committed epochs."""
 
 
 @dataclass
@@ -46,6 +51,12 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """Whether any worker's `flag` is set (a collective with several workers: all call it together)."""
+        if self.world_size == 1:
+            return flag
+        return bool(self.all_reduce(torch.tensor([float(flag)], device=device)) > 0)
 
 
 @dataclass
@@ -129,12 +140,14 @@ class Divergence:
                                      f"{kept_checkpoint(epoch)}")
 
 
-def train_epoch(t: Trainee, data: DataBundle, epoch: int, cfg, dist: Dist) -> dict:
+def train_epoch(t: Trainee, data: DataBundle, epoch: int, cfg, dist: Dist, stop: Callable[[], bool]) -> dict:
     """One pass over the batch source; returns the epoch's mean loss terms, lr and throughput.
 
     Nothing is read back from the device per step: the loss terms are summed there, and a non-finite loss is
     noted there and looked at every train.finite_check_every steps, at each progress line and at the end of
-    the epoch (the run stops naming the first bad step; the weights it went on to change are never saved)."""
+    the epoch (the run stops naming the first bad step; the weights it went on to change are never saved).
+    `stop()` is looked at after every step in-process, every train.finite_check_every steps with several
+    workers (who must agree on the step: a collective); when set, Interrupted ends the epoch there."""
     steps, epochs = len(data.train), cfg.train.epochs
     generator = epoch_generator(cfg.train.seed, epoch, stream=1)  # same on all ranks: one lambda per global batch
     sums: dict[str, torch.Tensor] = {}
@@ -158,8 +171,11 @@ def train_epoch(t: Trainee, data: DataBundle, epoch: int, cfg, dist: Dist) -> di
                 host_sums[key] = host_sums.get(key, 0.0) + float(value)
         images += len(batch) * dist.world_size
         progress_line = dist.is_main and every and (step + 1) % every == 0
-        if progress_line or (step + 1) % check_every == 0:
+        checkpoint_step = (step + 1) % check_every == 0
+        if progress_line or checkpoint_step:
             divergence.check(epoch, lr)
+        if (dist.world_size == 1 or checkpoint_step) and dist.any(stop(), t.device):
+            raise Interrupted(epoch, step + 1)
         if progress_line:
             print(f"  epoch {epoch} step {step + 1}/{steps} loss {float(out.loss.detach()):.4f} "
                   f"{images / (time.perf_counter() - start):.0f} img/s", flush=True)
@@ -213,7 +229,9 @@ def fit(cfg, t: Trainee, data: DataBundle, reporter: Reporter, dist: Dist | None
     start_epoch = restore(t, state) if state is not None else 0
     config, epochs, last = to_dict(cfg), cfg.train.epochs, None
     for epoch in range(start_epoch, epochs):
-        record = train_epoch(t, data, epoch, cfg, dist)
+        if dist.any(reporter.stop_requested(), t.device):  # no new epoch starts after a stop
+            raise Interrupted(epoch, 0)
+        record = train_epoch(t, data, epoch, cfg, dist, reporter.stop_requested)
         t.scheduler.step()
         bad = non_finite_state(t.raw_model)
         if bad:  # never checkpoint a state that cannot train on (the rank that finds it ends the run)
