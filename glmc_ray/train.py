@@ -109,6 +109,7 @@ def run_local(cfg, args, stop: StopOnSignal) -> dict:
         from glmc_ray.distributed import ray_train
 
         ray_train.connect(None, 0, ray_cpus(cfg))
+        stop.install()  # again: ray.init puts Ray's own SIGTERM handler in place of ours
     state = None
     if args.resume:
         run = resume_dir(args)

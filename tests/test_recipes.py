@@ -96,6 +96,8 @@ SOURCES = {
     # fistyee/MDCS@1a1d54e configs/*.json, train.py's CustomLR (methods-reference.md 6)
     "cifar100_lt_if100/mdcs.yaml": {**MDCS_CIFAR, "data.source": "cifar100"},
     "cifar10_lt_if100/mdcs.yaml": {**MDCS_CIFAR, "data.source": "cifar10"},
+    "cifar100_lt_if50/mdcs.yaml": {**MDCS_CIFAR, "data.source": "cifar100", "data.imbalance_factor": 50},
+    "cifar10_lt_if50/mdcs.yaml": {**MDCS_CIFAR, "data.source": "cifar10", "data.imbalance_factor": 50},
     "imagenet_lt/mdcs.yaml": {**IMAGENET, "model.experts": 3, "optim.lr": 0.1, "optim.nesterov": True,
                               "optim.weight_decay": 5e-4, "optim.schedule": "cosine", "train.epochs": 180,
                               "train.batch_size": 256, "data.strong_augmentation": "randaugment_cutout"},
