@@ -84,7 +84,10 @@ class RayReporter:
 
         if self.stop is not None and not self.stopped and time.monotonic() - self.polled >= POLL_SECONDS:
             self.polled = time.monotonic()
-            self.stopped = ray.get(self.stop.requested.remote())
+            try:
+                self.stopped = ray.get(self.stop.requested.remote())
+            except ray.exceptions.RayActorError:  # gone with the driver's node: no one is left to ask for a stop
+                self.stop = None
         return self.stopped
 
     def report(self, record: dict, checkpoint, is_best: bool, per_class: list | None) -> None:
@@ -392,7 +395,12 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, call
     from glmc_ray.distributed.ray_logging import controller_console_callback
 
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
-    flag = ray.remote(num_cpus=0)(StopFlag).remote() if stop is not None else None
+    flag = None
+    if stop is not None:  # on the driver's node, as Ray Train's controller: a lost worker node does not take it
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        flag = ray.remote(num_cpus=0, scheduling_strategy=here)(StopFlag).remote()
     trainer = TorchTrainer(
         train_fn,
         train_loop_config={"config": config_lib.to_dict(cfg), "restore_from": restore_from, "stop": flag},
