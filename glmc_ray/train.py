@@ -167,13 +167,13 @@ def _train(args) -> int:
     if not args.resume:  # a second stage's parent: there, with a checkpoint, the same model and subset
         parent_run.check(cfg)
     parent_run.check_teacher(cfg)  # read again by every worker, also on a resume
+    if args.dry_run:  # its class counts are checked against data.classes there
+        dry_run(cfg)
+        return 0
     if cfg.data.classes:  # a recipe's dataset against the data given (the workers count again)
         from glmc_ray.data import training_class_counts
 
         training_class_counts(cfg)
-    if args.dry_run:
-        dry_run(cfg)
-        return 0
     with StopOnSignal() as stop:
         try:
             final = run_ray(cfg, args, stop) if uses_ray(args) else run_local(cfg, args, stop)
