@@ -15,7 +15,7 @@ from pathlib import Path
 
 from glmc_ray.core import config as config_lib
 from glmc_ray.core import storage
-from glmc_ray.core.errors import run_command
+from glmc_ray.core.errors import STORAGE_LOST, StorageLost, run_command
 from glmc_ray.core.interrupts import Interrupted, StopOnSignal
 from glmc_ray.runs import mirror, parent_run, provenance, rundir
 
@@ -93,12 +93,12 @@ def resume_command(args, run: Path) -> str:
     return " ".join(["python -m glmc_ray.train --resume", str(run), *options])
 
 
-def interrupted_line(interruption: Interrupted, args) -> str:
-    """The one line an interrupted run ends with: where it stopped, what it keeps, how to go on."""
-    if interruption.run is None or interruption.epoch == 0 and interruption.fresh:
-        return f"{interruption}: no epoch was committed; nothing to resume"
-    return (f"{interruption}: the epochs before it are kept; resume with: "
-            f"{resume_command(args, interruption.run)}")
+def stopped_line(stopped: Interrupted | StorageLost, args) -> str:
+    """The one line an interrupted run or one that lost its storage ends with: why it stopped, what it keeps,
+    how to go on (a fresh run that committed no epoch was removed: there is nothing to resume)."""
+    if stopped.run is None or stopped.fresh and not (stopped.run / "config.yaml").exists():
+        return f"{stopped}; no epoch was committed; nothing to resume"
+    return f"{stopped}; the epochs committed before it are kept; resume with: {resume_command(args, stopped.run)}"
 
 
 def run_local(cfg, args, stop: StopOnSignal) -> dict:
@@ -121,7 +121,7 @@ def run_local(cfg, args, stop: StopOnSignal) -> dict:
         parent_run.record(run, cfg)
         print(f"run directory: {run}", flush=True)
     try:
-        with rundir.removed_if_failed_start(run, fresh=state is None, quiet=(Interrupted,)):
+        with rundir.removed_if_failed_start(run, fresh=state is None, quiet=(Interrupted, StorageLost)):
             final = run_worker(cfg, rundir.LocalReporter(run, cfg, stop.requested), state=state)
     except Interrupted as interruption:
         interruption.run, interruption.fresh = run, state is None
@@ -178,8 +178,11 @@ def _train(args) -> int:
         try:
             final = run_ray(cfg, args, stop) if uses_ray(args) else run_local(cfg, args, stop)
         except Interrupted as interruption:
-            print(interrupted_line(interruption, args), file=sys.stderr, flush=True)
+            print(stopped_line(interruption, args), file=sys.stderr, flush=True)
             return stop.exit_code
+        except StorageLost as lost:
+            print(f"error: {stopped_line(lost, args)}", file=sys.stderr, flush=True)
+            return STORAGE_LOST
     print(summary(final))
     return 0
 

@@ -1,6 +1,8 @@
 """Real servers for the storage tests, each on a free loopback port, stopped by PID:
   - an S3 API server (moto's standalone server, a real HTTP S3 endpoint) that checks credentials;
-  - a throwaway PostgreSQL cluster (initdb + pg_ctl in a temp folder), never a system instance."""
+  - a throwaway PostgreSQL cluster (initdb + pg_ctl in a temp folder), never a system instance;
+  - a TCP proxy in front of either that can be cut (every connection dropped, new ones refused, as when a
+    network path or a load balancer goes away) and restored on the same port."""
 from __future__ import annotations
 
 import contextlib
@@ -12,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -135,3 +138,58 @@ def postgres_server(folder: Path):
             except ProcessLookupError:
                 break
             time.sleep(0.2)
+
+
+class CuttableProxy:
+    """Forwards 127.0.0.1:`port` to 127.0.0.1:`target` in threads of this process; `cut()` closes the listening
+    socket and every open connection (clients get "connection refused" until `restore()`)."""
+
+    def __init__(self, target: int):
+        self.target, self.port = target, free_port()
+        self.lock, self.sockets, self.listener = threading.Lock(), set(), None
+        self.restore()
+
+    def restore(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self.lock:
+            doomed, self.sockets = [self.listener, *self.sockets], set()
+        for sock in doomed:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # cut
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.sockets |= {client, server}
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        with self.lock:
+            self.sockets.discard(source)
+        source.close()  # the other direction's thread closes `sink`

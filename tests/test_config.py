@@ -34,6 +34,7 @@ def test_overrides_are_typed_and_applied_in_order():
     ("data.std=[0.2,x,0.2]", r"data.std\[1\]: expected float, got 'x'"),
     ("data.augmentation=simclr", r"data.augmentation: in-memory sources .* crop_flip only"),
     ("data.source=files", r"data.train_split: required for data.source=files"),
+    ("dist.storage_retry_seconds=-1", r"dist.storage_retry_seconds: -1.0 is out of range; expected >= 0 \(0: no retry"),
 ])
 def test_bad_overrides_name_key_value_and_choices(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -50,7 +50,7 @@ def _the_one_line(lines: list[str], exit_code: int, code: int) -> re.Match:
     assert not any("Traceback" in line or "*** SIGTERM received" in line for line in lines), lines
     ends = [line for line in lines if line.startswith("interrupted at epoch")]
     assert len(ends) == 1, lines
-    return re.match(r"interrupted at epoch (\d+) step \d+: the epochs before it are kept; resume with: "
+    return re.match(r"interrupted at epoch (\d+) step \d+; the epochs committed before it are kept; resume with: "
                     r"python -m glmc_ray.train --resume (\S+)(.*)$", ends[0])
 
 

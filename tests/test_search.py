@@ -6,6 +6,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,13 +16,14 @@ import ray
 import yaml
 
 from glmc_ray.core import config as config_lib
+from glmc_ray.core.errors import STORAGE_LOST
 from glmc_ray.runs import rundir
 from glmc_ray.search import full as search_full
 from glmc_ray.search import space as search_space
 from glmc_ray.search import trials
 from glmc_ray.train import main as train_main
 from tests.conftest import REPO, git_head
-from tests.servers import postgres_server
+from tests.servers import CuttableProxy, postgres_server
 from tuning.search import main
 
 SMOKE = str(REPO / "configs/smoke.yaml")
@@ -324,6 +326,71 @@ def test_a_killed_search_resumes_with_every_trial_once(tmp_path, ray_session):
     assert [r["epoch"] for r in rundir.read_metrics(interrupted)] == [0, 1, 2]
     study = _study(experiment)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+
+
+def _cut_after_first_trial(output: Path, proxy: CuttableProxy, seconds: float | None) -> threading.Thread:
+    """Cuts the database's proxy once a trial has finished (its Optuna trial is told around then, the next one
+    asked), and restores it `seconds` later (None: the test restores it)."""
+    def cut():
+        while not list(output.glob("*/trials/*/final.json")):
+            time.sleep(0.1)
+        proxy.cut()
+        if seconds is not None:
+            time.sleep(seconds)
+            proxy.restore()
+
+    thread = threading.Thread(target=cut, daemon=True)
+    thread.start()
+    return thread
+
+
+def _search_through(proxy: CuttableProxy, output: Path, retry_seconds: float, postgres: str) -> list[str]:
+    url = postgres.replace(postgres.rsplit(":", 1)[1].split("/")[0], str(proxy.port))
+    space = REPO / "configs/search/glmc.yaml"
+    return ["--config", SMOKE, *FAST, "--space", str(space), "--trials", "3", "--concurrent", "1",
+            "--trial-epochs", "1", "--output", str(output), "--storage-url", url,
+            "--set", f"dist.storage_retry_seconds={retry_seconds}"]
+
+
+def test_a_study_database_outage_within_the_retry_window_is_ridden_out(tmp_path, ray_session, postgres, capsys):
+    """The database cut for 8 s between trials: the driver waits for it (pool pre-ping, then a connection
+    retried with backoff) and the search finishes with every trial once, all recorded in the study."""
+    proxy = CuttableProxy(int(postgres.rsplit(":", 1)[1].split("/")[0]))
+    output = tmp_path / "runs"
+    cutter = _cut_after_first_trial(output, proxy, 8)
+    assert main(_search_through(proxy, output, 60, postgres)) == 0
+    cutter.join()
+    err = capsys.readouterr().err
+    assert "the study database postgresql://glmc@127.0.0.1" in err and "unreachable while connecting" in err, err
+    assert "reachable again after" in err and "Traceback" not in err, err
+    experiment = _only_experiment(output)
+    assert [r["status"] for r in _rows(experiment)] == ["complete"] * 3
+    study = _study(experiment, postgres)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    proxy.cut()
+
+
+def test_a_study_database_outage_past_the_retry_window_ends_the_search_with_one_line_and_it_resumes(
+        tmp_path, ray_session, postgres, capsys):
+    proxy = CuttableProxy(int(postgres.rsplit(":", 1)[1].split("/")[0]))
+    output = tmp_path / "runs"
+    cutter = _cut_after_first_trial(output, proxy, None)
+    try:
+        code = main(_search_through(proxy, output, 3, postgres))
+        cutter.join()
+    finally:
+        proxy.restore()
+    err = capsys.readouterr().err
+    experiment = _only_experiment(output)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == STORAGE_LOST and len(errors) == 1 and "Traceback" not in err, err
+    assert "the study database postgresql://glmc@127.0.0.1" in errors[0] and "stayed unreachable" in errors[0]
+    assert errors[0].endswith(f"resume with: python tuning/search.py --resume {experiment}"), errors
+    assert main(["--resume", str(experiment)]) == 0
+    rows = _rows(experiment)
+    assert len({r["trial_id"] for r in rows}) == 3 and all(r["status"] == "complete" for r in rows)
+    assert len(list((experiment / "trials").iterdir())) == 3  # nothing trained twice
+    proxy.cut()
 
 
 def test_a_trial_can_be_a_two_worker_ray_train_run(tmp_path, ray_session):

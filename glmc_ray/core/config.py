@@ -170,6 +170,9 @@ class DistConfig:
     sync_batchnorm: bool = False
     max_failures: int = 3  # worker-group restarts Ray Train may make from the latest checkpoint
     keep_checkpoints: int = 2  # best-by-validation checkpoints kept by Ray Train besides the latest
+    # how long a run's writes to object storage (checkpoints, the run's copy) retry through an outage before
+    # the run stops (exit 75, resumable); the search's study database gets as long
+    storage_retry_seconds: float = 300.0
 
 
 @dataclass
@@ -416,6 +419,8 @@ def validate(cfg: Config) -> None:
         (cfg.data.decode_actors >= 0, "data.decode_actors", cfg.data.decode_actors, ">= 0 (0: autoscale)"),
         (cfg.data.decode_cpus > 0, "data.decode_cpus", cfg.data.decode_cpus, "> 0"),
         (cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", cfg.data.shuffle_buffer, ">= 0 (0: no mixing)"),
+        (cfg.dist.storage_retry_seconds >= 0, "dist.storage_retry_seconds", cfg.dist.storage_retry_seconds,
+         ">= 0 (0: no retry, the first storage error stops the run)"),
     ]
     checks.sort(key=lambda check: check[1] != "train.epochs")  # warmup's bound is train.epochs: judge that first
     for ok, key, value, expected in checks:

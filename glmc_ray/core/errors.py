@@ -1,8 +1,9 @@
 """Failures that a restart cannot fix, and the exit code each ends the command line with.
 
 Bad config or data (a ValueError, ConfigError included, or a missing file) and output that cannot be written
-exit with 2, a diverged run (non-finite loss or weights) with 1. Under Ray Train these end the run at once
-instead of being retried: only lost workers and nodes are worth a restart.
+exit with 2, a diverged run (non-finite loss or weights) with 1, storage that stayed unreachable longer than the
+run rides out with 75 (EX_TEMPFAIL: try again later, with the resume command it prints). Under Ray Train these
+end the run at once instead of being retried: only lost workers and nodes are worth a restart.
 """
 from __future__ import annotations
 
@@ -15,7 +16,18 @@ class OutputError(Exception):
     message names the path, the cause and what is still intact. No restart on the same storage fixes it."""
 
 
-EXIT_CODES = ((FloatingPointError, 1), (FileNotFoundError, 2), (ValueError, 2), (OutputError, 2))
+class StorageLost(Exception):
+    """Object storage or the study database stayed unreachable for longer than the retry window; the message
+    names the endpoint or database, the window and the last error. Not an OSError: nothing that handles a
+    storage error (a failed upload turned into StorageError) may take it for one it can explain."""
+
+    run, fresh = None, False  # the run directory, and whether this command started it (set by the trainer)
+
+
+STORAGE_LOST = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, the command may be tried again
+
+EXIT_CODES = ((StorageLost, STORAGE_LOST), (FloatingPointError, 1), (FileNotFoundError, 2), (ValueError, 2),
+              (OutputError, 2))
 
 
 def exit_code(error: BaseException) -> int | None:

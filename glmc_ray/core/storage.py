@@ -7,7 +7,9 @@ from AWS_ENDPOINT_URL (or `?endpoint_override=` in the URI). Ray's storage and R
 variables, in every Ray process that inherits them (a node's processes inherit its `ray start` environment).
 
 A write is atomic wherever it lands: object stores make an object visible whole when its upload completes;
-local files go through a temp file and a rename.
+local files go through a temp file and a rename. What a run writes while it trains rides out outages of up
+to `dist.storage_retry_seconds` (`resolve(..., ride_out=)`, core/storage_retry.py); the checks before a
+command makes anything do not wait.
 """
 from __future__ import annotations
 
@@ -20,10 +22,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from glmc_ray.core.errors import OutputError
+from glmc_ray.core.storage_retry import retrying, unwrapped
 
 PARTIAL_SUFFIX = ".partial"  # temp files of atomic_write; a kill can leave one, the next start removes it
 # Object stores make a written object visible whole, when its upload completes: no temp key needed there
 ATOMIC_PUT_FILESYSTEMS = (pafs.S3FileSystem, pafs.GcsFileSystem, pafs.AzureFileSystem)
+RETRY_SETTING = "dist.storage_retry_seconds"
 CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
                         "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
 
@@ -39,14 +43,17 @@ def is_uri(location: str | Path) -> bool:
     return "://" in str(location)
 
 
-def resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path in it) of a local folder (relative or absolute) or a URI such as s3://bucket/prefix."""
+def resolve(location: str | Path, ride_out: float = 0.0) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path in it) of a local folder (relative or absolute) or a URI such as s3://bucket/prefix.
+    `ride_out`: seconds of outage that the filesystem's calls retry through (object storage only)."""
     if is_uri(location):
         try:
             fs, path = pafs.FileSystem.from_uri(str(location))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
             raise StorageError(f"{location}: not a storage URI pyarrow can open ({err})") from None
-        return fs, path.rstrip("/")  # s3://bucket/prefix/ and s3://bucket/prefix name the same place
+        where = f"{str(location).split('://')[0]}://{path.split('/')[0]}{_endpoint_note(fs)}"
+        # s3://bucket/prefix/ and s3://bucket/prefix name the same place
+        return retrying(fs, ride_out, where, RETRY_SETTING), path.rstrip("/")
     return pafs.LocalFileSystem(), str(Path(location).resolve())
 
 
@@ -127,7 +134,7 @@ def write_file(fs: pafs.FileSystem, path: str, write) -> None:
     """write(where, filesystem) so that a reader sees the old file or the new one, never a half-written one."""
     if isinstance(fs, pafs.LocalFileSystem):
         atomic_write(Path(path), lambda tmp: write(str(tmp), fs))
-    elif isinstance(fs, ATOMIC_PUT_FILESYSTEMS):
+    elif isinstance(unwrapped(fs), ATOMIC_PUT_FILESYSTEMS):
         write(path, fs)
     else:  # HDFS and the like: a rename is atomic there
         temp = f"{path}.{os.getpid()}.partial"
@@ -175,13 +182,14 @@ def explain(err: OSError, fs: pafs.FileSystem | None = None) -> str:
         return f"access denied{where}: {_credentials_note()} ({text})"
     if any(code in text for code in ("NETWORK_CONNECTION", "curlCode", "Could not connect", "Couldn't resolve")):
         return f"cannot reach the storage endpoint{where}; check AWS_ENDPOINT_URL and the network ({text})"
-    if not _credentials_found() and (isinstance(fs, pafs.S3FileSystem) or (fs is None and "AWS Error" in text)):
+    s3 = isinstance(unwrapped(fs), pafs.S3FileSystem) or (fs is None and "AWS Error" in text)
+    if not _credentials_found() and s3:
         return f"{_credentials_note()}{where} (the storage said: {text})"
     return text
 
 
 def _endpoint_note(fs: pafs.FileSystem | None) -> str:
-    if isinstance(fs, pafs.S3FileSystem):
+    if isinstance(unwrapped(fs), pafs.S3FileSystem):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         return f" at {endpoint}" if endpoint else " on AWS S3 (no AWS_ENDPOINT_URL set)"
     return ""

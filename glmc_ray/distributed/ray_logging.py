@@ -55,6 +55,10 @@ CONTROLLER_FAILURE_LOGGERS = (
     # ... If this only happens transiently during network partition or CPU being overloaded, it's safe to
     # ignore this error" with a GetTimeoutError traceback (WARNING, exc_info), seen on a loaded 2-core machine
     "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",
+    # _internal/execution/controller/controller.py: "Error in control loop iteration" and the traceback (ERROR)
+    # of an exception in the controller, such as a callback's (a lost storage, fail_fast_callback's NotRetried):
+    # the driver gets the same error from trainer.fit() and prints it (one `error:` line, or the traceback)
+    "ray.train.v2._internal.execution.controller.controller",
 )
 # _internal/execution/checkpoint/checkpoint_manager.py: the 3-line "A run snapshot was found in storage folder
 # ..." notice (INFO). The controller logs it into its log file on every resume; Result.from_path, which the

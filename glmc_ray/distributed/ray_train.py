@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -30,7 +31,7 @@ import torch
 
 from glmc_ray.core import config as config_lib
 from glmc_ray.core import storage as storage_lib
-from glmc_ray.core.errors import exit_code
+from glmc_ray.core.errors import StorageLost, exit_code
 from glmc_ray.core.interrupts import Interrupted, StopOnSignal
 from glmc_ray.methods import METHODS
 from glmc_ray.runs import mirror, parent_run, provenance, ray_resume, rundir
@@ -106,10 +107,26 @@ class RayReporter:
             # the epochs this checkpoint holds: a resume rebuilds <run>/metrics.jsonl from them
             rundir.write_metrics(Path(folder), state["history"])
             ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=f"checkpoint_epoch{record['epoch']:04d}")
+                             checkpoint_dir_name=f"checkpoint_epoch{record['epoch']:04d}",
+                             checkpoint_upload_fn=upload_checkpoint)
 
     def finish(self, final: dict) -> None:
         pass  # rank 0 returns `final`; the driver writes final.json and the plot
+
+
+def upload_checkpoint(checkpoint, name: str):
+    """Ray Train's checkpoint upload, file by file through the run's storage filesystem (which retries a
+    failed upload whole, storage_retry): pyarrow's copy_files, Ray's default, drops an error raised when a
+    Python filesystem's file is closed, which would leave a checkpoint reported that never reached storage."""
+    import ray.train
+
+    context = ray.train.get_context().get_storage()
+    fs, target = context.storage_filesystem, context.build_checkpoint_path_from_name(name)
+    fs.create_dir(target)
+    for path in sorted(Path(checkpoint.path).iterdir()):
+        with open(path, "rb") as source, fs.open_output_stream(f"{target}/{path.name}") as stream:
+            shutil.copyfileobj(source, stream, 8 << 20)
+    return ray.train.Checkpoint(target, fs)
 
 
 def train_fn(loop_config: dict) -> dict:
@@ -157,9 +174,10 @@ def has_validation(cfg) -> bool:
     return cfg.data.val_fraction > 0 or bool(cfg.data.val_split)
 
 
-def metrics_callback(run: Path, remote: str | None = None):
+def metrics_callback(run: Path, remote: str | None = None, ride_out: float = 0.0):
     """A controller-side callback that keeps `<run>/metrics.jsonl` (and the TensorBoard events) equal to the
-    committed epochs, and their copy at `remote` (run_mirror) when the run has one."""
+    committed epochs, and their copy at `remote` (run_mirror) when the run has one, riding out storage outages
+    of up to `ride_out` seconds."""
     from ray.train import UserCallback
 
     from glmc_ray.runs.tensorboard_events import EpochEvents
@@ -175,7 +193,7 @@ def metrics_callback(run: Path, remote: str | None = None):
             rundir.append_metrics(run, record)
             self.events.write(record, metrics[0][PER_CLASS])
             if remote is not None:
-                self.pushed = mirror.push(run, remote, self.pushed)
+                self.pushed = mirror.push(run, remote, self.pushed, ride_out)
 
     return MetricsFile()
 
@@ -343,7 +361,7 @@ def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | No
     remote = storage_lib.join(storage, run.name)
     mirrored = storage_lib.is_uri(storage) or Path(storage).resolve() != run.parent.resolve()
     try:
-        with rundir.removed_if_failed_start(run, fresh=resume is None, quiet=(Interrupted,)):
+        with rundir.removed_if_failed_start(run, fresh=resume is None, quiet=(Interrupted, StorageLost)):
             if resume is None:
                 if mirrored:  # checked before anything is written there (and so before the clean-up below)
                     storage_lib.check_free(remote, "--storage", "run")
@@ -353,8 +371,8 @@ def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | No
                 final = _fit(cfg, run, storage, scaling, ray_verbose, callbacks, restore_from,
                              remote if mirrored else None, stop)
             return run, final
-    except Interrupted as interruption:
-        interruption.run, interruption.fresh = run, resume is None
+    except (Interrupted, StorageLost) as stopped:
+        stopped.run, stopped.fresh = run, resume is None
         raise
 
 
@@ -380,8 +398,9 @@ def _removed_if_no_checkpoint(remote: str | None):
     except BaseException:
         if remote is not None:
             fs, path = storage_lib.resolve(remote)
-            if not ray_resume.checkpoint_folders(fs, path) and storage_lib.exists(remote):
-                fs.delete_dir(path)
+            with contextlib.suppress(OSError):  # storage that is gone keeps what Ray made; the error goes on
+                if not ray_resume.checkpoint_folders(fs, path) and storage_lib.exists(remote):
+                    fs.delete_dir(path)
         raise
 
 
@@ -395,6 +414,11 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, call
     from glmc_ray.distributed.ray_logging import controller_console_callback
 
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
+    # Ray Train's own writes (checkpoints, its snapshot) ride out outages as the run's copy does; pickled
+    # with the trainer, the filesystem takes its window and endpoint to every worker
+    ride_out = cfg.dist.storage_retry_seconds
+    filesystem, storage_path = storage_lib.resolve(storage, ride_out) if storage_lib.is_uri(storage) \
+        else (None, storage)
     flag = None
     if stop is not None:  # on the driver's node, as Ray Train's controller: a lost worker node does not take it
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -409,12 +433,12 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, call
                                      resources_per_worker=resources,
                                      placement_strategy="SPREAD" if scaling.nodes > 1 else "PACK"),
         run_config=RunConfig(
-            name=run.name, storage_path=storage,
+            name=run.name, storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.dist.keep_checkpoints,
                 checkpoint_score_attribute=SCORE, checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures, controller_failure_limit=3),
-            callbacks=[metrics_callback(run, remote), fail_fast_callback(),
+            callbacks=[metrics_callback(run, remote, ride_out), fail_fast_callback(),
                        restart_notice_callback(run, cfg.dist.max_failures), controller_console_callback(),
                        *callbacks],
             # Ray Train's INFO lines (each rank's "Reporting training result" dump every epoch, which
@@ -428,6 +452,9 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, call
     except ControllerError as err:
         if isinstance(err.controller_failure, NotRetried):
             raise err.controller_failure.error from None  # the worker's own error, as in-process
+        lost = _storage_lost(err.controller_failure)
+        if lost is not None:  # the controller's own writes (its snapshot, the run's copy)
+            raise lost from None
         raise
     if result.error is not None:
         raise result.error
@@ -437,8 +464,15 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, call
         raise Interrupted(*final["interrupted"])
     rundir.write_final(run, final, cfg)
     if remote is not None:
-        mirror.push(run, remote)
+        mirror.push(run, remote, ride_out=ride_out)
     return final
+
+
+def _storage_lost(error: BaseException | None) -> StorageLost | None:
+    """The StorageLost in a controller failure's chain of causes, if any."""
+    while error is not None and not isinstance(error, StorageLost):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def _fit_watching(trainer, stop: StopOnSignal | None, flag):

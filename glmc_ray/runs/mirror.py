@@ -32,10 +32,11 @@ def _order(path: Path) -> tuple[int, str]:
     return (0 if path.name in FIRST else 2 if path.name in LAST else 1), path.name
 
 
-def push(run: Path, remote: str, pushed: dict | None = None) -> dict:
-    """Upload run's files that changed since `pushed` (name -> (size, mtime), what the last push returned)."""
+def push(run: Path, remote: str, pushed: dict | None = None, ride_out: float = 0.0) -> dict:
+    """Upload run's files that changed since `pushed` (name -> (size, mtime), what the last push returned),
+    riding out storage outages of up to `ride_out` seconds (then StorageLost)."""
     pushed = dict(pushed or {})
-    fs, base = storage.resolve(remote)
+    fs, base = storage.resolve(remote, ride_out)
     if isinstance(fs, pafs.LocalFileSystem):
         fs.create_dir(base, recursive=True)
     files = [p for p in run.iterdir() if p.is_file() and _copied(p.name)]

@@ -53,6 +53,7 @@ import pyarrow.fs as pafs
 from glmc_ray.core import config as config_lib
 from glmc_ray.core import storage
 from glmc_ray.core.config import ConfigError
+from glmc_ray.core.errors import StorageLost
 from glmc_ray.core.schedules import scaled_milestones
 from glmc_ray.runs import mirror, provenance, rundir
 from glmc_ray.search.space import Space, apply_values
@@ -235,11 +236,11 @@ class MirroredTuneReporter(TuneReporter):
 
     def report(self, record: dict, checkpoint, is_best: bool, per_class: list | None) -> None:
         super().report(record, checkpoint, is_best, per_class)
-        self.pushed = mirror.push(self.run, self.remote, self.pushed)
+        self.pushed = mirror.push(self.run, self.remote, self.pushed, self.cfg.dist.storage_retry_seconds)
 
     def finish(self, final: dict) -> None:
         super().finish(final)
-        mirror.push(self.run, self.remote, self.pushed)
+        mirror.push(self.run, self.remote, self.pushed, self.cfg.dist.storage_retry_seconds)
 
 
 def _run_local_trial(cfg, parent: Path, existing: Path | None, remote: str | None) -> None:
@@ -299,6 +300,13 @@ def storage_url(experiment: Path, opts: SearchOptions) -> str:
     return opts.storage_url or f"sqlite:///{experiment / 'study.db'}"
 
 
+def study_storage(experiment: Path, opts: SearchOptions, base):
+    """The study's database, riding out outages as the trials' storage does (base.dist.storage_retry_seconds)."""
+    from glmc_ray.search.study_db import StudyStorage
+
+    return StudyStorage(storage_url(experiment, opts), base.dist.storage_retry_seconds)
+
+
 def startup_trials(trials: int) -> int:
     """Random trials before TPE models the results: Optuna's 10, but a third of a small budget (a
     16-trial search would otherwise be 10 random points and 6 guided ones)."""
@@ -320,7 +328,7 @@ def _searcher(experiment: Path, base, space: Space, opts: SearchOptions):
     first = space.point(base)  # the recipe itself is trial 1
     return OptunaSearch(space=space, metric=METRIC, mode=MODE,
                         points_to_evaluate=[first], sampler=sampler, study_name=experiment.name,
-                        storage=optuna.storages.RDBStorage(storage_url(experiment, opts)))
+                        storage=study_storage(experiment, opts, base))
 
 
 def staging_root() -> Path:
@@ -357,7 +365,8 @@ class Publish:
 
     def __call__(self) -> None:
         if storage.is_uri(location(self.experiment)):
-            self.pushed = mirror.push(self.experiment, location(self.experiment), self.pushed)
+            ride_out = config_lib.load(self.experiment / BASE_CONFIG).dist.storage_retry_seconds
+            self.pushed = mirror.push(self.experiment, location(self.experiment), self.pushed, ride_out)
 
 
 def publish_callback(experiment: Path):
@@ -418,8 +427,18 @@ def search(base, space: Space, opts: SearchOptions, output: str | Path) -> tuple
         tune_config=tune.TuneConfig(search_alg=_searcher(experiment, base, space, opts), num_samples=opts.trials,
                                     max_concurrent_trials=opts.concurrent, reuse_actors=True),
         run_config=tune_run_config(experiment, experiment.name, storage.parent(location(experiment))))
-    tuner.fit()  # an errored trial (NaN: FloatingPointError) is recorded and the search goes on
+    _fit(tuner, experiment)  # an errored trial (NaN: FloatingPointError) is recorded and the search goes on
     return experiment, write_outputs(experiment)
+
+
+def _fit(tuner, experiment: Path) -> None:
+    """tuner.fit(); the study's database or the experiment's storage lost for longer than the window ends the
+    search with the command that continues it (what Tune saved and the finished trials are kept)."""
+    try:
+        tuner.fit()
+    except StorageLost as lost:
+        raise StorageLost(f"{lost}; the finished trials are kept; resume with: python tuning/search.py --resume "
+                          f"{location(experiment)}") from None
 
 
 def tune_run_config(experiment: Path, name: str, storage_path: str, **options):
@@ -453,7 +472,7 @@ def resume(experiment: str | Path) -> tuple[Path, bool]:
     # Tune restores the run config it saved, the publishing callback with it
     tuner = tune.Tuner.restore(location(experiment), trainable=tune_trainable(experiment, base, opts),
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
-    tuner.fit()
+    _fit(tuner, experiment)
     return experiment, write_outputs(experiment)
 
 
@@ -543,7 +562,7 @@ def write_outputs(experiment: Path) -> bool:
           f"trials.csv in {experiment}", flush=True)
     interrupted = bool(unfinished or len(rows) < opts.trials)
     if not interrupted:
-        close_stale_trials(experiment, opts)
+        close_stale_trials(experiment, base, opts)
     Publish(experiment)()
     if interrupted:
         print(f"the search was interrupted; continue it: python tuning/search.py --resume {location(experiment)}",
@@ -557,13 +576,13 @@ def write_outputs(experiment: Path) -> bool:
     return not interrupted
 
 
-def close_stale_trials(experiment: Path, opts: SearchOptions) -> int:
+def close_stale_trials(experiment: Path, base, opts: SearchOptions) -> int:
     """Once every Tune trial has ended: Optuna trials still RUNNING were asked by a driver that was killed
     before Tune saved them (no Tune trial ran them); mark them FAIL so the study says what happened."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=experiment.name, storage=storage_url(experiment, opts))
+    study = optuna.load_study(study_name=experiment.name, storage=study_storage(experiment, opts, base))
     stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
     for trial in stale:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
@@ -581,8 +600,8 @@ def write_plots(experiment: Path) -> list[Path]:
     import optuna
     from optuna.visualization import matplotlib as ovm
 
-    _, _, opts = read_experiment(experiment)
-    study = optuna.load_study(study_name=experiment.name, storage=storage_url(experiment, opts))
+    base, _, opts = read_experiment(experiment)
+    study = optuna.load_study(study_name=experiment.name, storage=study_storage(experiment, opts, base))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     figures = {"optimization_history.png": ovm.plot_optimization_history, "slice.png": ovm.plot_slice}
     if len(complete) >= 2:
