@@ -22,7 +22,8 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # A test is `quick` (pytest -m quick, docs/contributing.md) unless it starts Ray, a server or another Python
 # process that trains: by the fixtures it uses (module-scoped autouse ones included) or by its module.
-NOT_QUICK_FIXTURES = {"shared_ray", "ray_session", "ray_address", "two_node_cluster", "postgres", "s3", "s3_shards"}
+NOT_QUICK_FIXTURES = {"shared_ray", "ray_session", "ray_address", "two_node_cluster", "postgres", "s3", "s3_shards",
+                      "s3_proxy"}
 # their runs are subprocesses that start their own Ray (or train in-process)
 NOT_QUICK_MODULES = {"test_interrupts", "test_local_cluster", "test_ray_console"}
 
