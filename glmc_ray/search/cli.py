@@ -1,4 +1,5 @@
-"""Hyper-parameter search for GLMC: Ray Tune runs the trials, Optuna (TPE) proposes them.
+"""Hyper-parameter search for any long-tail method (and for the method itself): Ray Tune runs the trials,
+Optuna (TPE) proposes them.
 
     python tuning/search.py --config configs/recipes/cifar100_lt_if100/glmc.yaml --space configs/search/glmc.yaml \\
         --trials 64 --concurrent 4 --gpus-per-trial 0.25
