@@ -1,4 +1,4 @@
-"""Reduced accuracy protocol on the real CIFAR-10-LT (issue 2): GLMC and CE at the same short budget.
+"""Reduced accuracy protocol on the real CIFAR-10-LT: GLMC and CE at the same short budget.
 
 CIFAR-10-LT IF 100 (`glmc` subset), ResNet-32 width 16, batch 64, 10 epochs with the cosine lr and the
 cumulative alpha completed over those 10 epochs, the README CIFAR-10 IF-100 recipe (lr 0.01, wd 5e-3,
@@ -20,7 +20,7 @@ from glmc_ray.runs import rundir
 from glmc_ray.training.worker import run_worker
 
 OFFICIAL = {"glmc_top1": 37.0, "glmc_many": 26.1, "glmc_medium": 80.7, "glmc_minutes": 56.0,
-            "ce_top1": 38.9, "ce_rarest3": 0.03}  # official code on this machine (issue 2)
+            "ce_top1": 38.9, "ce_rarest3": 0.03}  # official code on this machine
 
 
 def run_method(method: str, seed: int, args) -> dict:
@@ -45,15 +45,16 @@ def run_method(method: str, seed: int, args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default="../shared/data")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--methods", nargs="+", default=["glmc", "ce"])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-root", default="../shared/data", help="the folder holding cifar-10-batches-py/")
+    p.add_argument("--epochs", type=int, default=10, help="epochs of each run")
+    p.add_argument("--methods", nargs="+", default=["glmc", "ce"], help="the methods to run")
     p.add_argument("--seeds", nargs="+", type=int, default=[3407], help="train.seed values (the subset is fixed)")
-    p.add_argument("--output", default="runs/bench")
-    p.add_argument("--progress-every", type=int, default=50)
+    p.add_argument("--output", default="runs/bench", help="parent folder of the runs it trains")
+    p.add_argument("--progress-every", type=int, default=50, help="steps between progress lines (0: none)")
     p.add_argument("--eval-every", type=int, default=0, help="epochs between test evaluations (0: last only)")
-    p.add_argument("--json", default="bench/results/accuracy.json")
+    p.add_argument("--json", default="bench/results/accuracy.json", help="the results (JSON)")
     args = p.parse_args()
     runs = {m: [run_method(m, seed, args) for seed in args.seeds] for m in args.methods}
     summary = {m: {k: statistics.mean(r[k] for r in rs) for k in ("top1", "many", "medium", "rarest3_mean", "minutes")}

@@ -378,14 +378,15 @@ def pipelines(split: Path, shard_sets: dict[str, list[str]], processes: int,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--images", type=int, default=1500, help="images in the generated tree")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds, after a warm-up epoch")
     p.add_argument("--processes", type=int, default=2, help="N: DataLoader workers = Ray Data decode actors")
     p.add_argument("--max-side", type=int, default=256, help="longer side of the re-encoded shard set")
     p.add_argument("--serial-images", type=int, default=100, help="images per round of the serial measurement")
     p.add_argument("--cache", default="/tmp/glmc_bench_images", help="generated images and shards (reused)")
-    p.add_argument("--json", default="bench/results/decode_throughput.json")
+    p.add_argument("--json", default="bench/results/decode_throughput.json", help="the results (JSON)")
     args = p.parse_args()
     torch.set_num_threads(1)  # the serial figures are per core; workers and actors run 1 thread each too
     host, cache = machine(), Path(args.cache)

@@ -41,18 +41,19 @@ def forward_gflop(model, x: torch.Tensor) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default="../shared/data")
-    p.add_argument("--width", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=3)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-root", default="../shared/data", help="the folder holding cifar-10-batches-py/")
+    p.add_argument("--width", type=int, default=16, help="ResNet-32 width")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size of the timed steps")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per variant (the median is reported)")
     p.add_argument("--synthetic", action="store_true", help="generated CIFAR-sized data instead of CIFAR-10")
     p.add_argument("--synthetic-max-count", type=int, default=5000, help="its largest class (10 classes, IF 100)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--amp", default="off", choices=("off", "bf16"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="the device timed")
+    p.add_argument("--amp", default="off", choices=("off", "bf16"), help="bf16 autocast, or off")
     p.add_argument("--methods", nargs="+", default=list(NAMES), choices=NAMES, help="ce first: the ratios' base")
-    p.add_argument("--json", default="bench/results/expert_cost.json")
+    p.add_argument("--json", default="bench/results/expert_cost.json", help="the results (JSON)")
     args = p.parse_args()
     data = ["data.source=synthetic", f"data.synthetic_max_count={args.synthetic_max_count}",
             "data.synthetic_test_per_class=10"] \

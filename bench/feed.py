@@ -1,8 +1,8 @@
-"""How many CPU cores keep one GPU fed, per design of the ImageNet-LT input (issue 21): the CPU ms per two-view
+"""How many CPU cores keep one GPU fed, per design of the ImageNet-LT input: the CPU ms per two-view
 224-px row of each design, one thread, side by side in each round, and the pipelines that deliver them.
 
 Designs (one row = one image decoded once and augmented into two views, the official ImageNet-LT list):
-  (a) old_list      PIL decode + the list with torchvision's GaussianBlur(23) (before issue 21), all on the CPU
+  (a) old_list      PIL decode + the list with torchvision's GaussianBlur(23) (the first design), all on the CPU
   (b) official      PIL decode + the official list with PIL's ImageFilter blur (data.augment_on: cpu)
   (c) device_tail   the CPU side of data.augment_on: device: torchvision decode + two keyed crops and their
                     parameters; the tail (jitter, grayscale, blur, flip) runs on the training device. Its cost,
@@ -66,7 +66,7 @@ SIZE = 224
 
 
 def old_list() -> T.Compose:
-    """The simclr list as it was before issue 21: torchvision's 23x23 GaussianBlur on the PIL image."""
+    """The simclr list of the first design: torchvision's 23x23 GaussianBlur on the PIL image."""
     steps = train_transform("simclr", SIZE).transforms
     return T.Compose([T.RandomApply([T.GaussianBlur(23, (0.1, 2.0))], p=0.5) if isinstance(s, T.RandomApply)
                       else s for s in steps])
@@ -134,13 +134,14 @@ def cores(ms_per_row: float) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--images", type=int, default=1500, help="images in the generated tree")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per variant (the median is reported)")
     p.add_argument("--processes", type=int, default=2, help="DataLoader workers = Ray Data decode actors")
     p.add_argument("--serial-images", type=int, default=100, help="images per round of the serial measurement")
     p.add_argument("--cache", default="/tmp/glmc_bench_images", help="generated images and shards (reused)")
-    p.add_argument("--json", default="bench/results/feed.json")
+    p.add_argument("--json", default="bench/results/feed.json", help="the results (JSON)")
     args = p.parse_args()
     torch.set_num_threads(1)  # per-core figures; workers and actors run one thread each
     host, cache = machine(), Path(args.cache)

@@ -52,7 +52,7 @@ from glmc_ray.data.device_augment import JpegDecoder, KeyedViews, augment_tail, 
 from glmc_ray.data.images import BadImageLog, decode_tensor  # noqa: E402
 
 SIZE = 224
-ROWS_PER_GPU = 5000  # two-view rows/s that one H100 needs on GLMC's two ResNet-50 passes (issue 21)
+ROWS_PER_GPU = 5000  # two-view rows/s that one H100 needs on GLMC's two ResNet-50 passes
 
 
 def image_tree(root: Path, images: int) -> Path:
@@ -205,12 +205,14 @@ def recipe_run(device: torch.device, workdir: Path) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="the device timed")
     p.add_argument("--images", type=int, default=256, help="generated JPEGs for the decode and feed parts")
     p.add_argument("--skip", nargs="*", default=[],
-                   choices=("tail", "nvjpeg", "feed", "training", "step", "experts", "recipe"))
-    p.add_argument("--json", default="bench/results/gpu_check.json")
+                   choices=("tail", "nvjpeg", "feed", "training", "step", "experts", "recipe"),
+                   help="parts not to run")
+    p.add_argument("--json", default="bench/results/gpu_check.json", help="the results (JSON)")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device here; `--device cpu` runs the script's code on the CPU", file=sys.stderr)

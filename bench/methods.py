@@ -1,4 +1,4 @@
-"""Every long-tail method under one protocol (issue 20): the same subset, validation split, seeds, schedule
+"""Every long-tail method under one protocol: the same subset, validation split, seeds, schedule
 length and Many/Medium/Few groups; the last epoch of each run is reported, post-hoc tau is chosen on validation.
 
 Protocol (docs/benchmarks.md, "Reduced accuracy protocol", as bench/search.py runs it): real CIFAR-10-LT
@@ -150,18 +150,19 @@ def second_stage(experiment: Path, base: config_lib.Config, label: str, seed: in
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default="../shared/data")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-root", default="../shared/data", help="the folder holding cifar-10-batches-py/")
     p.add_argument("--methods", nargs="+", default=[*METHODS, *STAGE2], choices=[*METHODS, *STAGE2],
                    help="a second stage (shike_retrain) also trains its first stage (shike) where unfinished")
-    p.add_argument("--seeds", nargs="+", type=int, default=[3407, 3408])
+    p.add_argument("--seeds", nargs="+", type=int, default=[3407, 3408], help="train.seed of each run")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="change the protocol (a quick check: --set train.epochs=1); recorded in the JSON")
-    p.add_argument("--concurrent", type=int, default=2)
-    p.add_argument("--output", default="runs/bench-methods")
+    p.add_argument("--concurrent", type=int, default=2, help="runs trained at once")
+    p.add_argument("--output", default="runs/bench-methods", help="parent folder of the runs it trains")
     p.add_argument("--experiment", help="continue (or add methods or seeds to) this experiment directory")
-    p.add_argument("--json", default="bench/results/methods_cifar10_lt.json")
-    p.add_argument("--plot", default="docs/img/methods_per_class.png")
+    p.add_argument("--json", default="bench/results/methods_cifar10_lt.json", help="the results (JSON)")
+    p.add_argument("--plot", default="docs/img/methods_per_class.png", help="where the per-class plot is written (PNG)")
     args = p.parse_args()
 
     from glmc_ray.distributed import ray_train

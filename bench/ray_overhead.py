@@ -54,13 +54,14 @@ def run_variant(name: str, args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default="../shared/data")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--width", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--output", default="runs/bench")
-    p.add_argument("--json", default="bench/results/ray_overhead.json")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-root", default="../shared/data", help="the folder holding cifar-10-batches-py/")
+    p.add_argument("--epochs", type=int, default=2, help="epochs of each run")
+    p.add_argument("--width", type=int, default=8, help="ResNet-32 width")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each variant, alternated")
+    p.add_argument("--output", default="runs/bench", help="parent folder of the runs it trains")
+    p.add_argument("--json", default="bench/results/ray_overhead.json", help="the results (JSON)")
     args = p.parse_args()
     ray.init(num_cpus=3)  # 2 cores; one logical CPU more so the 2-worker group fits beside the controller
     runs = {name: [] for name in VARIANTS}

@@ -115,13 +115,14 @@ def cost(recipe: str, device, amp: str, time_steps: int, tflops: float) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--recipes", nargs="*", help="paths under configs/recipes (default: every recipe)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--amp", default="off", choices=("off", "bf16"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="the device timed")
+    p.add_argument("--amp", default="off", choices=("off", "bf16"), help="bf16 autocast, or off")
     p.add_argument("--time", type=int, default=0, metavar="STEPS", help="also time STEPS steps at the recipe's batch")
     p.add_argument("--tflops", type=float, default=H100_TFLOPS, help="sustained TFLOP/s of the projection")
-    p.add_argument("--json", default="bench/results/recipe_cost.json")
+    p.add_argument("--json", default="bench/results/recipe_cost.json", help="the results (JSON)")
     args = p.parse_args()
     recipes = args.recipes or sorted(str(f.relative_to(RECIPES)) for f in RECIPES.rglob("*.yaml"))
     device = torch.device(args.device)

@@ -1,4 +1,4 @@
-"""A real GLMC search on the 10-epoch CIFAR-10-LT protocol (issue 10), then its fidelity check and the final
+"""A real GLMC search on the 10-epoch CIFAR-10-LT protocol, then its fidelity check and the final
 seeds: does the search find a recipe that beats the official one (36.4 test top-1, 3 seeds, on the accuracy
 protocol's whole training set; 35.1 +- 2.1 on the 90 % left beside the validation split) and CE (41.4)?
 
@@ -79,16 +79,17 @@ def summarise(experiment: Path, timings: dict, args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default="../shared/data")
-    p.add_argument("--trials", type=int, default=14)
-    p.add_argument("--trial-epochs", type=int, default=3)
-    p.add_argument("--concurrent", type=int, default=2)
-    p.add_argument("--fidelity-check", type=int, default=4)
-    p.add_argument("--final-seeds", type=int, default=3)
-    p.add_argument("--output", default="runs/bench-search")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-root", default="../shared/data", help="the folder holding cifar-10-batches-py/")
+    p.add_argument("--trials", type=int, default=14, help="trials of the search")
+    p.add_argument("--trial-epochs", type=int, default=3, help="epochs of each trial's shortened schedule")
+    p.add_argument("--concurrent", type=int, default=2, help="runs trained at once")
+    p.add_argument("--fidelity-check", type=int, default=4, help="trials trained again in full: rank correlation")
+    p.add_argument("--final-seeds", type=int, default=3, help="seeds of the full runs of the winner and the recipe")
+    p.add_argument("--output", default="runs/bench-search", help="parent folder of the runs it trains")
     p.add_argument("--experiment", help="continue this experiment directory")
-    p.add_argument("--json", default="bench/results/search_cifar10_lt.json")
+    p.add_argument("--json", default="bench/results/search_cifar10_lt.json", help="the results (JSON)")
     args = p.parse_args()
     out = Path(args.json)
     timings = json.loads(out.read_text())["wall_seconds"] if args.experiment and out.is_file() else {}

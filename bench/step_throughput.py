@@ -140,15 +140,16 @@ def sgemm_gflops(device: torch.device, dtype=torch.float32, n: int = 2048, repea
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default="../shared/data")
-    p.add_argument("--width", type=int, default=16)
-    p.add_argument("--steps", type=int, default=15)
-    p.add_argument("--rounds", type=int, default=3)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-root", default="../shared/data", help="the folder holding cifar-10-batches-py/")
+    p.add_argument("--width", type=int, default=16, help="ResNet-32 width")
+    p.add_argument("--steps", type=int, default=15, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per variant (the median is reported)")
     p.add_argument("--synthetic", action="store_true", help="generated CIFAR-sized data instead of CIFAR-10")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="the device timed")
     p.add_argument("--amp", default="off", choices=("off", "bf16"), help="autocast of every variant")
-    p.add_argument("--json", default="bench/results/step_throughput.json")
+    p.add_argument("--json", default="bench/results/step_throughput.json", help="the results (JSON)")
     args = p.parse_args()
     data = ["data.source=synthetic", "data.synthetic_max_count=5000", "data.synthetic_test_per_class=10"] \
         if args.synthetic else [f"data.root={Path(args.data_root).resolve()}"]

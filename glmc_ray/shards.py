@@ -11,6 +11,7 @@ import os
 import sys
 
 from glmc_ray.core.errors import run_command
+from glmc_ray.core.version import version_line
 from glmc_ray.data import shard_build
 
 
@@ -23,6 +24,7 @@ def _positive(text: str) -> int:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m glmc_ray.shards", description=__doc__.split("\n")[0])
+    top.add_argument("--version", action="version", version=version_line())
     commands = top.add_subparsers(dest="command", required=True)
     make = commands.add_parser("build", help="write a split file's images as Parquet shards and a manifest")
     make.add_argument("--split", required=True, help="split file: `relative/path label` per line")
@@ -32,19 +34,22 @@ def parser() -> argparse.ArgumentParser:
                       help="an unreadable image: list and skip it (default), or stop")
     make.add_argument("--max-side", type=_positive, default=None,
                       help="re-encode images whose longer side exceeds N as JPEG with that side N")
-    make.add_argument("--rows-per-shard", type=_positive, default=512)
-    make.add_argument("--row-group-size", type=_positive, default=64)
-    make.add_argument("--workers", type=_positive, default=os.cpu_count() or 1)
+    make.add_argument("--rows-per-shard", type=_positive, default=512,
+                      help="images per Parquet file (default 512; Ray Data reads a file per task)")
+    make.add_argument("--row-group-size", type=_positive, default=64,
+                      help="images per row group, the unit of a read and of a page checksum (default 64)")
+    make.add_argument("--workers", type=_positive, default=os.cpu_count() or 1,
+                      help="processes reading and writing images (default: the CPU count)")
     make.add_argument("--seed", type=int, default=0, help="seeds the order of samples over the shards")
     make.set_defaults(run=shard_build.build)
     verify = commands.add_parser("check", help="check a shard set against its manifest (Parquet footers; "
                                                "--deep: the data too)")
-    verify.add_argument("uri")
+    verify.add_argument("uri", help="the shard set: a local folder or a URI (s3://bucket/prefix)")
     verify.add_argument("--deep", action="store_true",
                         help="also decode every row group (page checksums verified) and compare every shard's "
                              "sha256 with the manifest's: reads the whole set")
     verify.add_argument("--workers", type=_positive, default=min(8, os.cpu_count() or 1),
-                        help="shards read at once by --deep")
+                        help="shards read at once by --deep (default: the CPU count, at most 8)")
     verify.set_defaults(run=shard_build.check)
     return top
 

@@ -8,27 +8,35 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 from pathlib import Path
 
+import yaml
+
 from glmc_ray.core import config as config_lib
 from glmc_ray.core import storage
+from glmc_ray.core.command_line import add_recipe_arguments, find_config, recipe_overrides
 from glmc_ray.core.errors import STORAGE_LOST, StorageLost, run_command
 from glmc_ray.core.interrupts import Interrupted, StopOnSignal
+from glmc_ray.core.version import version_line
 from glmc_ray.runs import mirror, parent_run, provenance, rundir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    return parser().parse_args(argv)
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m glmc_ray.train", description=__doc__.split("\n\n")[0])
-    config_lib.add_recipe_arguments(p, "YAML recipe from configs/ (defaults when omitted)", "optim.lr=0.02")
-    p.add_argument("--data-root", help="shorthand for --set data.root=DIR")
+    add_recipe_arguments(p, "the recipe", "optim.lr=0.02")
     p.add_argument("--output", default="runs", help="parent folder of run directories (default runs/)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a run from its latest checkpoint; a Ray Train run also from its copy on storage "
                         "(--resume s3://bucket/runs/<run>: its run directory is restored under --output)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and class counts, exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config as YAML (save it and train it with --config), with the device "
+                        "and the training class counts as comments; nothing is trained or written")
     p.add_argument("--ray-verbose", action="store_true",
                    help="under Ray Train: also show its own log lines (each rank's reports, worker group start)")
     ray = p.add_argument_group("Ray Train (any of these runs the loop under Ray Train)")
@@ -39,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ray.add_argument("--storage", help="checkpoint storage, shared on clusters (s3://bucket/runs, NFS); it also "
                                        "keeps a copy of the run directory (default: GLMC_STORAGE, else --output; "
                                        "a resume: the run's own)")
-    return p.parse_args(argv)
+    return p
 
 
 def uses_ray(args) -> bool:
@@ -69,21 +77,36 @@ def resume_dir(args) -> Path | None:
 
 
 def resolve_config(args) -> config_lib.Config:
-    overrides = list(args.overrides)
-    if args.data_root:
-        root = args.data_root if storage.is_uri(args.data_root) else Path(args.data_root).resolve()
-        overrides.append(f"data.root={root}")
+    overrides = recipe_overrides(args)
     if args.resume:
         if args.config or overrides:
-            raise config_lib.ConfigError("--resume uses the run's saved config.yaml; drop --config/--set/--data-root")
+            raise config_lib.ConfigError(f"--resume continues the run with its saved config.yaml; drop --config/--set/"
+                                         f"--data-root. To train on from its weights with other settings (a longer "
+                                         f"schedule), start a new run from it: {extend_command(resume_dir(args))}")
         return config_lib.load(resume_dir(args) / "config.yaml")
-    return config_lib.load_for_workers(args.config, overrides)
+    return config_lib.load_for_workers(find_config(args.config), overrides)
 
 
-def dry_run(cfg) -> None:
+def extend_command(run: Path) -> str:
+    """A new run that starts from `run`'s newest weights (train.init_from, recorded in its parent.json)."""
+    return (f"python -m glmc_ray.train --config {run}/config.yaml --set train.init_from={run} "
+            f"--set train.epochs=N")
+
+
+def dry_run(cfg, args) -> None:
+    """The config as YAML that loads back as a config, after comments on what the run would use."""
     from glmc_ray.data import training_class_counts
+    from glmc_ray.training.worker import select_device
 
-    print(json.dumps({"config": config_lib.to_dict(cfg), "class_counts": training_class_counts(cfg)}, indent=1))
+    counts = training_class_counts(cfg)
+    if uses_ray(args):
+        where = "Ray Train workers (" + ", ".join(f"--{k.replace('_', '-')} {v}" for k in ("nodes", "gpus_per_node",
+                                                  "workers", "address") if (v := getattr(args, k))) + ")"
+    else:  # what this machine would train on; a device it does not have is refused here too
+        where = f"{select_device(cfg.train.device)} in this process"
+    print(f"# {version_line()}\n# trains on: {where}\n# training set: {len(counts)} classes, {sum(counts)} images, "
+          f"{max(counts)} down to {min(counts)} per class: {counts}")
+    print(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False), end="")
 
 
 def resume_command(args, run: Path) -> str:
@@ -168,7 +191,12 @@ def _train(args) -> int:
         parent_run.check(cfg)
     parent_run.check_teacher(cfg)  # read again by every worker, also on a resume
     if args.dry_run:  # its class counts are checked against data.classes there
-        dry_run(cfg)
+        dry_run(cfg, args)
+        return 0
+    if args.resume and (resume_dir(args) / "final.json").exists():
+        run = resume_dir(args)
+        print(f"{run} has finished all its {cfg.train.epochs} epochs (final.json): nothing to resume. To train on "
+              f"from its weights: {extend_command(run)}")
         return 0
     if cfg.data.classes:  # a recipe's dataset against the data given (the workers count again)
         from glmc_ray.data import training_class_counts

@@ -1,12 +1,14 @@
 """Config loading, overrides, errors, and the rule that every field is read somewhere."""
 import dataclasses
-import json
 import re
 import typing
 
 import pytest
+import torch
+import yaml
 
 from glmc_ray.core import config as config_lib
+from glmc_ray.core.command_line import find_config
 from glmc_ray.core.config import Config, ConfigError
 from glmc_ray.train import main
 from glmc_ray.training.worker import build_trainee
@@ -73,13 +75,35 @@ def test_momentum_and_weight_decay_reach_the_optimizer():
     assert (group["momentum"], group["weight_decay"], group["nesterov"]) == (0.7, 0.03, True)
 
 
-def test_dry_run_prints_config_and_counts(capsys, cifar_root):
-    assert main(["--config", str(REPO / "configs/recipes/cifar10_lt_if100/glmc.yaml"), "--data-root", str(cifar_root),
-                 "--dry-run"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["class_counts"] == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
-    method = out["config"]["method"]  # the chosen method's section only
-    assert set(method) == {"name", "glmc"} and method["glmc"]["label_weight_exponent"] == 1.2
+def test_dry_run_prints_a_config_that_loads_back_with_the_device_and_counts(capsys, cifar_root, tmp_path):
+    """A recipe named by name; the output is YAML that trains as it is (a config), its comments say where."""
+    assert main(["--config", "cifar10_lt_if100/glmc", "--data-root", str(cifar_root), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    comments = [line for line in out.splitlines() if line.startswith("#")]
+    assert comments[1] == "# trains on: cpu in this process"
+    assert comments[2].endswith("5000 down to 50 per class: [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]")
+    (tmp_path / "saved.yaml").write_text(out)
+    cfg = config_lib.load(tmp_path / "saved.yaml")
+    assert cfg == config_lib.load(REPO / "configs/recipes/cifar10_lt_if100/glmc.yaml", [f"data.root={cifar_root}"])
+    assert set(yaml.safe_load(out)["method"]) == {"name", "glmc"}  # the chosen method's section only
+
+
+def test_a_device_this_machine_lacks_is_refused_by_the_dry_run(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["--config", "smoke", "--set", "train.device=cuda", "--dry-run"]) == 2
+    assert "train.device: 'cuda' requested, but this worker has no CUDA device" in capsys.readouterr().err
+
+
+def test_names_find_packaged_configs_and_a_near_miss_is_suggested(capsys):
+    assert find_config("cifar10_lt_if100") == REPO / "configs/recipes/cifar10_lt_if100/glmc.yaml"
+    assert find_config("imagenet_lt/ride") == REPO / "configs/recipes/imagenet_lt/ride.yaml"
+    assert find_config("smoke") == REPO / "configs/smoke.yaml"
+    assert find_config("methods", "--space", REPO / "configs/search") == REPO / "configs/search/methods.yaml"
+    assert main(["--config", "cifar10_lt_if100/ldam", "--dry-run"]) == 2
+    assert "did you mean cifar10_lt_if100/ldam_drw?" in capsys.readouterr().err
+    assert main(["--config", "smoke", "--set", "train.epoch=3", "--dry-run"]) == 2
+    assert "unknown key 'train.epoch'; did you mean 'train.epochs'?" in capsys.readouterr().err
 
 
 def test_cli_reports_config_errors(capsys, tmp_path):

@@ -5,6 +5,7 @@ import subprocess
 import ray
 import torch
 
+from glmc_ray.core.version import git_state
 from glmc_ray.runs import provenance
 from tests.conftest import REPO, git_head
 
@@ -26,10 +27,10 @@ def test_git_state_sees_uncommitted_changes_and_only_a_checkout_top(tmp_path):
     subprocess.run([*git, "add", "a.py"], check=True)
     subprocess.run([*git, "commit", "-q", "-m", "a"], check=True)
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    assert provenance.git_state(tmp_path) == {"git_commit": head, "git_dirty": False}
+    assert git_state(tmp_path) == {"git_commit": head, "git_dirty": False}
     (tmp_path / "a.py").write_text("x = 2\n")
-    assert provenance.git_state(tmp_path) == {"git_commit": head, "git_dirty": True}
+    assert git_state(tmp_path) == {"git_commit": head, "git_dirty": True}
     # a package installed into a virtual environment inside some repository is not that repository's code
     (tmp_path / "site-packages").mkdir()
-    assert provenance.git_state(tmp_path / "site-packages") == {"git_commit": None, "git_dirty": None}
-    assert provenance.git_state(REPO / "glmc_ray") == {"git_commit": None, "git_dirty": None}
+    assert git_state(tmp_path / "site-packages") == {"git_commit": None, "git_dirty": None}
+    assert git_state(REPO / "glmc_ray") == {"git_commit": None, "git_dirty": None}

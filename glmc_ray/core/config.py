@@ -6,6 +6,7 @@ in a recipe never silently falls back to a default (the official code ignores `-
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import typing
 from dataclasses import dataclass, field
@@ -261,7 +262,9 @@ def _build(cls, values: dict, prefix: str):
             if path in MOVED:
                 raise ConfigError(f"{path}: moved to {MOVED[path]} (each method's settings are in its own section, "
                                   f"method.<name>)", path)
-            raise ConfigError(f"unknown key {path!r}; valid keys here: {', '.join(sorted(known))}", path)
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown key {path!r}; {hint}valid keys here: {', '.join(sorted(known))}", path)
         expected = hints[key]
         if dataclasses.is_dataclass(expected):
             kwargs[key] = _build(expected, value, f"{path}.")
@@ -370,13 +373,6 @@ def load_for_workers(path: str | Path | None, overrides: list[str] = ()) -> Conf
     if cfg.data.root and "://" not in cfg.data.root:  # a URI (s3://bucket/shards) is the same everywhere
         cfg.data.root = str(Path(cfg.data.root).resolve())
     return cfg
-
-
-def add_recipe_arguments(parser, config_help: str, set_example: str) -> None:
-    """The command-line options every entry point shares: --config FILE and repeatable --set KEY=VALUE."""
-    parser.add_argument("--config", help=config_help)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override a config field, e.g. --set {set_example} (repeatable)")
 
 
 def _names_same_field(item: str, key: str | None) -> bool:

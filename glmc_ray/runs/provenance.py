@@ -12,19 +12,17 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
 from glmc_ray.core.storage import atomic_write
+from glmc_ray.core.version import SOURCE, git_state, installed
 
 VERSION_FILE = "version.json"
 COMMAND_ENV = "GLMC_COMMAND"  # set in a Tune trial to the search's command line (its own is a Ray worker's)
-SOURCE = Path(__file__).resolve().parents[2]  # the checkout root when the package runs from one
 
 
 def code_version(command: list[str] | str | None = None) -> dict:
@@ -35,31 +33,16 @@ def code_version(command: list[str] | str | None = None) -> dict:
     elif not isinstance(command, str):
         command = shlex.join(command)
     return {
-        "glmc_ray": _installed("glmc-ray"),
+        "glmc_ray": installed("glmc-ray"),
         **git_state(SOURCE),
         "python": platform.python_version(),
         "torch": torch.__version__,  # names the CUDA build (2.14.1+cu130); the wheel metadata may not
-        "torchvision": _installed("torchvision"),
-        "ray": _installed("ray"),  # from the metadata: an in-process run need not import Ray
+        "torchvision": installed("torchvision"),
+        "ray": installed("ray"),  # from the metadata: an in-process run need not import Ray
         "device": device_description(),
         "command": command,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def git_state(root: Path) -> dict:
-    """Commit and uncommitted changes (untracked files included) of the git checkout whose top is `root`.
-
-    None for both when `root` is not the top of a checkout (an installed wheel, whose site-packages may
-    well sit inside some other repository) or when git is missing.
-    """
-    try:
-        if Path(_git(root, "rev-parse", "--show-toplevel")).resolve() == root.resolve():
-            return {"git_commit": _git(root, "rev-parse", "HEAD"),
-                    "git_dirty": _git(root, "status", "--porcelain") != ""}
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"git_commit": None, "git_dirty": None}
 
 
 def device_description() -> dict:
@@ -87,18 +70,6 @@ def read_version(run: Path) -> dict | None:
 
 def _save(run: Path, document: dict) -> None:
     atomic_write(run / VERSION_FILE, lambda tmp: tmp.write_text(json.dumps(document, indent=1) + "\n"))
-
-
-def _git(root: Path, *args: str) -> str:
-    done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30, check=True)
-    return done.stdout.strip()
-
-
-def _installed(distribution: str) -> str | None:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _cpu_model() -> str:

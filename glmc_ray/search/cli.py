@@ -17,21 +17,35 @@ import argparse
 import functools
 from pathlib import Path
 
+import yaml
+
 from glmc_ray.core import config as config_lib
 from glmc_ray.core import storage
+from glmc_ray.core.command_line import CONFIGS, add_recipe_arguments, find_config, recipe_overrides
 from glmc_ray.core.errors import run_command
 from glmc_ray.core.interrupts import TermAsInt
+from glmc_ray.core.version import version_line
 from glmc_ray.search import full as search_full
 from glmc_ray.search import space as search_space
 from glmc_ray.search import trials
 
+SPACES = CONFIGS / "search"
+
 
 def parse_args(argv=None) -> argparse.Namespace:
+    return parser().parse_args(argv)
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python tuning/search.py", description=__doc__.split("\n\n")[0])
-    config_lib.add_recipe_arguments(p, "base YAML recipe (its values are the first trial); needs a validation split",
-                                    "data.val_fraction=0.1")
-    p.add_argument("--space", help="search space YAML, e.g. configs/search/glmc.yaml (GLMC's knobs) or "
-                                     "configs/search/methods.yaml (the method itself and each one's knobs)")
+    add_recipe_arguments(p, "the base recipe (its values are the first trial; it needs a validation split)",
+                         "data.val_fraction=0.1")
+    p.add_argument("--space", help="the search space (required for a new search): a YAML file, or a name in "
+                                   "configs/search/: glmc (GLMC's knobs) or methods (the method itself and each "
+                                   "one's knobs)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the base config and the space, print the base config as YAML and the searched "
+                        "fields with the first trial's values; nothing is started or written")
     p.add_argument("--trials", type=int, default=64, help="number of trials (default 64)")
     p.add_argument("--concurrent", type=int, default=4, help="trials running at once (default 4)")
     p.add_argument("--gpus-per-trial", type=float,
@@ -55,12 +69,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of Optuna's TPE sampler (default 0)")
     p.add_argument("--storage-url", help="SQLAlchemy URL of the Optuna study, e.g. postgresql://user@host/db for a "
                                          "study that outlives the head node (default: SQLite in the experiment)")
-    return p.parse_args(argv)
+    return p
+
+
+def _new_search(args) -> tuple[config_lib.Config, search_space.Space, trials.SearchOptions]:
+    """The base config, the space and the options of a new search, each checked (no Ray needed)."""
+    if not args.space:
+        raise config_lib.ConfigError("--space is required for a new search (e.g. --space glmc or --space methods, "
+                                     "configs/search/)")
+    base = config_lib.load_for_workers(find_config(args.config), recipe_overrides(args))
+    space = search_space.load_space(find_config(args.space, "--space", SPACES), base)
+    opts = _options(args)
+    trials.prepare(base, space, opts, args.config or "the default config")
+    return base, space, opts
+
+
+def _dry_run(base, space, opts: trials.SearchOptions) -> None:
+    """The base config as YAML (a config file), the searched fields and the first trial's values as comments."""
+    first = space.point(base)
+    print(f"# {version_line()}\n# {opts.trials} trials of {opts.trial_epochs or base.train.epochs} epochs, "
+          f"{opts.concurrent} at once; searched (first trial: the base config's values):")
+    for param in space.all_params():
+        print(f"#   {param.key}: {first.get(param.key, '(not searched by the first trial)')}")
+    print(yaml.safe_dump(config_lib.to_dict(base), sort_keys=False), end="")
 
 
 def _options(args) -> trials.SearchOptions:
     return trials.SearchOptions(
-        space=str(Path(args.space).resolve()), trials=args.trials, concurrent=args.concurrent,
+        space=str(find_config(args.space, "--space", SPACES).resolve()), trials=args.trials, concurrent=args.concurrent,
         gpus_per_trial=args.gpus_per_trial,
         cpus_per_trial=args.cpus_per_trial, workers_per_trial=args.workers_per_trial,
         trial_epochs=args.trial_epochs, seed=args.seed, storage_url=args.storage_url)
@@ -96,12 +132,7 @@ def _run_search(args, term: TermAsInt) -> tuple[Path, bool]:
         ray_train.connect(args.address, 1)
         term.install()
         return trials.resume(args.resume)
-    if not args.space:
-        raise config_lib.ConfigError("--space is required (e.g. configs/search/glmc.yaml)")
-    base = config_lib.load_for_workers(args.config, args.overrides)
-    space = search_space.load_space(args.space, base)
-    opts = _options(args)
-    trials.prepare(base, space, opts, args.config or "the default config")
+    base, space, opts = _new_search(args)
     storage.check_writable(args.output, "--output")  # object storage: before Ray starts
     from glmc_ray.data import ray_cpus
 
@@ -118,6 +149,11 @@ def main(argv=None) -> int:
 
 
 def _search(args) -> int:
+    if args.dry_run:
+        if args.resume:
+            raise config_lib.ConfigError("--dry-run checks a new search; drop --resume")
+        _dry_run(*_new_search(args))
+        return 0
     term = TermAsInt()
     _, finished = run(args, term)
     # interrupted (Ctrl-C, SIGTERM): the outputs so far are written, --resume continues
