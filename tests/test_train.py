@@ -49,6 +49,17 @@ def test_smoke_run_leaves_a_readable_run_directory(tmp_path, capsys):
     assert per_class == pytest.approx(final["last"]["test"]["per_class"])
     assert "test_per_class" not in records[-1]  # metrics.jsonl stays one short line per epoch
 
+    # a finished run says so; training on with another schedule is a new run from its weights
+    assert main(["--resume", str(run)]) == 0
+    assert f"{run} has finished all its 3 epochs (final.json): nothing to resume" in capsys.readouterr().out
+    assert main(["--resume", str(run), "--set", "train.epochs=4"]) == 2
+    extend = capsys.readouterr().err.split("start a new run from it: ")[1].strip()
+    assert extend == f"python -m glmc_ray.train --config {run}/config.yaml --set train.init_from={run} " \
+                     f"--set train.epochs=N"
+    assert main([*extend.replace("=N", "=1").split()[3:], "--output", str(tmp_path / "more")]) == 0
+    (child,) = (tmp_path / "more").iterdir()
+    assert json.loads((child / "parent.json").read_text())["init_from"] == str(run)
+
 
 def test_tensorboard_holds_every_committed_epoch_after_a_stop_before_its_events(tmp_path, monkeypatch):
     """A stop after epoch 0's checkpoint and metrics line, before its TensorBoard events (the writer's first
@@ -112,7 +123,7 @@ def test_resume_rejects_new_settings_and_missing_checkpoint(tmp_path, capsys):
     cfg = config_lib.load(SMOKE)
     run = rundir.new_run_dir(tmp_path, cfg)
     assert main(["--resume", str(run), "--set", "optim.lr=1"]) == 2
-    assert "--resume uses the run's saved config.yaml" in capsys.readouterr().err
+    assert "--resume continues the run with its saved config.yaml" in capsys.readouterr().err
     assert main(["--resume", str(run)]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
 
