@@ -22,14 +22,14 @@ def test_overrides_are_typed_and_applied_in_order():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("optim.lrr=0.1", r"unknown key 'optim.lrr'; valid keys here: .*lr"),
+    ("optim.lrr=0.1", r"unknown key 'optim.lrr'; did you mean 'optim.lr'\? valid keys here: .*lr"),
     ("bogus.x=1", r"unknown key 'bogus'"),
     ("train.epochs=ten", r"train.epochs: expected int, got 'ten'"),
     ("method.glmc.area_corrected_cutmix=1", r"expected true or false, got 1"),
     ("method.name=ldam", r"method.name: 'ldam' is not one of glmc, ce"),
     ("data.imbalance_factor=0.5", r"data.imbalance_factor: 0.5 is out of range; expected a number >= 1"),
     ("optim", r"expected key=value"),
-    ("data.dataset=cifar10", r"unknown key 'data.dataset'; valid keys here: .*source"),
+    ("data.dataset=cifar10", r"unknown key 'data.dataset'; (did you mean .*\? )?valid keys here: .*source"),
     ("data.source=imagenet", r"data.source: 'imagenet' is not one of cifar10, cifar100, synthetic, files, shards"),
     ("data.mean=[0.5,0.5]", r"data.mean, data.std: .*1 \(grayscale\) or 3 \(RGB\)"),
     ("data.mean=0.5", r"data.mean: expected a list, got 0.5"),
