@@ -50,8 +50,8 @@ def find_config(given: str | None, option: str = "--config", folder: Path = RECI
         if candidate.is_file():
             return candidate
     names = _names(folder)
-    close = difflib.get_close_matches(given, names, n=3, cutoff=0.5)
-    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    close = difflib.get_close_matches(given, names, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]}? " if close else ""
     raise ConfigError(f"{option} {given}: no such file, and no packaged config of that name in {folder}; "
                       f"{hint}names: {', '.join(names)}")
 
