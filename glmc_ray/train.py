@@ -161,7 +161,7 @@ def run_ray(cfg, args, stop: StopOnSignal) -> dict:
     run_storage = ray_train.run_storage(resume, args.storage) or os.environ.get("GLMC_STORAGE")
     if run_storage:  # before Ray starts: a bucket that does not exist is one error line, not a failed run
         storage.check_writable(run_storage, "--storage")
-    ray_train.connect(args.address, args.workers or 1, ray_cpus(cfg))
+    ray_train.connect(args.address, args.workers or 1, ray_cpus(cfg), args.ray_verbose)
     scaling = ray_train.scaling_for(args.nodes, args.workers, args.gpus_per_node)
     stop.install()  # again: ray.init puts Ray's own SIGTERM handler in place of ours
     run, final = ray_train.launch(cfg, scaling, args.output, resume, run_storage, args.ray_verbose, stop=stop)

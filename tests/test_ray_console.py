@@ -23,6 +23,13 @@ def test_two_workers_print_each_epoch_once_and_record_version_and_events(tmp_pat
     assert done.returncode == 0, console
     assert collections.Counter(re.findall(r"epoch (\d+) \|", console)) == {"0": 1, "1": 1, "2": 1}, console
     assert "TrainingReport(" not in console and "PreemptionWatcher" not in console, console
+    # our lines only, as written: no Ray banner or token-auth warning, no `(RayTrainWorker pid=...)` prefix, no
+    # colour codes (the output is a pipe here), no traceback; each epoch line with its time and the ETA
+    for noise in ("Started a local Ray instance", "Token authentication", "pid=", "\x1b[", "Traceback"):
+        assert noise not in console, (noise, console)
+    epochs = [line for line in console.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 3 and all(re.search(r" \| \d+\.\d s \| ETA \d:\d\d:\d\d$", e) for e in epochs), epochs
+    assert epochs[-1].endswith("ETA 0:00:00")
 
     run = next(p for p in tmp_path.iterdir() if p.is_dir())
     version = json.loads((run / "version.json").read_text())

@@ -157,6 +157,7 @@ class TrainConfig:
     # IIF "rel" adjustment, z + log((N - n_c) / n_c), is its tau = 1)
     posthoc_offset: str = "log_prior"
     progress_every: int = 50  # print a progress line every k steps (0: only per epoch)
+    progress_seconds: float = 30.0  # ... and once this long has passed since the last one (0: not by time)
     # steps between looks at the loss for inf/NaN (each look is a host read, which on a GPU waits for the
     # queue); the run stops naming the first bad step whatever this is, up to this many steps later
     finite_check_every: int = 50
@@ -401,6 +402,8 @@ def validate(cfg: Config) -> None:
         (cfg.train.epochs > 0, "train.epochs", cfg.train.epochs, "a positive integer"),
         (cfg.train.batch_size > 0, "train.batch_size", cfg.train.batch_size, "a positive integer"),
         (cfg.train.eval_every > 0, "train.eval_every", cfg.train.eval_every, "a positive integer"),
+        (cfg.train.progress_seconds >= 0, "train.progress_seconds", cfg.train.progress_seconds,
+         ">= 0 (0: progress lines by steps only)"),
         (cfg.train.finite_check_every > 0, "train.finite_check_every", cfg.train.finite_check_every,
          "a positive integer (1: every step)"),
         (0 <= cfg.train.posthoc_tau_max <= 10, "train.posthoc_tau_max", cfg.train.posthoc_tau_max,

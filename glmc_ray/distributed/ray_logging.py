@@ -110,6 +110,21 @@ def quiet_snapshot_notice(verbose: bool) -> None:
     logging.getLogger(SNAPSHOT_NOTICE_LOGGER).setLevel(logging.INFO if verbose else logging.WARNING)
 
 
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def quiet_ray_console(verbose: bool) -> None:
+    """Before this process imports Ray: our lines on the console as they are written, without Ray's
+    `(RayTrainWorker pid=...)` prefix and its colour codes (RAY_DISABLE_WORKER_LOG_PREFIX, read when Ray is
+    imported), and without the warning that a Ray instance started here uses token authentication (Ray's
+    default; set RAY_AUTH_MODE to choose). Ray's log files keep everything; `verbose` leaves the console as
+    Ray sets it. A value the user set wins."""
+    if verbose:
+        return
+    os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
+    logging.getLogger(TOKEN_AUTH_LOGGER).setLevel(logging.ERROR)
+
+
 def quiet_ray_data() -> None:
     """Ray Data's INFO lines (execution plans, the progress it logs every few seconds when stdout is not a
     terminal, "registers for logging ...") to its log file only, <Ray session>/logs/ray-data/ray-data.log;

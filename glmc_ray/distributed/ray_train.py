@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -501,28 +503,34 @@ def _fit_watching(trainer, stop: StopOnSignal | None, flag):
     return outcome["result"]
 
 
-def connect(address: str | None, workers: int, data_cpus: float = 0.0) -> None:
+def connect(address: str | None, workers: int, data_cpus: float = 0.0, verbose: bool = False) -> None:
     """Join a cluster (`--address`, RAY_ADDRESS, or one running on this node, such as a `ray up` head node),
-    else start a local Ray instance in-process, with `data_cpus` more logical CPUs for Ray Data streams."""
+    else start a local Ray instance in-process, with `data_cpus` more logical CPUs for Ray Data streams.
+    `verbose`: Ray's own start-up lines and the `(Actor pid=...)` prefixes on the console too."""
+    from glmc_ray.distributed.ray_logging import quiet_ray_console, quiet_ray_data
+
+    quiet_ray_console(verbose)  # before Ray is imported: it reads the setting then
     import ray
     from ray._private.services import canonicalize_bootstrap_address
-
-    from glmc_ray.distributed.ray_logging import quiet_ray_data
 
     quiet_ray_data()
     if ray.is_initialized():
         return
+    init = {} if verbose else {"logging_level": logging.WARNING}  # no start-up banner
     # Ray's own discovery (RAY_ADDRESS, then a cluster started on this node), resolved to host:port first:
     # ray.init(address="auto") lost the Train controller on a simulated 2-node cluster in our tests.
     address = address or canonicalize_bootstrap_address(None)
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **init)
     else:  # no cluster here: logical CPUs may exceed the cores, the workers then share them
         # Nothing drains the node of a Ray instance started here (no autoscaler, no preemptible machine), so
         # Ray Train's preemption watcher would only add an actor and a console error about it. Read by
         # TorchTrainer.fit from the driver's environment; a value set by the user wins.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        start_local(max(os.cpu_count() or 1, workers + 1) + math.ceil(data_cpus), include_dashboard=None)
+        start_local(max(os.cpu_count() or 1, workers + 1) + math.ceil(data_cpus), include_dashboard=None, **init)
+        if workers > (os.cpu_count() or 1):
+            print(f"note: {workers} workers share this machine's {os.cpu_count()} CPU cores (a Ray instance started "
+                  f"here gives each a logical CPU); each trains on a fraction of a core", file=sys.stderr, flush=True)
 
 
 def start_local(num_cpus: int, **init_kwargs) -> None:

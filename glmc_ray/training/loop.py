@@ -154,6 +154,7 @@ def train_epoch(t: Trainee, data: DataBundle, epoch: int, cfg, dist: Dist, stop:
     host_sums: dict[str, float] = {}  # terms a method reports as Python numbers
     divergence, every, check_every = Divergence(t.device), cfg.train.progress_every, cfg.train.finite_check_every
     images, start, lr = 0, time.perf_counter(), t.optimizer.param_groups[0]["lr"]
+    said = start  # when the last progress line was printed
     for step, batch in enumerate(data.train.epoch(epoch)):
         batch = batch.to(t.device, t.memory_format)
         progress = (epoch + step / steps if t.method.progress_per_step else epoch) / epochs
@@ -170,15 +171,17 @@ def train_epoch(t: Trainee, data: DataBundle, epoch: int, cfg, dist: Dist, stop:
             else:
                 host_sums[key] = host_sums.get(key, 0.0) + float(value)
         images += len(batch) * dist.world_size
-        progress_line = dist.is_main and every and (step + 1) % every == 0
+        progress_line = dist.is_main and ((every and (step + 1) % every == 0) or (
+            cfg.train.progress_seconds and time.perf_counter() - said >= cfg.train.progress_seconds))
         checkpoint_step = (step + 1) % check_every == 0
         if progress_line or checkpoint_step:
             divergence.check(epoch, lr)
         if (dist.world_size == 1 or checkpoint_step) and dist.any(stop(), t.device):
             raise Interrupted(epoch, step + 1)
         if progress_line:
-            print(f"  epoch {epoch} step {step + 1}/{steps} loss {float(out.loss.detach()):.4f} "
-                  f"{images / (time.perf_counter() - start):.0f} img/s", flush=True)
+            said, rate = time.perf_counter(), (step + 1) / (time.perf_counter() - start)
+            print(f"  epoch {epoch} step {step + 1}/{steps} | loss {float(out.loss.detach()):.4f} | "
+                  f"{images / (said - start):.0f} img/s | epoch ETA {clock((steps - step - 1) / rate)}", flush=True)
     divergence.check(epoch, lr)
     names = sorted(sums) + sorted(host_sums)
     totals = [sums[k] for k in sorted(sums)] + [torch.tensor(host_sums[k], device=t.device) for k in sorted(host_sums)]
@@ -227,8 +230,9 @@ def fit(cfg, t: Trainee, data: DataBundle, reporter: Reporter, dist: Dist | None
     """Train from `state` (or from scratch) to cfg.train.epochs; returns the final results."""
     dist = dist or Dist()
     start_epoch = restore(t, state) if state is not None else 0
-    config, epochs, last = to_dict(cfg), cfg.train.epochs, None
+    config, epochs, last, seconds = to_dict(cfg), cfg.train.epochs, None, []
     for epoch in range(start_epoch, epochs):
+        started = time.perf_counter()
         if dist.any(reporter.stop_requested(), t.device):  # no new epoch starts after a stop
             raise Interrupted(epoch, 0)
         record = train_epoch(t, data, epoch, cfg, dist, reporter.stop_requested)
@@ -246,8 +250,10 @@ def fit(cfg, t: Trainee, data: DataBundle, reporter: Reporter, dist: Dist | None
         record.update(bad_image_counts(t, data, dist, splits))
         is_best = _update_best(t, last, epoch) if "val_top1" in record else False
         t.history.append(record)
-        if dist.is_main:
-            print(_epoch_line(record), file=sys.stdout, flush=True)
+        seconds.append(time.perf_counter() - started)
+        if dist.is_main:  # the run's ETA from this process's epochs (a resume starts counting again)
+            eta = sum(seconds) / len(seconds) * (epochs - epoch - 1)
+            print(f"{_epoch_line(record)} | {seconds[-1]:.1f} s | ETA {clock(eta)}", file=sys.stdout, flush=True)
         reporter.report(record, functools.partial(training_state, t, epoch + 1, config), is_best, per_class)
     if last is None:  # resumed after the last epoch: evaluate the restored model
         last = evaluate_splits(t, data, dist, cfg)
@@ -262,6 +268,12 @@ def _update_best(t: Trainee, results: dict, epoch: int) -> bool:
         return False
     t.best = {"val_balanced_top1": score, "epoch": epoch, "metrics": flatten(results)}
     return True
+
+
+def clock(seconds: float) -> str:
+    """h:mm:ss, as timm's and Lightning's progress print a remaining time."""
+    whole = int(round(seconds))
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
 
 
 def _epoch_line(r: dict) -> str:
