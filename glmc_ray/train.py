@@ -125,7 +125,7 @@ def stopped_line(stopped: Interrupted | StorageLost, args) -> str:
 
 
 def run_local(cfg, args, stop: StopOnSignal) -> dict:
-    from glmc_ray.data import ray_cpus
+    from glmc_ray.data import class_names, ray_cpus
     from glmc_ray.training.worker import run_worker
 
     if ray_cpus(cfg):  # the loop runs here, its data streams through Ray Data
@@ -145,7 +145,8 @@ def run_local(cfg, args, stop: StopOnSignal) -> dict:
         print(f"run directory: {run}", flush=True)
     try:
         with rundir.removed_if_failed_start(run, fresh=state is None, quiet=(Interrupted, StorageLost)):
-            final = run_worker(cfg, rundir.LocalReporter(run, cfg, stop.requested), state=state)
+            reporter = rundir.LocalReporter(run, cfg, stop.requested, class_names(cfg))
+            final = run_worker(cfg, reporter, state=state)
     except Interrupted as interruption:
         interruption.run, interruption.fresh = run, state is None
         raise

@@ -148,6 +148,23 @@ def test_one_epoch_on_real_cifar10_lt(tmp_path, cifar_root):
     test = final["last"]["test"]
     assert sum(final["class_counts"]) == 12406
     assert test["top1"] > 15 and test["many"] is not None and test["few"] is None
+    # CIFAR names its classes (batches.meta): final.json, the TensorBoard tags and the plot use the names
+    assert final["class_names"] == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                                    "truck"]
+    assert tensorboard_scalars(_only_run(tmp_path), "test_per_class/3_cat") == {0: pytest.approx(test["per_class"][3])}
+
+
+def test_a_class_names_file_names_split_file_classes_and_a_wrong_count_is_refused(tmp_path, capsys):
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"class number {c}\n" for c in range(10)))
+    settings = ["--set", "train.epochs=1", "--output", str(tmp_path / "runs"), "--set", f"data.class_names={names}"]
+    assert main(["--config", SMOKE, *settings]) == 0
+    run = _only_run(tmp_path / "runs")
+    assert json.loads((run / "final.json").read_text())["class_names"][9] == "class number 9"
+    assert len(tensorboard_scalars(run, "test_per_class/9_class_number_9")) == 1
+    names.write_text("cat\ndog\n")
+    assert main(["--config", SMOKE, *settings]) == 2
+    assert f"data.class_names: {names} names 2 classes, the training split has 10" in capsys.readouterr().err
 
 
 def test_fit_evaluates_a_finished_run_without_training(tmp_path):

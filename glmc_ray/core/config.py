@@ -91,6 +91,7 @@ class DataConfig:
     # The number of classes the recipe's dataset has (0: any): a run whose training split (the CIFAR source, or
     # the split file or shards under data.root) has another number stops before training, naming both
     classes: int = 0
+    class_names: str = ""  # a text file naming the classes, one per line in label order (CIFAR: its meta file)
     max_bad_images: int = 20  # unreadable images skipped per split per epoch and worker before the run stops
     synthetic_classes: int = 10  # synthetic data: classes, largest class size, test images per class
     synthetic_max_count: int = 200
@@ -373,6 +374,8 @@ def load_for_workers(path: str | Path | None, overrides: list[str] = ()) -> Conf
     cfg = load(path, overrides)
     if cfg.data.root and "://" not in cfg.data.root:  # a URI (s3://bucket/shards) is the same everywhere
         cfg.data.root = str(Path(cfg.data.root).resolve())
+    if cfg.data.class_names:
+        cfg.data.class_names = str(Path(cfg.data.class_names).resolve())
     return cfg
 
 

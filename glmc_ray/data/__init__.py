@@ -13,6 +13,7 @@ streams and views a source makes follows from the config: a class-rebalanced sec
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import torch
 
@@ -31,7 +32,26 @@ def source_module(cfg):
 def build_data(cfg, device, rank: int = 0, world_size: int = 1, memory_format=torch.contiguous_format,
                dataset_shard=None) -> DataBundle:
     """cfg: the full Config. `dataset_shard`: Ray Train's `get_dataset_shard` inside a Ray Train worker."""
-    return source_module(cfg).build(cfg, device, rank, world_size, memory_format, dataset_shard)
+    bundle = source_module(cfg).build(cfg, device, rank, world_size, memory_format, dataset_shard)
+    bundle.class_names = class_names(cfg)
+    if bundle.class_names is not None and len(bundle.class_names) != bundle.num_classes:
+        raise ConfigError(f"data.class_names: {cfg.data.class_names} names {len(bundle.class_names)} classes, the "
+                          f"training split has {bundle.num_classes}; expected one name per line, in label order",
+                          "data.class_names")
+    return bundle
+
+
+def class_names(cfg) -> list[str] | None:
+    """The classes' names in label order: data.class_names (a text file, one name per line), else what the
+    dataset itself names (CIFAR's meta file); None where nothing names them (they are numbered then)."""
+    if cfg.data.class_names:
+        path = Path(cfg.data.class_names)
+        if not path.is_file():
+            raise ConfigError(f"data.class_names: {path} does not exist; expected a text file with one class name "
+                              f"per line, in label order", "data.class_names")
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    module = source_module(cfg)
+    return module.class_names(cfg) if hasattr(module, "class_names") else None
 
 
 def training_class_counts(cfg) -> list[int]:

@@ -151,6 +151,10 @@ def hold_out(images, labels, data):
     return (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx])
 
 
+def class_names(cfg) -> list[str] | None:
+    return None if cfg.data.source == "synthetic" else cifar.cifar_class_names(cfg.data.root, cfg.data.source)
+
+
 def training_class_counts(cfg) -> list[int]:
     (images, labels), _, counts, _ = load_arrays(cfg.data)
     (_, labels), _ = hold_out(images, labels, cfg.data)

@@ -31,6 +31,7 @@ class DataBundle:
     evals: dict[str, Iterable]  # split name ("val", "test") -> iterable of (normalised x, y) for this rank
     class_counts: list[int]  # training images per class (after any validation hold-out)
     bad_images: BadImageLog  # unreadable images skipped this epoch, per split (none in memory)
+    class_names: list[str] | None = None  # in label order, where the data names its classes (data.class_names)
 
     @property
     def num_classes(self) -> int:

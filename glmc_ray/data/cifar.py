@@ -17,6 +17,7 @@ LAYOUTS = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
 }
+META = {"cifar10": ("batches.meta", "label_names"), "cifar100": ("meta", "fine_label_names")}  # the class names
 DOWNLOADERS = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
 NORMALIZATION = {  # official get_transform values; CIFAR-100 uses CIFAR-10-like stats (reference D17)
     "cifar10": ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)),
@@ -70,6 +71,13 @@ def load_cifar(root: str | Path, dataset: str, train: bool) -> tuple[np.ndarray,
         if len(labels[-1]) != len(images[-1]):
             raise ValueError(f"{path}: {len(images[-1])} images but {len(labels[-1])} labels")
     return np.concatenate(images).transpose(0, 2, 3, 1).copy(), np.concatenate(labels)
+
+
+def cifar_class_names(root: str | Path, dataset: str) -> list[str] | None:
+    """The class names of the layout's meta file, in label order; None where the file is missing."""
+    name, key = META[dataset]
+    path = Path(root) / LAYOUTS[dataset][0] / name
+    return list(_read_pickle(path)[key]) if path.is_file() else None
 
 
 def _read_pickle(path: Path):

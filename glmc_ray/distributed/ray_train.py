@@ -176,7 +176,7 @@ def has_validation(cfg) -> bool:
     return cfg.data.val_fraction > 0 or bool(cfg.data.val_split)
 
 
-def metrics_callback(run: Path, remote: str | None = None, ride_out: float = 0.0):
+def metrics_callback(run: Path, remote: str | None = None, ride_out: float = 0.0, names: list[str] | None = None):
     """A controller-side callback that keeps `<run>/metrics.jsonl` (and the TensorBoard events) equal to the
     committed epochs, and their copy at `remote` (run_mirror) when the run has one, riding out storage outages
     of up to `ride_out` seconds."""
@@ -186,7 +186,7 @@ def metrics_callback(run: Path, remote: str | None = None, ride_out: float = 0.0
 
     class MetricsFile(UserCallback):
         def __init__(self):
-            self.events = EpochEvents(run, lambda: rundir.read_metrics(run))
+            self.events = EpochEvents(run, lambda: rundir.read_metrics(run), names)
             self.pushed = None
 
         def after_report(self, run_context, metrics, checkpoint):
@@ -412,7 +412,7 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, call
     from ray.train import CheckpointConfig, ControllerError, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from glmc_ray.data import ray_datasets
+    from glmc_ray.data import class_names, ray_datasets
     from glmc_ray.distributed.ray_logging import controller_console_callback
 
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
@@ -440,7 +440,7 @@ def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, call
                 num_to_keep=cfg.dist.keep_checkpoints,
                 checkpoint_score_attribute=SCORE, checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures, controller_failure_limit=3),
-            callbacks=[metrics_callback(run, remote, ride_out), fail_fast_callback(),
+            callbacks=[metrics_callback(run, remote, ride_out, class_names(cfg)), fail_fast_callback(),
                        restart_notice_callback(run, cfg.dist.max_failures), controller_console_callback(),
                        *callbacks],
             # Ray Train's INFO lines (each rank's "Reporting training result" dump every epoch, which

@@ -15,6 +15,7 @@ from glmc_ray.core.evaluation import FEW_BELOW, MANY_ABOVE  # noqa: E402
 # pyplot's figure manager and the mathtext parser behind log-scale tick labels are process-wide state: two runs
 # finishing at once in one driver (Ray Train fits from threads) garbled each other's labels (ParseException).
 _PLOTTING = threading.Lock()
+NAMED_AT_MOST = 20  # classes named under their bars; more would overlap
 
 
 def _one_at_a_time(plot):
@@ -26,8 +27,10 @@ def _one_at_a_time(plot):
 
 
 @_one_at_a_time
-def per_class_plot(per_class: list, class_counts: list[int], path: Path, title: str) -> None:
-    """Per-class accuracy (bars, classes sorted by training count) against the training count (line)."""
+def per_class_plot(per_class: list, class_counts: list[int], path: Path, title: str,
+                   names: list[str] | None = None) -> None:
+    """Per-class accuracy (bars, classes sorted by training count) against the training count (line); up to
+    NAMED_AT_MOST classes are named under their bars (where the data names them)."""
     order = sorted(range(len(class_counts)), key=lambda c: -class_counts[c])
     accuracy = [per_class[c] if per_class[c] is not None else 0.0 for c in order]
     counts = [class_counts[c] for c in order]
@@ -35,6 +38,8 @@ def per_class_plot(per_class: list, class_counts: list[int], path: Path, title: 
     fig, ax = plt.subplots(figsize=(max(6.0, min(18.0, 0.12 * len(order) + 4)), 4))
     ax.bar(range(len(order)), accuracy, color=colours, width=1.0 if len(order) > 50 else 0.8)
     ax.set_xlabel("class (sorted by training count)")
+    if names and len(order) <= NAMED_AT_MOST:
+        ax.set_xticks(range(len(order)), [names[c] for c in order], rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     twin = ax.twinx()

@@ -214,16 +214,17 @@ def write_final(run: Path, final: dict, cfg) -> None:
     test = final["last"].get("test")
     if test is not None:
         per_class_plot(test["per_class"], final["class_counts"], run / "per_class.png",
-                       title=f"{cfg.name}: last epoch, test top-1 {test['top1']:.2f}%")
+                       title=f"{cfg.name}: last epoch, test top-1 {test['top1']:.2f}%", names=final.get("class_names"))
 
 
 class LocalReporter:
     """In-process reporting: every epoch a metrics line and TensorBoard events, then the checkpoint (and
-    best.pt) atomically. `stop`: whether the command was asked to stop (core/interrupts.py)."""
+    best.pt) atomically. `stop`: whether the command was asked to stop (core/interrupts.py); `names`: the
+    classes' names (data.class_names), for the per-class TensorBoard tags."""
 
-    def __init__(self, run: Path, cfg, stop: Callable[[], bool] = lambda: False):
+    def __init__(self, run: Path, cfg, stop: Callable[[], bool] = lambda: False, names: list[str] | None = None):
         self.run, self.cfg, self.stop_requested = run, cfg, stop
-        self.events = EpochEvents(run, lambda: read_metrics(run))
+        self.events = EpochEvents(run, lambda: read_metrics(run), names)
 
     def report(self, record: dict, checkpoint, is_best: bool, per_class: list | None) -> None:
         # The checkpoint first: an epoch is in metrics.jsonl only once it can be resumed (a failed first

@@ -31,12 +31,19 @@ def tag(key: str) -> str:
     return f"{split}/{name}" if split in SPLITS and name else f"train/{key}"
 
 
+def class_tag(label: int, digits: int, names: list[str] | None) -> str:
+    """03, or 03_cat where the class has a name (spaces as underscores: a tag is one word)."""
+    number = f"{label:0{digits}d}"
+    return f"{number}_{'_'.join(names[label].split())}" if names else number
+
+
 class EpochEvents:
     """One writer per process; reopened when the epochs go back (a resumed run, a restarted Ray worker group).
-    `committed`: the run's committed epoch records (metrics.jsonl), for the epochs a stop left without events."""
+    `committed`: the run's committed epoch records (metrics.jsonl), for the epochs a stop left without events;
+    `names`: the classes' names, in label order (their per-class tags are `<label>_<name>`), or None."""
 
-    def __init__(self, run: Path, committed: Callable[[], list[dict]]):
-        self.run, self.committed = run, committed
+    def __init__(self, run: Path, committed: Callable[[], list[dict]], names: list[str] | None = None):
+        self.run, self.committed, self.names = run, committed, names
         self._writer = None
         self._next_epoch = 0
 
@@ -91,7 +98,7 @@ class EpochEvents:
         digits = len(str(len(accuracies) - 1))
         for label, accuracy in enumerate(accuracies):
             if accuracy is not None:
-                self._writer.add_scalar(f"test_per_class/{label:0{digits}d}", accuracy, epoch)
+                self._writer.add_scalar(f"test_per_class/{class_tag(label, digits, self.names)}", accuracy, epoch)
         seen = [a for a in accuracies if a is not None]
         if seen:
             self._writer.add_histogram("test/per_class", np.asarray(seen), epoch)

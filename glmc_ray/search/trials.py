@@ -230,8 +230,8 @@ def _train_in(cfg, options: SearchOptions, parent: Path, existing: Path | None, 
 class MirroredTuneReporter(TuneReporter):
     """TuneReporter whose run directory is copied to `remote`/<run> after every epoch and at the end."""
 
-    def __init__(self, run: Path, cfg, remote: str):
-        super().__init__(run, cfg)
+    def __init__(self, run: Path, cfg, remote: str, names: list[str] | None = None):
+        super().__init__(run, cfg, names=names)
         self.remote, self.pushed = storage.join(remote, run.name), None
 
     def report(self, record: dict, checkpoint, is_best: bool, per_class: list | None) -> None:
@@ -244,6 +244,7 @@ class MirroredTuneReporter(TuneReporter):
 
 
 def _run_local_trial(cfg, parent: Path, existing: Path | None, remote: str | None) -> None:
+    from glmc_ray.data import class_names
     from glmc_ray.training.worker import run_worker
 
     state = None
@@ -260,7 +261,9 @@ def _run_local_trial(cfg, parent: Path, existing: Path | None, remote: str | Non
     print(f"trial run directory: {run}", flush=True)
     # as the trainer: a trial that saved no epoch leaves no run directory (trials.csv and Tune's trial
     # folder keep its values and error)
-    reporter = TuneReporter(run, cfg) if remote is None else MirroredTuneReporter(run, cfg, remote)
+    names = class_names(cfg)
+    reporter = TuneReporter(run, cfg, names=names) if remote is None else \
+        MirroredTuneReporter(run, cfg, remote, names)
     with rundir.removed_if_failed_start(run, fresh=state is None):
         run_worker(cfg, reporter, state=state)
 

@@ -257,7 +257,8 @@ def fit(cfg, t: Trainee, data: DataBundle, reporter: Reporter, dist: Dist | None
         reporter.report(record, functools.partial(training_state, t, epoch + 1, config), is_best, per_class)
     if last is None:  # resumed after the last epoch: evaluate the restored model
         last = evaluate_splits(t, data, dist, cfg)
-    final = {"epochs": epochs, "last": last, "best_on_val": t.best, "class_counts": data.class_counts}
+    final = {"epochs": epochs, "last": last, "best_on_val": t.best, "class_counts": data.class_counts,
+             "class_names": data.class_names}
     reporter.finish(final)
     return final
 
