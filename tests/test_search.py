@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -18,9 +19,9 @@ import yaml
 from glmc_ray.core import config as config_lib
 from glmc_ray.core.errors import STORAGE_LOST
 from glmc_ray.runs import rundir
+from glmc_ray.search import console, trials
 from glmc_ray.search import full as search_full
 from glmc_ray.search import space as search_space
-from glmc_ray.search import trials
 from glmc_ray.train import main as train_main
 from tests.conftest import REPO, git_head
 from tests.servers import CuttableProxy, postgres_server
@@ -255,7 +256,7 @@ def test_search_runs_trials_and_writes_a_trainable_best_config(tmp_path, ray_ses
     assert version["command"] == shlex.join(sys.orig_argv) and version["git_commit"] == git_head()
 
 
-def test_a_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(tmp_path, ray_session):
+def test_a_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(tmp_path, ray_session, capfd):
     # the base (first) point has an lr that makes the loss non-finite at once: FloatingPointError
     space = _space(tmp_path, "optim.lr: {float: [0.001, 1.0e+6], log: true}\n")
     output = tmp_path / "runs"
@@ -273,6 +274,14 @@ def test_a_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(tmp_path
     assert runs == {r["trial_id"] for r in complete}
     if complete:  # the sampled lr may diverge too; whatever completed gives the best config
         assert (experiment / "best_config.yaml").exists()
+    # the console: a line per trial event, the best trials, no Tune status table, no traceback
+    out = capfd.readouterr()
+    console = out.out + out.err
+    assert "trial 1 started: optim.lr=1e+06" in console, console
+    assert re.search(r"^trial 1 failed: FloatingPointError: non-finite .* \(\d of 3 ended\)$", console, re.M), console
+    assert len(re.findall(r"^trial \d (finished in \d+ s: val_balanced_top1|failed: )", console, re.M)) == 3, console
+    assert "Trial status" not in console and "Traceback" not in console, console
+    assert (experiment / "tune").is_dir() and not list(experiment.glob("run_trial_*"))  # Tune's state in tune/
 
 
 def _mid_trial(output):
@@ -476,3 +485,16 @@ def test_fidelity_check_and_final_seeds_train_the_full_schedule_once_per_run(tmp
     assert main(["--resume", str(experiment), "--final-seeds", "2"]) == 0
     assert {p: (p / "final.json").stat().st_mtime_ns for p in folders} == mtimes
     assert json.loads((experiment / "final_seeds.json").read_text())["summary"] == final["summary"]
+
+
+def test_the_best_trials_table_names_a_tie_and_which_trial_best_config_takes():
+    rows = [{"number": n, "status": status, "val_balanced_top1": score, "test_top1": 40.0 + n, "optim.lr": 0.01 * n,
+             "method.glmc.mix_beta": None}
+            for n, status, score in [(1, "complete", 50.0), (2, "failed", None), (3, "complete", 52.5),
+                                     (4, "complete", 52.5), (5, "complete", 49.0)]]
+    table = console.best_table(rows, ["optim.lr", "method.glmc.mix_beta"]).splitlines()
+    assert table[1].split()[:3] == ["trial", "3", "52.50"] and "optim.lr=0.03" in table[1]
+    assert "mix_beta" not in table[1]  # not searched by that trial
+    assert [line.split()[1] for line in table[1:5]] == ["3", "4", "1", "5"]
+    assert table[-1].startswith("trials 3, 4 tie at 52.50; best_config.yaml is trial 3's (the first asked)")
+    assert console.best_table([rows[1]], ["optim.lr"]) == ""

@@ -41,14 +41,11 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import shlex
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import pyarrow.fs as pafs
 
 from glmc_ray.core import config as config_lib
 from glmc_ray.core import storage
@@ -56,13 +53,14 @@ from glmc_ray.core.config import ConfigError
 from glmc_ray.core.errors import StorageLost
 from glmc_ray.core.schedules import scaled_milestones
 from glmc_ray.runs import mirror, provenance, rundir
+from glmc_ray.search.console import METRIC, best_table, creation_number, error_line, trial_lines_callback
 from glmc_ray.search.space import Space, apply_values
 
-METRIC = "val_balanced_top1"  # the objective: balanced top-1 on the validation split, never the test set
-MODE = "max"
+MODE = "max"  # METRIC (console.py), the objective: balanced top-1 on the validation split, never the test set
 SEARCH_FILE = "search.json"
 BASE_CONFIG = "base_config.yaml"
 TRIALS_DIR = "trials"
+TUNE_DIR = "tune"  # Tune's own state in the experiment
 
 
 # ----------------------------------------------------------------------------------------------- options
@@ -429,7 +427,8 @@ def search(base, space: Space, opts: SearchOptions, output: str | Path) -> tuple
         tune_trainable(experiment, base, opts),
         tune_config=tune.TuneConfig(search_alg=_searcher(experiment, base, space, opts), num_samples=opts.trials,
                                     max_concurrent_trials=opts.concurrent, reuse_actors=True),
-        run_config=tune_run_config(experiment, experiment.name, storage.parent(location(experiment))))
+        run_config=tune_run_config(experiment, TUNE_DIR, location(experiment),
+                                   lines=trial_lines_callback(_searched(space), opts.trials, location(experiment))))
     _fit(tuner, experiment)  # an errored trial (NaN: FloatingPointError) is recorded and the search goes on
     return experiment, write_outputs(experiment)
 
@@ -444,12 +443,22 @@ def _fit(tuner, experiment: Path) -> None:
                           f"{location(experiment)}") from None
 
 
-def tune_run_config(experiment: Path, name: str, storage_path: str, **options):
+def tune_run_config(experiment: Path, name: str, storage_path: str, lines=None):
+    """Tune's state in `storage_path`/`name`; `lines`: the console's trial lines (console.py), or None."""
     from ray import tune
 
     return tune.RunConfig(name=name, storage_path=storage_path, failure_config=tune.FailureConfig(max_failures=0),
-                          callbacks=[publish_callback(experiment)],
-                          verbose=1, **options)  # status tables with the objective; the epochs are in trials/
+                          callbacks=[publish_callback(experiment), *([lines] if lines else [])],
+                          verbose=0)  # no status tables: a line per trial event (console.py); epochs in trials/
+
+
+def _searched(space: Space) -> list[str]:
+    return [p.key for p in space.all_params()]
+
+
+def tune_location(experiment: Path) -> str:
+    """Tune's own state (its trial folders, experiment and searcher state), out of the way in `tune/`."""
+    return storage.join(location(experiment), TUNE_DIR)
 
 
 def read_experiment(experiment: Path) -> tuple[config_lib.Config, Space, SearchOptions]:
@@ -467,13 +476,13 @@ def resume(experiment: str | Path) -> tuple[Path, bool]:
     experiment = working_copy(given)
     if not (experiment / SEARCH_FILE).is_file():
         raise ConfigError(f"--resume {given}: not a search experiment directory (no {SEARCH_FILE})")
-    if not tune.Tuner.can_restore(location(experiment)):
+    if not tune.Tuner.can_restore(tune_location(experiment)):
         raise ConfigError(f"--resume {given}: Tune saved no experiment state there yet; start a new search")
     base, _, opts = read_experiment(experiment)
     check_resources(opts)
     print(f"resuming experiment {given}", flush=True)
     # Tune restores the run config it saved, the publishing callback with it
-    tuner = tune.Tuner.restore(location(experiment), trainable=tune_trainable(experiment, base, opts),
+    tuner = tune.Tuner.restore(tune_location(experiment), trainable=tune_trainable(experiment, base, opts),
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
     _fit(tuner, experiment)
     return experiment, write_outputs(experiment)
@@ -507,40 +516,22 @@ def trial_rows(experiment: Path) -> tuple[list[dict], Space]:
     from ray.tune import ExperimentAnalysis
 
     _, space, _ = read_experiment(experiment)
-    analysis = ExperimentAnalysis(location(experiment))
+    analysis = ExperimentAnalysis(tune_location(experiment))
     fs, _ = storage.resolve(location(experiment))  # trial.path is a path in it
     rows = []
-    for trial in sorted(analysis.trials, key=_creation_number):
+    for trial in sorted(analysis.trials, key=creation_number):
         last = trial.last_result or {}
         ok = trial.status == "TERMINATED" and last.get(METRIC) is not None
-        rows.append({"number": _creation_number(trial), "trial_id": trial.trial_id,
+        rows.append({"number": creation_number(trial), "trial_id": trial.trial_id,
                      "status": "complete" if ok else trial.status.lower(),
                      **{p.key: trial.config.get(p.key) for p in space.all_params()},
                      METRIC: last.get(METRIC) if ok else None, "test_top1": last.get("test_top1"),
                      "seconds": round(last["time_total_s"], 1) if "time_total_s" in last else None,
-                     "error": _error_line(fs, trial)})
+                     "error": error_line(fs, trial)})
     for row in rows:
         if row["status"] == "error":
             row["status"] = "failed"
     return rows, space
-
-
-def _error_line(fs, trial) -> str:
-    """The exception line of a failed trial (Tune's error.txt in its trial folder), e.g. the non-finite loss."""
-    path = f"{trial.path}/error.txt"
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return ""
-    with fs.open_input_stream(path) as stream:
-        text = stream.read().decode(errors="replace")
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1].strip()[:300] if lines else ""
-
-
-def _creation_number(trial) -> int:
-    """Tune's 1-based creation index, from its trial folder `<trainable>_<id>_<n>_<values>_<date>` (the
-    order in which Optuna was asked: normally Optuna's trial number is this minus one)."""
-    match = re.search(rf"_{re.escape(trial.trial_id)}_(\d+)_", Path(trial.path).name)
-    return int(match.group(1)) if match else 0
 
 
 def write_outputs(experiment: Path) -> bool:
@@ -561,6 +552,7 @@ def write_outputs(experiment: Path) -> bool:
         cfg = apply_values(base, space.active(best))
         config_lib.save(cfg, experiment / "best_config.yaml")
     write_plots(experiment)
+    print(best_table(rows, _searched(space)) or "no trial completed", flush=True)
     print(f"{len(rows)} trials ({len(done)} complete, {failed} failed, {unfinished} unfinished); "
           f"trials.csv in {experiment}", flush=True)
     interrupted = bool(unfinished or len(rows) < opts.trials)
@@ -593,36 +585,14 @@ def close_stale_trials(experiment: Path, base, opts: SearchOptions) -> int:
 
 
 def write_plots(experiment: Path) -> list[Path]:
-    """Optuna's matplotlib plots from the persisted study (what `optuna-dashboard` would read too)."""
-    import warnings
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The plots of the persisted study (what `optuna-dashboard` would read too): study_plots.py."""
     import optuna
-    from optuna.visualization import matplotlib as ovm
+
+    from glmc_ray.search.study_plots import write_study_plots
 
     base, _, opts = read_experiment(experiment)
-    study = optuna.load_study(study_name=experiment.name, storage=study_storage(experiment, opts, base))
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    figures = {"optimization_history.png": ovm.plot_optimization_history, "slice.png": ovm.plot_slice}
-    if len(complete) >= 2:
-        figures["param_importances.png"] = ovm.plot_param_importances
-    written = []
-    for name, plot in figures.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # optuna's "experimental" warnings on every plot
-                axes = plot(study)
-            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
-            figure.set_size_inches(max(figure.get_size_inches()[0], 8), 6)
-            figure.savefig(experiment / name, dpi=100, bbox_inches="tight")
-            plt.close(figure)
-            written.append(experiment / name)
-        except Exception as err:  # a plot is a convenience; never lose trials.csv over one
-            print(f"note: {name} not written ({type(err).__name__}: {err})", file=sys.stderr, flush=True)
-    return written
+    return write_study_plots(optuna.load_study(study_name=experiment.name,
+                                               storage=study_storage(experiment, opts, base)), experiment)
 
 
 def set_environment() -> None:

@@ -1,0 +1,84 @@
+"""What a search prints: one line per trial event (started with its values, finished with its objective,
+failed with its reason) and, at the end, the best trials with any tie named. Tune's own status tables stay
+off the console (`RunConfig(verbose=0)`); its state is in the experiment's `tune/` folder."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from glmc_ray.core import storage
+
+METRIC = "val_balanced_top1"
+
+
+def creation_number(trial) -> int:
+    """Tune's 1-based creation index, from its trial folder `<trainable>_<id>_<n>_<values>_<date>` (the
+    order in which Optuna was asked: normally Optuna's trial number is this minus one)."""
+    match = re.search(rf"_{re.escape(trial.trial_id)}_(\d+)_", Path(trial.path).name)
+    return int(match.group(1)) if match else 0
+
+
+def error_line(fs: pafs.FileSystem, trial) -> str:
+    """The exception line of a failed trial (Tune's error.txt in its trial folder), e.g. the non-finite loss."""
+    path = f"{trial.path}/error.txt"
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return ""
+    with fs.open_input_stream(path) as stream:
+        text = stream.read().decode(errors="replace")
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip()[:300] if lines else ""
+
+
+def _value(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def trial_lines_callback(searched: list[str], total: int, location: str):
+    """A Tune callback printing a line per trial event; `searched`: the space's fields (those a trial sampled
+    are shown), `total`: the trials asked for, `location`: where Tune keeps the trials' folders."""
+    from ray.tune import Callback
+
+    class TrialLines(Callback):
+        def __init__(self):
+            self.done, self.best = 0, None
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            values = " ".join(f"{k}={_value(trial.config[k])}" for k in searched if trial.config.get(k) is not None)
+            print(f"trial {creation_number(trial)} started: {values}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            result = trial.last_result or {}
+            score = result.get(METRIC)
+            if score is not None and (self.best is None or score > self.best[0]):
+                self.best = (score, creation_number(trial))
+            said = f"{METRIC} {score:.2f}" if score is not None else "no objective"
+            best = f"; best so far {self.best[0]:.2f} (trial {self.best[1]})" if self.best else ""
+            print(f"trial {creation_number(trial)} finished in {result.get('time_total_s', 0):.0f} s: {said} "
+                  f"({self.done} of {total} ended{best})", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.done += 1
+            reason = error_line(storage.resolve(location)[0], trial) or "see its error.txt"
+            print(f"trial {creation_number(trial)} failed: {reason} ({self.done} of {total} ended)", flush=True)
+
+    return TrialLines()
+
+
+def best_table(rows: list[dict], searched: list[str], top: int = 5) -> str:
+    """The best `top` complete trials, best first, with the fields each searched; trials tied with the best
+    are named, and which one best_config.yaml takes (the first asked)."""
+    done = sorted((r for r in rows if r["status"] == "complete"), key=lambda r: (-r[METRIC], r["number"]))
+    if not done:
+        return ""
+    lines = [f"best trials by {METRIC} (validation; test top-1 is never optimised on):"]
+    for r in done[:top]:
+        values = " ".join(f"{k}={_value(r[k])}" for k in searched if r.get(k) not in (None, ""))
+        lines.append(f"  trial {r['number']:>3}  {r[METRIC]:6.2f}  test {r['test_top1']:6.2f}  {values}")
+    tied = [r["number"] for r in done if r[METRIC] == done[0][METRIC]]
+    if len(tied) > 1:
+        lines.append(f"trials {', '.join(map(str, tied))} tie at {done[0][METRIC]:.2f}; best_config.yaml is trial "
+                     f"{tied[0]}'s (the first asked): compare them with --final-seeds or more epochs")
+    return "\n".join(lines)
