@@ -165,7 +165,7 @@ def main() -> None:
     p.add_argument("--plot", default="docs/img/methods_per_class.png", help="where the per-class plot is written (PNG)")
     args = p.parse_args()
 
-    from glmc_ray.distributed import ray_train
+    from glmc_ray.distributed import cluster
 
     base = base_config(args.data_root, args.overrides)
     if args.experiment:
@@ -179,7 +179,7 @@ def main() -> None:
     jobs = [FullRun(label, METHODS[label][1], seed) for label in firsts for seed in args.seeds]
     opts = SearchOptions(space="", concurrent=args.concurrent, cpus_per_trial=1.0, gpus_per_trial=0.0)
     trials.set_environment()
-    ray_train.connect(None, args.concurrent)
+    cluster.connect(None, args.concurrent)
     print(f"experiment {experiment}: {len(jobs)} runs, {args.concurrent} at a time", flush=True)
     results = search_full.train_full(experiment, base, opts, jobs)
     stage2 = [job for label in seconds for seed in args.seeds if (job := second_stage(experiment, base, label, seed))]

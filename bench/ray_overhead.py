@@ -23,7 +23,7 @@ from pathlib import Path
 import ray
 
 from glmc_ray.core import config as config_lib
-from glmc_ray.distributed import ray_train
+from glmc_ray.distributed import cluster, ray_train
 from glmc_ray.runs import rundir
 from glmc_ray.training.worker import run_worker
 
@@ -45,7 +45,7 @@ def run_variant(name: str, args) -> dict:
         run = rundir.new_run_dir(args.output, cfg)
         run_worker(cfg, rundir.LocalReporter(run, cfg))
     else:
-        run, _ = ray_train.launch(cfg, ray_train.Scaling(workers, use_gpu=False), args.output)
+        run, _ = ray_train.launch(cfg, cluster.Scaling(workers, use_gpu=False), args.output)
     wall = time.perf_counter() - start
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steady = [r["images_per_s"] for r in records[1:]] or [records[0]["images_per_s"]]

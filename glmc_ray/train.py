@@ -129,9 +129,9 @@ def run_local(cfg, args, stop: StopOnSignal) -> dict:
     from glmc_ray.training.worker import run_worker
 
     if ray_cpus(cfg):  # the loop runs here, its data streams through Ray Data
-        from glmc_ray.distributed import ray_train
+        from glmc_ray.distributed import cluster
 
-        ray_train.connect(None, 0, ray_cpus(cfg))
+        cluster.connect(None, 0, ray_cpus(cfg))
         stop.install()  # again: ray.init puts Ray's own SIGTERM handler in place of ours
     state = None
     if args.resume:
@@ -156,14 +156,14 @@ def run_local(cfg, args, stop: StopOnSignal) -> dict:
 
 def run_ray(cfg, args, stop: StopOnSignal) -> dict:
     from glmc_ray.data import ray_cpus
-    from glmc_ray.distributed import ray_train
+    from glmc_ray.distributed import cluster, ray_train
 
     resume = resume_dir(args)
     run_storage = ray_train.run_storage(resume, args.storage) or os.environ.get("GLMC_STORAGE")
     if run_storage:  # before Ray starts: a bucket that does not exist is one error line, not a failed run
         storage.check_writable(run_storage, "--storage")
-    ray_train.connect(args.address, args.workers or 1, ray_cpus(cfg), args.ray_verbose)
-    scaling = ray_train.scaling_for(args.nodes, args.workers, args.gpus_per_node)
+    cluster.connect(args.address, args.workers or 1, ray_cpus(cfg), args.ray_verbose)
+    scaling = cluster.scaling_for(args.nodes, args.workers, args.gpus_per_node)
     stop.install()  # again: ray.init puts Ray's own SIGTERM handler in place of ours
     run, final = ray_train.launch(cfg, scaling, args.output, resume, run_storage, args.ray_verbose, stop=stop)
     print(f"done: {run}", flush=True)

@@ -69,10 +69,10 @@ def shared_ray(_stop_ray_at_the_end) -> str:
     costs about 8 s), ended by a module that needs its own (stop_ray) or by the session's end. Its address."""
     import ray
 
-    from glmc_ray.distributed import ray_train
+    from glmc_ray.distributed import cluster
 
     if not ray.is_initialized():
-        ray_train.start_local(8, object_store_memory=256 << 20)
+        cluster.start_local(8, object_store_memory=256 << 20)
         SHARED_RAY["running"] = True
     return ray.get_runtime_context().gcs_address
 

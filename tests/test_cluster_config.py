@@ -63,13 +63,13 @@ def test_node_types_give_what_the_trainer_the_search_and_ray_data_ask_for():
                if t is not types[config["head_node_type"]])  # optional CPU-only decode nodes
 
 
-def test_the_readmes_cluster_search_writes_to_object_storage_and_the_nfs_mount_is_optional():
-    """No node needs a network filesystem: the README's cluster search writes its experiment to S3; the EFS mount
-    for users who keep runs on one is in cluster.yaml as a commented setup command, at the folder the README names."""
+def test_the_documented_cluster_search_writes_to_object_storage_and_the_nfs_mount_is_optional():
+    """No node needs a network filesystem: the docs' cluster search writes its experiment to S3; the EFS mount
+    for users who keep runs on one is in cluster.yaml as a commented setup command, at the folder the docs name."""
     config = _prepared()
     assert not any("mount -t nfs4" in command for command in config["setup_commands"])
-    readme = (REPO / "README.md").read_text()
-    cluster = readme[readme.index("## Cluster"):readme.index("## Search")]
+    page = (REPO / "docs/cluster.md").read_text()
+    cluster = page[page.index("## Cluster"):]
     search_job = cluster[cluster.index("tuning/search.py"):]
     assert re.search(r"--output (\S+)", search_job).group(1).startswith("s3://")
     text = (REPO / "cluster.yaml").read_text()

@@ -24,7 +24,7 @@ from glmc_ray.data import build_data, shard_format
 from glmc_ray.data import shards as shard_source
 from glmc_ray.data.cifar import long_tailed_counts
 from glmc_ray.data.synthetic import write_image_tree
-from glmc_ray.distributed import ray_train
+from glmc_ray.distributed import cluster, ray_train
 from glmc_ray.distributed.local_cluster import free_port
 from glmc_ray.runs import rundir
 from glmc_ray.search.trials import TRIALS_DIR
@@ -58,7 +58,7 @@ def s3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ray_address(s3):
     stop_ray()  # its own instance: Ray's processes must inherit the server's environment
-    ray_train.start_local(6, object_store_memory=256 << 20)
+    cluster.start_local(6, object_store_memory=256 << 20)
     yield ray.get_runtime_context().gcs_address
     stop_ray()
 

@@ -12,7 +12,7 @@ import torch
 from ray.util.state import list_actors
 
 from glmc_ray.core import config as config_lib
-from glmc_ray.distributed import ray_train
+from glmc_ray.distributed import cluster, ray_train
 from glmc_ray.runs import rundir
 from glmc_ray.train import main
 from tests.conftest import REPO, tensorboard_scalars
@@ -115,9 +115,9 @@ def test_resume_a_ray_run_continues_from_its_latest_checkpoint(tmp_path, capfd, 
 
 def test_multi_node_storage_must_be_shared():
     with pytest.raises(ValueError, match="node-local filesystem"):
-        ray_train.check_shared_storage("/tmp", nodes=2, hosts=2)
-    ray_train.check_shared_storage("s3://bucket/runs", nodes=4, hosts=4)
-    ray_train.check_shared_storage("/tmp", nodes=2, hosts=1)  # simulated cluster: one disk
+        cluster.check_shared_storage("/tmp", nodes=2, hosts=2)
+    cluster.check_shared_storage("s3://bucket/runs", nodes=4, hosts=4)
+    cluster.check_shared_storage("/tmp", nodes=2, hosts=1)  # simulated cluster: one disk
 
 
 def test_sync_batchnorm_on_cpu_workers_is_refused_before_training(tmp_path, capsys):
@@ -127,5 +127,5 @@ def test_sync_batchnorm_on_cpu_workers_is_refused_before_training(tmp_path, caps
     assert not list(tmp_path.iterdir())  # refused before a run directory was made
     cfg = config_lib.load(SMOKE, ["dist.sync_batchnorm=true"])
     with pytest.raises(config_lib.ConfigError, match="dist.sync_batchnorm"):  # any caller of launch (Tune too)
-        ray_train.launch(cfg, ray_train.Scaling(2, use_gpu=False), tmp_path)
+        ray_train.launch(cfg, cluster.Scaling(2, use_gpu=False), tmp_path)
     assert not list(tmp_path.iterdir())

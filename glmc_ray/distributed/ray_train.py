@@ -18,15 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
-import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +31,7 @@ from glmc_ray.core import config as config_lib
 from glmc_ray.core import storage as storage_lib
 from glmc_ray.core.errors import StorageLost, exit_code
 from glmc_ray.core.interrupts import Interrupted, StopOnSignal
+from glmc_ray.distributed import cluster
 from glmc_ray.methods import METHODS
 from glmc_ray.runs import mirror, parent_run, provenance, ray_resume, rundir
 from glmc_ray.runs.ray_resume import STATE_FILE, STORAGE_FILE
@@ -42,15 +39,6 @@ from glmc_ray.training.loop import Dist
 
 SCORE = "checkpoint_score"
 PER_CLASS = "test_per_class"  # rank 0's per-class test accuracy travels with its metrics to the controller
-NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "9p")
-
-
-@dataclass
-class Scaling:
-    workers: int
-    use_gpu: bool
-    nodes: int = 1
-    cpus_per_worker: float = 1.0
 
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
@@ -281,59 +269,7 @@ def _preempted(error: BaseException) -> bool:
     return bool(getattr(_actor_error(error), "preempted", False))
 
 
-def cluster_hosts() -> int:
-    import ray
-
-    return len({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
-
-
-def check_shared_storage(storage: str, nodes: int, hosts: int) -> None:
-    """A run across machines needs storage every node sees: a URI (s3://, gs://, ...) or a network filesystem.
-
-    Nodes that share one host (a simulated cluster) share its disk, so any path works there.
-    """
-    if nodes <= 1 or hosts <= 1 or "://" in storage:
-        return
-    fstype = filesystem_type(Path(storage))
-    if fstype not in NETWORK_FILESYSTEMS:
-        raise ValueError(f"--storage {storage} is on a node-local filesystem ({fstype}); a run on {nodes} nodes "
-                         f"needs storage that every node sees: s3://bucket/path, gs://..., or an NFS mount")
-
-
-def filesystem_type(path: Path) -> str:
-    path = path.resolve()
-    best, fstype = "", "unknown"
-    with open("/proc/mounts") as mounts:
-        for line in mounts:
-            _, mount_point, kind = line.split()[:3]
-            inside = path == Path(mount_point) or Path(mount_point) in path.parents
-            if inside and len(mount_point) > len(best):
-                best, fstype = mount_point, kind
-    return fstype
-
-
-def scaling_for(nodes: int | None, workers: int | None, gpus_per_node: int | None) -> Scaling:
-    """Workers = nodes x GPUs per node on GPU clusters; with no GPU, `workers` CPU workers over gloo."""
-    import ray
-
-    if gpus_per_node is None:
-        gpus = [n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]]
-        gpus_per_node = int(max(gpus, default=0))
-    nodes = nodes or 1
-    if gpus_per_node > 0:
-        if workers is not None and workers != nodes * gpus_per_node:
-            raise ValueError(f"--workers {workers} disagrees with --nodes {nodes} x --gpus-per-node {gpus_per_node}")
-        return Scaling(nodes * gpus_per_node, True, nodes)
-    return Scaling(workers or nodes, False, nodes)
-
-
-def check_scaling(cfg, scaling: Scaling) -> None:
-    if cfg.dist.sync_batchnorm and not scaling.use_gpu and scaling.workers > 1:
-        raise config_lib.ConfigError("dist.sync_batchnorm: torch's SyncBatchNorm synchronises CUDA tensors only; "
-                                     "on CPU workers use model.norm=group (independent of the batch split)")
-
-
-def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | None = None,
+def launch(cfg, scaling: cluster.Scaling, output: str | Path = "runs", resume: Path | None = None,
            storage: str | None = None, ray_verbose: bool = False, callbacks: list = (),
            stop: StopOnSignal | None = None) -> tuple[Path, dict]:
     """Check the request, then make the run directory (or take `resume`'s) and run the loop under a
@@ -344,14 +280,16 @@ def launch(cfg, scaling: Scaling, output: str | Path = "runs", resume: Path | No
     `ray_verbose` shows Ray Train's own INFO lines on the console (always in its log files); `callbacks`:
     extra Ray Train UserCallbacks (the search forwards each epoch to Tune with one); `stop`: the command's
     signal handler, whose request stops the workers (Interrupted is raised then)."""
+    from glmc_ray.data import ray_cpus
     from glmc_ray.distributed.ray_logging import quiet_snapshot_notice
 
-    check_scaling(cfg, scaling)
+    cluster.check_scaling(cfg, scaling)
+    cluster.check_resources(scaling, ray_cpus(cfg))
     quiet_snapshot_notice(ray_verbose)  # reading the run's snapshot on a resume would print Ray's notice
     if resume is not None and (resume / rundir.CHECKPOINT).exists():
         raise ValueError(f"{resume} was trained in-process; resume it without Ray options")
     storage = run_storage(resume, storage) or str(Path(output).resolve())
-    check_shared_storage(storage, scaling.nodes, cluster_hosts())
+    cluster.check_shared_storage(storage, scaling.nodes, cluster.cluster_hosts())
     storage_lib.check_writable(storage, "--storage")
     restore_from = None
     if resume is not None:
@@ -406,7 +344,7 @@ def _removed_if_no_checkpoint(remote: str | None):
         raise
 
 
-def _fit(cfg, run: Path, storage: str, scaling: Scaling, ray_verbose: bool, callbacks: list = (),
+def _fit(cfg, run: Path, storage: str, scaling: cluster.Scaling, ray_verbose: bool, callbacks: list = (),
          restore_from: str | None = None, remote: str | None = None, stop: StopOnSignal | None = None) -> dict:
     import ray
     from ray.train import CheckpointConfig, ControllerError, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -502,51 +440,3 @@ def _fit_watching(trainer, stop: StopOnSignal | None, flag):
         raise outcome["error"]
     return outcome["result"]
 
-
-def connect(address: str | None, workers: int, data_cpus: float = 0.0, verbose: bool = False) -> None:
-    """Join a cluster (`--address`, RAY_ADDRESS, or one running on this node, such as a `ray up` head node),
-    else start a local Ray instance in-process, with `data_cpus` more logical CPUs for Ray Data streams.
-    `verbose`: Ray's own start-up lines and the `(Actor pid=...)` prefixes on the console too."""
-    from glmc_ray.distributed.ray_logging import quiet_ray_console, quiet_ray_data
-
-    quiet_ray_console(verbose)  # before Ray is imported: it reads the setting then
-    import ray
-    from ray._private.services import canonicalize_bootstrap_address
-
-    quiet_ray_data()
-    if ray.is_initialized():
-        return
-    init = {} if verbose else {"logging_level": logging.WARNING}  # no start-up banner
-    # Ray's own discovery (RAY_ADDRESS, then a cluster started on this node), resolved to host:port first:
-    # ray.init(address="auto") lost the Train controller on a simulated 2-node cluster in our tests.
-    address = address or canonicalize_bootstrap_address(None)
-    if address:
-        ray.init(address=address, **init)
-    else:  # no cluster here: logical CPUs may exceed the cores, the workers then share them
-        # Nothing drains the node of a Ray instance started here (no autoscaler, no preemptible machine), so
-        # Ray Train's preemption watcher would only add an actor and a console error about it. Read by
-        # TorchTrainer.fit from the driver's environment; a value set by the user wins.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        start_local(max(os.cpu_count() or 1, workers + 1) + math.ceil(data_cpus), include_dashboard=None, **init)
-        if workers > (os.cpu_count() or 1):
-            print(f"note: {workers} workers share this machine's {os.cpu_count()} CPU cores (a Ray instance started "
-                  f"here gives each a logical CPU); each trains on a fraction of a core", file=sys.stderr, flush=True)
-
-
-def start_local(num_cpus: int, **init_kwargs) -> None:
-    """`ray.init` a new Ray instance in this process, with its State API address in the environment.
-
-    Ray Train's PlacementGroupCleaner (an actor) asks the State API whether the controller still lives.
-    Without an address it looks for Ray instances on this machine and, finding another one (a second run, a
-    test session), its thread dies with "ConnectionError: Found multiple active Ray instances": a traceback
-    on the console, and no placement group clean-up if the controller dies. Ray's processes inherit this
-    process's environment (ray.init starts the raylet), so RAY_API_SERVER_ADDRESS, which Ray's State API
-    client reads first, names this instance's dashboard. It stays set until the process ends (unset it
-    after ray.shutdown() to start another instance without start_local)."""
-    import ray
-
-    from glmc_ray.distributed.local_cluster import free_port
-
-    port = free_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", dashboard_port=port, **init_kwargs)

@@ -122,14 +122,14 @@ def run(args, term: TermAsInt | None = None) -> tuple[Path, bool]:
 
 
 def _run_search(args, term: TermAsInt) -> tuple[Path, bool]:
-    from glmc_ray.distributed import ray_train
+    from glmc_ray.distributed import cluster
 
     trials.set_environment()
     if args.resume:
         if args.config or args.space or args.overrides:
             raise config_lib.ConfigError("--resume uses the experiment's saved base config and space; "
                                          "drop --config/--set/--space")
-        ray_train.connect(args.address, 1)
+        cluster.connect(args.address, 1)
         term.install()
         return trials.resume(args.resume)
     base, space, opts = _new_search(args)
@@ -137,7 +137,7 @@ def _run_search(args, term: TermAsInt) -> tuple[Path, bool]:
     from glmc_ray.data import ray_cpus
 
     # a trial streaming shards makes its own Ray Data streams (q is searched): their CPUs on top
-    ray_train.connect(args.address, max(1, int(opts.concurrent * opts.cpus_per_trial)),
+    cluster.connect(args.address, max(1, int(opts.concurrent * opts.cpus_per_trial)),
                       opts.concurrent * ray_cpus(base))
     _default_gpus(opts)
     term.install()

@@ -135,7 +135,7 @@ def prepare(base, space: Space, opts: SearchOptions, source: str) -> None:
 def warn_sqlite_on_network(path: Path, option: str) -> None:
     """SQLite's file locking is unreliable on network filesystems; Optuna's docs advise against a SQLite study
     there. Said once on stderr: the search driver is the study's only writer, which makes it work in practice."""
-    from glmc_ray.distributed.ray_train import NETWORK_FILESYSTEMS, filesystem_type
+    from glmc_ray.distributed.cluster import NETWORK_FILESYSTEMS, filesystem_type
 
     kind = filesystem_type(path)
     if kind in NETWORK_FILESYSTEMS:
@@ -269,7 +269,7 @@ def _run_local_trial(cfg, parent: Path, existing: Path | None, remote: str | Non
 def _run_ray_trial(cfg, options: SearchOptions, parent: Path, existing: Path | None, remote: str | None) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from glmc_ray.distributed import ray_train
+    from glmc_ray.distributed import cluster, ray_train
 
     class ForwardEvaluated(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
@@ -278,7 +278,7 @@ def _run_ray_trial(cfg, options: SearchOptions, parent: Path, existing: Path | N
                 super().after_report(run_context, [record], None)
 
     workers = options.workers_per_trial
-    scaling = ray_train.Scaling(workers, options.gpus_per_trial > 0, 1, options.cpus_per_trial / workers)
+    scaling = cluster.Scaling(workers, options.gpus_per_trial > 0, 1, options.cpus_per_trial / workers)
     # under a URI, Ray Train keeps the checkpoints and the copy of the run directory in `remote`/<run>
     ray_train.launch(cfg, scaling, parent, existing, storage=remote, callbacks=[ForwardEvaluated()])
 
@@ -394,16 +394,16 @@ def publish_callback(experiment: Path):
 def check_output(output: str | Path, opts: SearchOptions) -> None:
     """Trials write their run directories wherever Tune places them: on a cluster of several machines the
     experiment directory must be on storage every node sees (object storage, or a network filesystem)."""
-    from glmc_ray.distributed import ray_train
+    from glmc_ray.distributed import cluster
 
     if storage.is_uri(output):
         storage.check_writable(str(output), "--output")
         return
     if opts.storage_url is None:
         warn_sqlite_on_network(Path(output), "--output")
-    hosts = ray_train.cluster_hosts()
+    hosts = cluster.cluster_hosts()
     try:
-        ray_train.check_shared_storage(str(Path(output).resolve()), hosts, hosts)
+        cluster.check_shared_storage(str(Path(output).resolve()), hosts, hosts)
     except ValueError:
         raise ConfigError(f"--output {output} is on a node-local filesystem, but this cluster has {hosts} machines: "
                           f"trials write their run directories there; use an NFS mount every node sees") from None
