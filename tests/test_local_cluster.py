@@ -39,7 +39,16 @@ def test_the_documented_command_trains_and_searches_on_two_nodes_and_stops_only_
 
 
 def test_a_lost_node_that_comes_back_ends_in_a_complete_run_with_each_epoch_once(tmp_path):
+    """Before it, on the same cluster (2 CPUs, no autoscaler): 3 workers can never fit, and are refused at once."""
     with LocalCluster(head_cpus=1, worker_cpus=1) as cluster:
+        refused = subprocess.run([sys.executable, "-m", "glmc_ray.train", "--config", SMOKE, "--workers", "3",
+                                  "--output", str(tmp_path / "refused")], cwd=REPO, env=cluster.env,
+                                 capture_output=True, text=True, timeout=120)
+        errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+        assert refused.returncode == 2 and errors == [
+            "error: 3 workers need 3 CPUs (with the data streams), but this Ray cluster has 2 CPUs and no autoscaler "
+            "to add nodes: use fewer workers, or a cluster that has them"], refused.stdout + refused.stderr
+        assert not (tmp_path / "refused").exists()
         training = subprocess.Popen(_train(tmp_path / "runs", tmp_path / "shared", 4), cwd=REPO, env=cluster.env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 300
