@@ -498,3 +498,14 @@ def test_the_best_trials_table_names_a_tie_and_which_trial_best_config_takes():
     assert [line.split()[1] for line in table[1:5]] == ["3", "4", "1", "5"]
     assert table[-1].startswith("trials 3, 4 tie at 52.50; best_config.yaml is trial 3's (the first asked)")
     assert console.best_table([rows[1]], ["optim.lr"]) == ""
+
+
+def test_a_dry_run_checks_the_search_by_names_and_prints_a_loadable_base_config(capsys, tmp_path):
+    assert main(["--config", "smoke", "--space", "methods", "--trial-epochs", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "# 64 trials of 2 epochs, 4 at once" in out and "#   method.name: glmc" in out
+    assert "#   method.ldam_drw.max_margin: (not searched by the first trial)" in out
+    (tmp_path / "base.yaml").write_text(out)
+    assert config_lib.load(tmp_path / "base.yaml") == config_lib.load(SMOKE)
+    assert main(["--config", "smoke", "--space", "method", "--dry-run"]) == 2
+    assert "--space method: no such file, and no packaged config of that name" in capsys.readouterr().err
