@@ -90,8 +90,14 @@ def check_resources(scaling: Scaling, data_cpus: float) -> None:
 
 
 def autoscaling() -> bool:
-    """Whether an autoscaler runs for this cluster (`ray up`'s, v1 or v2); when that cannot be told, True: a
-    request is then waited for, never refused."""
+    """Whether an autoscaler that can add nodes runs for this cluster (`ray up`'s, v1 or v2); when that cannot
+    be told, True: a request is then waited for, never refused.
+
+    A head started by `ray start --head` without an autoscaling config runs the v1 monitor too, over Ray's
+    read-only node provider, which launches nothing: its status maps each node to a node type of its own,
+    named `node_<node id>`, where a `ray up` cluster's names the config's types (gpu_worker, ...)."""
+    import json
+
     import ray
     from ray._private import ray_constants
     from ray._raylet import GcsClient
@@ -99,8 +105,10 @@ def autoscaling() -> bool:
     from ray.experimental.internal_kv import _internal_kv_get
 
     try:
-        if _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) is not None:  # the v1 monitor's status
-            return True
+        status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        if status is not None:  # the v1 monitor's
+            types = json.loads(status)["autoscaler_report"].get("node_type_mapping") or {}
+            return not types or any(kind != f"node_{node}" for node, kind in types.items())
         reply = GetClusterStatusReply()
         reply.ParseFromString(GcsClient(address=ray.get_runtime_context().gcs_address).get_cluster_status())
         return reply.autoscaling_state.autoscaler_state_version > 0  # a v2 autoscaler has reported
@@ -114,10 +122,13 @@ def check_scaling(cfg, scaling: Scaling) -> None:
                                      "on CPU workers use model.norm=group (independent of the batch split)")
 
 
-def connect(address: str | None, workers: int, data_cpus: float = 0.0, verbose: bool = False) -> None:
+def connect(address: str | None, workers: int, data_cpus: float = 0.0, verbose: bool = False,
+            worker_output: bool = True) -> None:
     """Join a cluster (`--address`, RAY_ADDRESS, or one running on this node, such as a `ray up` head node),
     else start a local Ray instance in-process, with `data_cpus` more logical CPUs for Ray Data streams.
-    `verbose`: Ray's own start-up lines and the `(Actor pid=...)` prefixes on the console too."""
+    `verbose`: Ray's own start-up lines and the `(Actor pid=...)` prefixes on the console too;
+    `worker_output`: what Ray's workers print reaches this console (a search's trials keep theirs in Ray's
+    log files and their run directories; `verbose` brings it back)."""
     from glmc_ray.distributed.ray_logging import quiet_ray_console, quiet_ray_data
 
     quiet_ray_console(verbose)  # before Ray is imported: it reads the setting then
@@ -127,7 +138,9 @@ def connect(address: str | None, workers: int, data_cpus: float = 0.0, verbose: 
     quiet_ray_data()
     if ray.is_initialized():
         return
-    init = {} if verbose else {"logging_level": logging.WARNING}  # no start-up banner
+    init = {"log_to_driver": worker_output or verbose}
+    if not verbose:
+        init["logging_level"] = logging.WARNING  # no start-up banner
     # Ray's own discovery (RAY_ADDRESS, then a cluster started on this node), resolved to host:port first:
     # ray.init(address="auto") lost the Train controller on a simulated 2-node cluster in our tests.
     address = address or canonicalize_bootstrap_address(None)

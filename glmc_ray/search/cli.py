@@ -64,6 +64,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs", help="parent folder of the experiment directory (default runs/), or "
                                                       "object storage: s3://bucket/searches (no shared folder needed)")
     p.add_argument("--resume", metavar="EXPERIMENT", help="continue an interrupted search (its folder or URI)")
+    p.add_argument("--ray-verbose", action="store_true",
+                   help="also show Ray's own lines and what the trials print (their epoch lines)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, a cluster on this node, "
                                      "else a local Ray instance)")
     p.add_argument("--seed", type=int, default=0, help="seed of Optuna's TPE sampler (default 0)")
@@ -129,7 +131,7 @@ def _run_search(args, term: TermAsInt) -> tuple[Path, bool]:
         if args.config or args.space or args.overrides:
             raise config_lib.ConfigError("--resume uses the experiment's saved base config and space; "
                                          "drop --config/--set/--space")
-        cluster.connect(args.address, 1)
+        cluster.connect(args.address, 1, verbose=args.ray_verbose, worker_output=False)
         term.install()
         return trials.resume(args.resume)
     base, space, opts = _new_search(args)
@@ -138,7 +140,7 @@ def _run_search(args, term: TermAsInt) -> tuple[Path, bool]:
 
     # a trial streaming shards makes its own Ray Data streams (q is searched): their CPUs on top
     cluster.connect(args.address, max(1, int(opts.concurrent * opts.cpus_per_trial)),
-                      opts.concurrent * ray_cpus(base))
+                    opts.concurrent * ray_cpus(base), verbose=args.ray_verbose, worker_output=False)
     _default_gpus(opts)
     term.install()
     return trials.search(base, space, opts, args.output)

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from glmc_ray.core import storage
-
 METRIC = "val_balanced_top1"
 
 
@@ -26,7 +24,10 @@ def error_line(fs: pafs.FileSystem, trial) -> str:
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return ""
     with fs.open_input_stream(path) as stream:
-        text = stream.read().decode(errors="replace")
+        return _last_line(stream.read().decode(errors="replace"))
+
+
+def _last_line(text: str) -> str:
     lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1].strip()[:300] if lines else ""
 
@@ -35,9 +36,9 @@ def _value(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def trial_lines_callback(searched: list[str], total: int, location: str):
+def trial_lines_callback(searched: list[str], total: int):
     """A Tune callback printing a line per trial event; `searched`: the space's fields (those a trial sampled
-    are shown), `total`: the trials asked for, `location`: where Tune keeps the trials' folders."""
+    are shown), `total`: the trials asked for."""
     from ray.tune import Callback
 
     class TrialLines(Callback):
@@ -61,8 +62,11 @@ def trial_lines_callback(searched: list[str], total: int, location: str):
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.done += 1
-            reason = error_line(storage.resolve(location)[0], trial) or "see its error.txt"
-            print(f"trial {creation_number(trial)} failed: {reason} ({self.done} of {total} ended)", flush=True)
+            # Tune has just written error.txt in the trial's folder on the driver (its storage copy follows)
+            written = Path(trial.error_file) if trial.error_file else None
+            reason = _last_line(written.read_text(errors="replace")) if written and written.is_file() else ""
+            print(f"trial {creation_number(trial)} failed: {reason or 'see its error.txt'} ({self.done} of {total} "
+                  f"ended)", flush=True)
 
     return TrialLines()
 

@@ -256,7 +256,6 @@ def _run_local_trial(cfg, parent: Path, existing: Path | None, remote: str | Non
         rundir.write_metrics(run, [])
     else:
         run = rundir.new_run_dir(parent, cfg)
-    print(f"trial run directory: {run}", flush=True)
     # as the trainer: a trial that saved no epoch leaves no run directory (trials.csv and Tune's trial
     # folder keep its values and error)
     names = class_names(cfg)
@@ -320,6 +319,7 @@ def _searcher(experiment: Path, base, space: Space, opts: SearchOptions):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created" on the console
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # multivariate TPE
         # group: TPE models each set of fields sampled together (a method's knobs) on the trials that
@@ -428,7 +428,7 @@ def search(base, space: Space, opts: SearchOptions, output: str | Path) -> tuple
         tune_config=tune.TuneConfig(search_alg=_searcher(experiment, base, space, opts), num_samples=opts.trials,
                                     max_concurrent_trials=opts.concurrent, reuse_actors=True),
         run_config=tune_run_config(experiment, TUNE_DIR, location(experiment),
-                                   lines=trial_lines_callback(_searched(space), opts.trials, location(experiment))))
+                                   lines=trial_lines_callback(_searched(space), opts.trials)))
     _fit(tuner, experiment)  # an errored trial (NaN: FloatingPointError) is recorded and the search goes on
     return experiment, write_outputs(experiment)
 
@@ -563,9 +563,9 @@ def write_outputs(experiment: Path) -> bool:
         print(f"the search was interrupted; continue it: python tuning/search.py --resume {location(experiment)}",
               flush=True)
     if best is not None:
-        print(f"best trial {best['trial_id']}: {METRIC} {best[METRIC]:.2f} (test top-1 {best['test_top1']:.2f}, "
-              f"not optimised on); train it: python -m glmc_ray.train --config {experiment / 'best_config.yaml'}",
-              flush=True)
+        print(f"best trial {best['number']} ({best['trial_id']}): {METRIC} {best[METRIC]:.2f} (test top-1 "
+              f"{best['test_top1']:.2f}, not optimised on); train it: python -m glmc_ray.train --config "
+              f"{experiment / 'best_config.yaml'}", flush=True)
     else:
         print("no trial completed: no best_config.yaml", flush=True)
     return not interrupted
@@ -598,3 +598,6 @@ def write_plots(experiment: Path) -> list[Path]:
 def set_environment() -> None:
     """Before Tune is imported: no per-snapshot sync warnings (the experiment is on local disk)."""
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's console output: the legacy reporter at verbose 0 prints nothing; the new one (AIR output) still
+    # prints its experiment box and paths. The search prints its own lines (console.py).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
