@@ -509,3 +509,11 @@ def test_a_dry_run_checks_the_search_by_names_and_prints_a_loadable_base_config(
     assert config_lib.load(tmp_path / "base.yaml") == config_lib.load(SMOKE)
     assert main(["--config", "smoke", "--space", "method", "--dry-run"]) == 2
     assert "--space method: no such file, and no packaged config of that name" in capsys.readouterr().err
+
+
+def test_tunes_state_is_in_tune_and_an_older_experiment_keeps_its_own(tmp_path):
+    (tmp_path / "new" / "tune").mkdir(parents=True)
+    assert trials.tune_location(tmp_path / "new") == str(tmp_path / "new" / "tune")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "tuner.pkl").write_bytes(b"")  # Tune's state beside search.json, as before tune/
+    assert trials.tune_location(tmp_path / "old") == str(tmp_path / "old")

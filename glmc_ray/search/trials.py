@@ -457,8 +457,12 @@ def _searched(space: Space) -> list[str]:
 
 
 def tune_location(experiment: Path) -> str:
-    """Tune's own state (its trial folders, experiment and searcher state), out of the way in `tune/`."""
-    return storage.join(location(experiment), TUNE_DIR)
+    """Tune's own state (its trial folders, experiment and searcher state), out of the way in `tune/`; an
+    experiment made before it moved there keeps it in its own folder (its tuner.pkl says so)."""
+    inside, own = storage.join(location(experiment), TUNE_DIR), location(experiment)
+    if not storage.exists(inside) and storage.exists(storage.join(own, "tuner.pkl")):
+        return own
+    return inside
 
 
 def read_experiment(experiment: Path) -> tuple[config_lib.Config, Space, SearchOptions]:
