@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -85,6 +86,12 @@ def resolve_config(args) -> config_lib.Config:
                                          f"schedule), start a new run from it: {extend_command(resume_dir(args))}")
         return config_lib.load(resume_dir(args) / "config.yaml")
     return config_lib.load_for_workers(find_config(args.config), overrides)
+
+
+def finished_epochs(run: Path) -> int:
+    """The epochs a finished run trained (its final.json), 0 for one that has not finished."""
+    final = run / "final.json"
+    return json.loads(final.read_text())["epochs"] if final.is_file() else 0
 
 
 def extend_command(run: Path) -> str:
@@ -194,9 +201,9 @@ def _train(args) -> int:
     if args.dry_run:  # its class counts are checked against data.classes there
         dry_run(cfg, args)
         return 0
-    if args.resume and (resume_dir(args) / "final.json").exists():
+    if args.resume and (trained := finished_epochs(resume_dir(args))) >= cfg.train.epochs:
         run = resume_dir(args)
-        print(f"{run} has finished all its {cfg.train.epochs} epochs (final.json): nothing to resume. To train on "
+        print(f"{run} has finished all its {trained} epochs (final.json): nothing to resume. To train on "
               f"from its weights: {extend_command(run)}")
         return 0
     if cfg.data.classes:  # a recipe's dataset against the data given (the workers count again)

@@ -133,6 +133,9 @@ def test_a_resume_continues_whatever_state_the_snapshot_is_in(tmp_path, capsys):
     snapshot = run / SNAPSHOT
     capsys.readouterr()
 
+    # each resume below is of a run whose driver died after its last checkpoint, before final.json (a finished
+    # run would only say so)
+    (run / "final.json").unlink()
     shutil.rmtree(run / "checkpoint_epoch0002")  # the snapshot's latest is gone: epoch 2 is trained again
     assert main(["--resume", str(run), "--workers", "2"]) == 0
     err = capsys.readouterr().err
@@ -140,15 +143,18 @@ def test_a_resume_continues_whatever_state_the_snapshot_is_in(tmp_path, capsys):
     _assert_each_epoch_once_and_only_tracked_folders(run, 3)
 
     snapshot.write_text(snapshot.read_text()[:40])
+    (run / "final.json").unlink()
     assert main(["--resume", str(run), "--workers", "2"]) == 0
     assert "is cut off or corrupt" in capsys.readouterr().err and not snapshot.exists()
     assert [r["epoch"] for r in rundir.read_metrics(run)] == [0, 1, 2]
 
+    (run / "final.json").unlink()
     assert main(["--resume", str(run), "--workers", "2"]) == 0  # now missing, beside its checkpoint folders
     err = capsys.readouterr().err
     assert f"{snapshot} is missing" in err and "checkpoint_epoch0002 (epoch 3)" in err
     assert [r["epoch"] for r in rundir.read_metrics(run)] == [0, 1, 2]
 
+    (run / "final.json").unlink()
     assert main(["--resume", str(run)]) == 2  # without Ray options: said so, not "the run finished no epoch"
     assert f"error: {run} was trained under Ray Train (3 epochs in metrics.jsonl) (it was started by: " in \
         capsys.readouterr().err
