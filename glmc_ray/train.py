@@ -13,8 +13,6 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
-
 from glmc_ray.core import config as config_lib
 from glmc_ray.core import storage
 from glmc_ray.core.command_line import add_recipe_arguments, find_config, recipe_overrides
@@ -107,20 +105,25 @@ def dry_run(cfg, args) -> None:
 
     counts = training_class_counts(cfg)
     if uses_ray(args):
-        where = "Ray Train workers (" + ", ".join(f"--{k.replace('_', '-')} {v}" for k in ("nodes", "gpus_per_node",
-                                                  "workers", "address") if (v := getattr(args, k))) + ")"
+        where = f"Ray Train workers ({' '.join(ray_options(args, RAY_OPTIONS))})"
     else:  # what this machine would train on; a device it does not have is refused here too
         where = f"{select_device(cfg.train.device)} in this process"
     print(f"# {version_line()}\n# trains on: {where}\n# training set: {len(counts)} classes, {sum(counts)} images, "
           f"{max(counts)} down to {min(counts)} per class: {counts}")
-    print(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False), end="")
+    print(config_lib.to_yaml(cfg), end="")
+
+
+RAY_OPTIONS = ("nodes", "gpus_per_node", "workers", "address")
+
+
+def ray_options(args, names) -> list[str]:
+    """`--name value` for each of `names` given on this command line."""
+    return [f"--{name.replace('_', '-')} {value}" for name in names if (value := getattr(args, name))]
 
 
 def resume_command(args, run: Path) -> str:
     """The command that continues `run` as this one trained it (the Ray options and the storage it used)."""
-    options = [f"--{name.replace('_', '-')} {value}" for name in ("nodes", "gpus_per_node", "workers", "address",
-                                                                     "storage") if (value := getattr(args, name))]
-    return " ".join(["python -m glmc_ray.train --resume", str(run), *options])
+    return " ".join(["python -m glmc_ray.train --resume", str(run), *ray_options(args, (*RAY_OPTIONS, "storage"))])
 
 
 def stopped_line(stopped: Interrupted | StorageLost, args) -> str:
@@ -201,8 +204,8 @@ def _train(args) -> int:
     if args.dry_run:  # its class counts are checked against data.classes there
         dry_run(cfg, args)
         return 0
-    if args.resume and (trained := finished_epochs(resume_dir(args))) >= cfg.train.epochs:
-        run = resume_dir(args)
+    run = resume_dir(args)
+    if run is not None and (trained := finished_epochs(run)) >= cfg.train.epochs:
         print(f"{run} has finished all its {trained} epochs (final.json): nothing to resume. To train on "
               f"from its weights: {extend_command(run)}")
         return 0

@@ -386,8 +386,13 @@ def _names_same_field(item: str, key: str | None) -> bool:
                                 dotted.startswith(key + "."))
 
 
+def to_yaml(cfg: Config) -> str:
+    """The config as YAML that `load` reads back to the same config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    path.write_text(to_yaml(cfg))
 
 
 def validate(cfg: Config) -> None:

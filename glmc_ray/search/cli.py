@@ -17,8 +17,6 @@ import argparse
 import functools
 from pathlib import Path
 
-import yaml
-
 from glmc_ray.core import config as config_lib
 from glmc_ray.core import storage
 from glmc_ray.core.command_line import CONFIGS, add_recipe_arguments, find_config, recipe_overrides
@@ -93,7 +91,7 @@ def _dry_run(base, space, opts: trials.SearchOptions) -> None:
           f"{opts.concurrent} at once; searched (first trial: the base config's values):")
     for param in space.all_params():
         print(f"#   {param.key}: {first.get(param.key, '(not searched by the first trial)')}")
-    print(yaml.safe_dump(config_lib.to_dict(base), sort_keys=False), end="")
+    print(config_lib.to_yaml(base), end="")
 
 
 def _options(args) -> trials.SearchOptions:
