@@ -28,7 +28,7 @@ def run_method(method: str, seed: int, args) -> dict:
     method_set = "method.name=glmc" if method == "glmc" else f"method={{name: {method}}}"
     cfg = config_lib.load("configs/recipes/cifar10_lt_if100/glmc.yaml", [
         f"data.root={Path(args.data_root).resolve()}", "model.width=16", f"train.epochs={args.epochs}",
-        method_set, f"name=bench_{method}_seed{seed}", "train.memory_format=channels_last",
+        "data.protocol=paper", method_set, f"name=bench_{method}_seed{seed}", "train.memory_format=channels_last",
         f"train.seed={seed}",
         f"train.progress_every={args.progress_every}", f"train.eval_every={args.eval_every or args.epochs}"])
     run = rundir.new_run_dir(args.output, cfg)

@@ -188,7 +188,7 @@ def recipe_run(device: torch.device, workdir: Path) -> dict:
     sets = ["data.source=synthetic", "data.synthetic_classes=10", "data.synthetic_max_count=5000",
             "data.synthetic_test_per_class=100", f"train.epochs={epochs}", "optim.schedule=cosine",
             "optim.warmup_epochs=0", "optim.milestones=[]", f"train.device={device.type}", "train.progress_every=0",
-            *size]
+            "data.protocol=paper", *size]
     command = [sys.executable, "-m", "glmc_ray.train", "--config", str(REPO / RECIPE),
                "--output", str(workdir / "recipe-runs"), *[arg for s in sets for arg in ("--set", s)]]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=420)

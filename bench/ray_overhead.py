@@ -38,7 +38,7 @@ def run_variant(name: str, args) -> dict:
     workers, threads = VARIANTS[name]
     cfg = config_lib.load("configs/recipes/cifar10_lt_if100/glmc.yaml", [
         f"data.root={Path(args.data_root).resolve()}", f"model.width={args.width}", f"train.epochs={args.epochs}",
-        f"train.threads={threads}", f"train.eval_every={args.epochs}", "train.progress_every=0",
+        "data.protocol=paper", f"train.threads={threads}", f"train.eval_every={args.epochs}", "train.progress_every=0",
         f"name=overhead_{name}"])
     start = time.perf_counter()
     if workers is None:

@@ -43,7 +43,8 @@ H100_TFLOPS = 73.0
 
 def recipe_config(recipe: str, overrides=()) -> config_lib.Config:
     second_stage = ["train.init_from=parent"] if recipe.endswith(("_retrain.yaml", "_router.yaml")) else []
-    return config_lib.load(RECIPES / recipe, [*second_stage, *overrides])
+    # the published protocol's whole subset, as the figures the projections sit beside
+    return config_lib.load(RECIPES / recipe, [*second_stage, "data.protocol=paper", *overrides])
 
 
 def class_counts(recipe: str, cfg) -> list[int]:

@@ -109,8 +109,18 @@ def dry_run(cfg, args) -> None:
     else:  # what this machine would train on; a device it does not have is refused here too
         where = f"{select_device(cfg.train.device)} in this process"
     print(f"# {version_line()}\n# trains on: {where}\n# training set: {len(counts)} classes, {sum(counts)} images, "
-          f"{max(counts)} down to {min(counts)} per class: {counts}")
+          f"{max(counts)} down to {min(counts)} per class: {counts}\n# protocol: {protocol_line(cfg.data)}")
     print(config_lib.to_yaml(cfg), end="")
+
+
+def protocol_line(data) -> str:
+    if data.protocol == "paper":
+        return "paper (the whole subset trains; the last epoch and the best epoch on test are reported)"
+    if data.val_fraction:
+        return f"validation on {data.val_fraction:g} of each class, held out (best.pt and the post-hoc tau)"
+    if data.val_split:
+        return f"validation on {data.val_split} (best.pt and the post-hoc tau)"
+    return "no validation split: the last epoch is reported, nothing is chosen"
 
 
 RAY_OPTIONS = ("nodes", "gpus_per_node", "workers", "address")
@@ -181,15 +191,27 @@ def run_ray(cfg, args, stop: StopOnSignal) -> dict:
 
 
 def summary(final: dict) -> str:
+    """The last epoch's test results, then those of the best epoch on validation (best.pt) and, under the paper
+    protocol, of the best epoch on test, each on a line."""
     def line(test: dict) -> str:
         groups = " ".join(f"{g} {test[g]:.2f}" for g in ("many", "medium", "few") if test.get(g) is not None)
         return f"test top-1 {test.get('top1', float('nan')):.2f} ({groups})"
 
+    def flat_line(record: dict) -> str:
+        return line({k.removeprefix("test_"): v for k, v in record.items() if k.startswith("test_")})
+
     last = final["last"]
-    text = f"last epoch {line(last.get('test', {}))}"
+    lines = [f"last epoch {line(last.get('test', {}))}"]
     if last.get("test_posthoc"):  # post-hoc logit adjustment at the tau chosen on validation
-        text += f"; post-hoc tau {last['posthoc']['tau']:g}: {line(last['test_posthoc'])}"
-    return text
+        lines[0] += f"; post-hoc tau {last['posthoc']['tau']:g}: {line(last['test_posthoc'])}"
+    best = final.get("best_on_val") or {}
+    if best.get("epoch") is not None:
+        lines.append(f"best on validation (best.pt): epoch {best['epoch']}, val balanced top-1 "
+                     f"{best['val_balanced_top1']:.2f}, {flat_line(best['metrics'])}")
+    if final.get("best_on_test"):
+        lines.append(f"best on test, as the published figures were chosen (upper-biased): epoch "
+                     f"{final['best_on_test']['epoch']}, {flat_line(final['best_on_test'])}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,14 @@ from glmc_ray.runs import rundir
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR_ROOT = SHARED / "data"
 REPO = Path(__file__).resolve().parents[1]
+# What the console of a run or search that succeeded never shows: Ray's banner and token-auth warning, the
+# `(RayTrainWorker pid=...)` prefixes of workers' lines, colour codes (a test's output is a pipe), a traceback
+CONSOLE_NOISE = ("Started a local Ray instance", "Token authentication", "pid=", "\x1b[", "Traceback")
+
+
+def assert_quiet(console: str) -> None:
+    for noise in CONSOLE_NOISE:
+        assert noise not in console, (noise, console[-3000:])
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray Train's controller polls its workers every 2 s: up to 2 s after a fit's last report before it ends, a

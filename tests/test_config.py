@@ -82,7 +82,8 @@ def test_dry_run_prints_a_config_that_loads_back_with_the_device_and_counts(caps
     out = capsys.readouterr().out
     comments = [line for line in out.splitlines() if line.startswith("#")]
     assert comments[1] == "# trains on: cpu in this process"
-    assert comments[2].endswith("5000 down to 50 per class: [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]")
+    assert comments[2].endswith("4500 down to 45 per class: [4500, 2697, 1616, 969, 581, 348, 209, 125, 75, 45]")
+    assert comments[3] == "# protocol: validation on 0.1 of each class, held out (best.pt and the post-hoc tau)"
     (tmp_path / "saved.yaml").write_text(out)
     cfg = config_lib.load(tmp_path / "saved.yaml")
     recipe = config_lib.load(REPO / "configs/recipes/cifar10_lt_if100/glmc.yaml", [f"data.root={cifar_root}"])

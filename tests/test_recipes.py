@@ -247,3 +247,13 @@ def test_a_second_stage_recipe_matches_its_first_stage_model_and_subset(data_roo
     parent = _parent_run("cifar100_lt_if100/ride.yaml", sets, tmp_path)
     with pytest.raises(ConfigError, match=r"method.name: 'shike' here, 'ride' in the parent run .*differing"):
         parent_run.check(load("cifar100_lt_if100/shike_retrain.yaml", [*sets, f"train.init_from={parent}"]))
+
+
+@pytest.mark.parametrize("recipe", [r for r in sorted(SOURCES) if r.startswith("cifar")])
+def test_a_cifar_recipe_validates_on_a_held_out_split_unless_the_paper_protocol_is_named(recipe):
+    validated = load(recipe)
+    assert (validated.data.protocol, validated.data.val_fraction) == ("validation", 0.1)
+    paper = load(recipe, ["data.protocol=paper"])
+    assert (paper.data.val_fraction, paper.data.val_split) == (0.0, "")
+    assert {key: _get(paper, key) for key in SOURCES[recipe]} == SOURCES[recipe]  # the published recipe, whole
+    assert config_lib.from_dict(config_lib.to_dict(paper)) == paper  # what a paper run's config.yaml reloads to

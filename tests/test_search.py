@@ -23,7 +23,7 @@ from glmc_ray.search import console, trials
 from glmc_ray.search import full as search_full
 from glmc_ray.search import space as search_space
 from glmc_ray.train import main as train_main
-from tests.conftest import REPO, git_head
+from tests.conftest import REPO, assert_quiet, git_head
 from tests.servers import CuttableProxy, postgres_server
 from tuning.search import main
 
@@ -183,6 +183,8 @@ def test_bad_input_is_one_error_line_before_any_trial(tmp_path, capsys):
     space = str(_space(tmp_path, "optim.lr: {float: [0.01, 0.1], log: true}"))
     cases = [
         (["--config", SMOKE, "--set", "data.val_fraction=0", "--space", space], "no validation split"),
+        (["--config", SMOKE, "--set", "data.protocol=paper", "--space", space],
+         "no validation split (data.protocol=paper trains on the whole subset)"),
         (["--config", SMOKE, "--set", "optim.lr=-1", "--space", space], "--set optim.lr=-1"),
         (["--config", SMOKE, "--space", str(tmp_path / "missing.yaml")], "does not exist"),
         (["--config", SMOKE, "--space", space, "--trials", "0"], "--trials"),
@@ -280,6 +282,8 @@ def test_a_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(tmp_path
     assert "trial 1 started: optim.lr=1e+06" in console, console
     assert re.search(r"^trial 1 failed: FloatingPointError: non-finite .* \(\d of 3 ended\)$", console, re.M), console
     assert len(re.findall(r"^trial \d (finished in \d+ s: val_balanced_top1|failed: )", console, re.M)) == 3, console
+    # (worker lines reach this console through the suite's Ray, started with log_to_driver; a search's own Ray
+    # has it off: the resumed search of the next test is run as a user runs it)
     assert "Trial status" not in console and "Traceback" not in console, console
     assert (experiment / "tune").is_dir() and not list(experiment.glob("run_trial_*"))  # Tune's state in tune/
 
@@ -323,7 +327,14 @@ def test_a_killed_search_resumes_with_every_trial_once(tmp_path, ray_session):
     interrupted = _mid_trial(output)
     assert interrupted is not None and not (experiment / "trials.csv").exists()
     finished_before = {p.parent: p.stat().st_mtime_ns for p in experiment.glob("trials/*/final.json")}
-    assert main(["--resume", str(experiment)]) == 0
+    # resumed as a user runs it, in its own process (connected to the cluster): its console is our lines only
+    done = subprocess.run([sys.executable, "tuning/search.py", "--resume", str(experiment), "--address", address],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-3000:]
+    assert_quiet(console)
+    assert re.search(r"^trial \d finished in \d+ s: val_balanced_top1 [\d.]+ \(\d of 4 ended", console, re.M), console
+    assert "best trials by val_balanced_top1" in console, console
     rows = _rows(experiment)
     assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4
     assert all(r["status"] == "complete" for r in rows)
@@ -425,7 +436,7 @@ def test_spearman_is_the_correlation_of_ranks():
     assert search_full.spearman([1, 2], [1, 2]) is None  # two points rank nothing
 
 
-def test_fidelity_check_and_final_seeds_train_the_full_schedule_once_per_run(tmp_path, ray_session):
+def test_fidelity_check_and_final_seeds_train_the_full_schedule_once_per_run(tmp_path, ray_session, capfd):
     space = _space(tmp_path, "optim.lr: {float: [0.003, 0.1], log: true}\n"
                              "method.glmc.label_weight_exponent: {float: [0.5, 2.0]}\n")
     output = tmp_path / "runs"
@@ -445,7 +456,9 @@ def test_fidelity_check_and_final_seeds_train_the_full_schedule_once_per_run(tmp
     driver.send_signal(signal.SIGTERM)
     assert driver.wait(timeout=120) == 143
     assert not (experiment / "fidelity.json").exists() and not (experiment / "final_seeds.json").exists()
+    capfd.readouterr()
     assert main(stages) == 0  # the same command continues the runs and reports
+    console = capfd.readouterr().out
     rows = {r["trial_id"]: r for r in _rows(experiment)}
     fidelity = json.loads((experiment / "fidelity.json").read_text())
     assert (fidelity["short_epochs"], fidelity["full_epochs"]) == (1, 2)
@@ -480,6 +493,11 @@ def test_fidelity_check_and_final_seeds_train_the_full_schedule_once_per_run(tmp
     wanted |= {(r["label"], r["seed"]) for runs in final["runs"].values() for r in runs}
     folders = [p for p in (experiment / "full").iterdir() if p.name != "tune"]
     assert len(folders) == len(wanted) and all((p / "final.json").exists() for p in folders)
+    # the console: what the stages train, then a line per run as it ends
+    assert f"full schedule: {len(wanted)} runs of 2 epochs, 2 at once" in console, console
+    ended = re.findall(r"^full run (\S+) seed (\d+) finished in \d+ s: val_balanced_top1 [\d.]+, test top-1 [\d.]+ "
+                       r"\(\d of (\d) ended\)$", console, re.M)
+    assert {(label, int(seed)) for label, seed, _ in ended} == wanted and {t for *_, t in ended} == {str(len(wanted))}
     # the two stages again (as after an interruption): every run is found finished, nothing is trained
     mtimes = {p: (p / "final.json").stat().st_mtime_ns for p in folders}
     assert main(["--resume", str(experiment), "--final-seeds", "2"]) == 0

@@ -4,6 +4,7 @@ file, one corrupt image) built into shards, then both GLMC streams checked and t
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from glmc_ray.data import shards as shard_source
 from glmc_ray.data.cifar import long_tailed_counts
 from glmc_ray.data.synthetic import write_image_tree
 from glmc_ray.train import main
-from tests.conftest import REPO
+from tests.conftest import REPO, assert_quiet
 from tests.test_shards_build import corrupt_a_page
 
 COUNTS = long_tailed_counts(60, 20, 30)  # 20 classes, 60 down to 2 images
@@ -131,7 +132,8 @@ def test_train_in_process_from_shards(shard_root, tmp_path):
     console = done.stdout + done.stderr
     assert done.returncode == 0, console[-3000:]
     assert "streaming_executor" not in console and "logging_progress" not in console, console[-3000:]
-    assert "epoch 0 |" in console and len(console.splitlines()) < 20, console
+    assert_quiet(console)
+    assert re.search(r"^epoch 0 \|.* \| ETA 0:00:00$", console, re.M) and len(console.splitlines()) < 20, console
     (run,) = tmp_path.iterdir()
     record = json.loads((run / "metrics.jsonl").read_text())
     assert record["test_top1"] >= 0 and record["train_bad_images"] == 0

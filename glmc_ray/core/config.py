@@ -59,6 +59,11 @@ class DataConfig:
     subset_seed: int = 3407  # seed of the long-tailed subset draw, separate from train.seed
     sample_with_replacement: bool = False  # the pre-2023-05-23 GLMC bug, kept only as an ablation
     val_fraction: float = 0.0  # in-memory sources: stratified validation split carved from the training subset
+    # validation: best.pt and the post-hoc tau are chosen on the validation split the config names (val_fraction or
+    # val_split; none: the run reports the last epoch only) | paper: the published figures' protocol, training on
+    # the whole subset whatever val_fraction and val_split say (both are dropped), reporting the last epoch and,
+    # as the official codes did, the best epoch on test (selected on test: upper-biased, never a selection here)
+    protocol: str = "validation"
     val_seed: int = 0
     # files: split files; shards: shard folders or URIs (s3://...). Relative to root unless absolute or a URI.
     train_split: str = ""
@@ -196,6 +201,7 @@ CHOICES = {
     "data.strong_augmentation": ("auto", "none", "autoaugment_cutout", "randaugment_cutout"),
     "data.decode_on": ("cpu", "device"),
     "data.subset_protocol": ("glmc", "ldam"),
+    "data.protocol": ("validation", "paper"),
     "model.arch": ("resnet32", "resnet50", "resnext50_32x4d"),
     "model.norm": ("batch", "group"),
     "model.classifier": ("auto", "linear", "cosine"),
@@ -282,8 +288,14 @@ MOVED = {f"method.{f.name}": f"method.glmc.{f.name}" for f in dataclasses.fields
 def from_dict(values: dict) -> Config:
     cfg = _build(Config, values, "")
     _check_method_sections(values.get("method", {}), cfg.method.name)
+    if cfg.data.protocol == "paper":  # the config a run saves says what ran: no split held out
+        cfg.data.val_fraction, cfg.data.val_split = 0.0, ""
     validate(cfg)
     return cfg
+
+
+def has_validation(cfg: Config) -> bool:
+    return cfg.data.val_fraction > 0 or bool(cfg.data.val_split)
 
 
 def _check_method_sections(method: dict, name: str) -> None:

@@ -151,17 +151,13 @@ def train_fn(loop_config: dict) -> dict:
             return model
         return prepare_model(model, move_to_device=False, parallel_strategy="ddp",
                              parallel_strategy_kwargs={"find_unused_parameters": find_unused})
-    reporter = RayReporter(dist, has_validation(cfg), loop_config.get("stop"))
+    reporter = RayReporter(dist, config_lib.has_validation(cfg), loop_config.get("stop"))
     try:  # get_device(): the GPU Ray assigned to this worker (not always cuda:<local rank>), or the CPU
         final = run_worker(cfg, reporter, dist, state, get_device(), prepare, ray.train.get_dataset_shard)
     except Interrupted as interruption:
         return {"interrupted": [interruption.epoch, interruption.step]}
     # version.json holds the driver's device; the workers' can differ (a CPU head node drives GPU nodes)
     return {**final, "workers": {"count": dist.world_size, "rank0_device": provenance.device_description()}}
-
-
-def has_validation(cfg) -> bool:
-    return cfg.data.val_fraction > 0 or bool(cfg.data.val_split)
 
 
 def metrics_callback(run: Path, remote: str | None = None, ride_out: float = 0.0, names: list[str] | None = None):

@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python tuning/search.py", description=__doc__.split("\n\n")[0])
     add_recipe_arguments(p, "the base recipe (its values are the first trial; it needs a validation split)",
-                         "data.val_fraction=0.1")
+                         "data.val_fraction=0.2")
     p.add_argument("--space", help="the search space (required for a new search): a YAML file, or a name in "
                                    "configs/search/: glmc (GLMC's knobs) or methods (the method itself and each "
                                    "one's knobs)")

@@ -39,25 +39,43 @@ def _value(value) -> str:
 def trial_lines_callback(searched: list[str], total: int):
     """A Tune callback printing a line per trial event; `searched`: the space's fields (those a trial sampled
     are shown), `total`: the trials asked for."""
+    def values(trial) -> str:
+        return " ".join(f"{k}={_value(trial.config[k])}" for k in searched if trial.config.get(k) is not None)
+
+    return _event_lines(total, lambda trial: f"trial {creation_number(trial)}", values, keep_best=True)
+
+
+def full_lines_callback(total: int, epochs: int):
+    """The same lines for the full-schedule runs after a search (glmc_ray/search/full.py): each named by the
+    trial whose values it trains (or the recipe) and its train seed; their test top-1 is shown, not chosen on."""
+    def name(trial) -> str:
+        job = trial.config["job"]
+        return f"full run {job['label']} seed {job['seed']}"
+
+    return _event_lines(total, name, lambda trial: f"{epochs} epochs", keep_best=False)
+
+
+def _event_lines(total: int, name, values, keep_best: bool):
     from ray.tune import Callback
 
-    class TrialLines(Callback):
+    class EventLines(Callback):
         def __init__(self):
             self.done, self.best = 0, None
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            values = " ".join(f"{k}={_value(trial.config[k])}" for k in searched if trial.config.get(k) is not None)
-            print(f"trial {creation_number(trial)} started: {values}", flush=True)
+            print(f"{name(trial)} started: {values(trial)}", flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
             result = trial.last_result or {}
             score = result.get(METRIC)
-            if score is not None and (self.best is None or score > self.best[0]):
+            if keep_best and score is not None and (self.best is None or score > self.best[0]):
                 self.best = (score, creation_number(trial))
             said = f"{METRIC} {score:.2f}" if score is not None else "no objective"
+            if not keep_best and result.get("test_top1") is not None:
+                said += f", test top-1 {result['test_top1']:.2f}"
             best = f"; best so far {self.best[0]:.2f} (trial {self.best[1]})" if self.best else ""
-            print(f"trial {creation_number(trial)} finished in {result.get('time_total_s', 0):.0f} s: {said} "
+            print(f"{name(trial)} finished in {result.get('time_total_s', 0):.0f} s: {said} "
                   f"({self.done} of {total} ended{best})", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -65,10 +83,9 @@ def trial_lines_callback(searched: list[str], total: int):
             # Tune has just written error.txt in the trial's folder on the driver (its storage copy follows)
             written = Path(trial.error_file) if trial.error_file else None
             reason = _last_line(written.read_text(errors="replace")) if written and written.is_file() else ""
-            print(f"trial {creation_number(trial)} failed: {reason or 'see its error.txt'} ({self.done} of {total} "
-                  f"ended)", flush=True)
+            print(f"{name(trial)} failed: {reason or 'see its error.txt'} ({self.done} of {total} ended)", flush=True)
 
-    return TrialLines()
+    return EventLines()
 
 
 def best_table(rows: list[dict], searched: list[str], top: int = 5) -> str:

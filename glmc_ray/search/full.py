@@ -15,6 +15,7 @@ from glmc_ray.core import config as config_lib
 from glmc_ray.core import storage
 from glmc_ray.core.config import ConfigError
 from glmc_ray.runs import mirror, plots, rundir
+from glmc_ray.search.console import full_lines_callback
 from glmc_ray.search.space import Space, apply_values, same_value
 from glmc_ray.search.trials import (
     METRIC,
@@ -69,12 +70,15 @@ def train_full(experiment: Path, base, opts: SearchOptions, jobs: list[FullRun])
 
     check_resources(opts)
     unique = list({_job_key(asdict(job)): job for job in jobs}.values())
+    print(f"full schedule: {len(unique)} runs of {base.train.epochs} epochs, {opts.concurrent} at once (runs "
+          f"finished before are not trained again); each run's epochs: {experiment / FULL_DIR}", flush=True)
     tuner = tune.Tuner(
         tune_trainable(experiment, base, opts, run_full),
         param_space={"job": tune.grid_search([asdict(job) for job in unique])},
         tune_config=tune.TuneConfig(max_concurrent_trials=opts.concurrent, reuse_actors=True),
         run_config=tune_run_config(experiment, rundir.new_stamped_folder(experiment / FULL_DIR / "tune", "full").name,
-                                   storage.join(location(experiment), FULL_DIR, "tune")))
+                                   storage.join(location(experiment), FULL_DIR, "tune"),
+                                   lines=full_lines_callback(len(unique), base.train.epochs)))
     errored = {_job_key(result.config["job"]) for result in tuner.fit() if result.error is not None}
     return [full_result(experiment, base, job, _job_key(asdict(job)) in errored) for job in jobs]
 

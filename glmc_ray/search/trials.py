@@ -92,14 +92,12 @@ class SearchOptions:
                               f"{self.workers_per_trial} each worker takes one GPU; use 0 or {self.workers_per_trial}")
 
 
-def has_validation(cfg) -> bool:
-    return cfg.data.val_fraction > 0 or bool(cfg.data.val_split)
-
-
 def check_base(cfg, source: str) -> None:
-    if not has_validation(cfg):
-        raise ConfigError(f"{source}: no validation split; the search optimises {METRIC} on it and never the test "
-                          f"set: set data.val_fraction > 0 (CIFAR, synthetic) or data.val_split (split files)")
+    if not config_lib.has_validation(cfg):
+        paper = " (data.protocol=paper trains on the whole subset)" if cfg.data.protocol == "paper" else ""
+        raise ConfigError(f"{source}: no validation split{paper}; the search optimises {METRIC} on it and never the "
+                          f"test set: set data.val_fraction > 0 (CIFAR, synthetic) or data.val_split (split files), "
+                          f"with data.protocol=validation")
 
 
 def trial_config(base, values: dict, trial_epochs: int | None) -> config_lib.Config:
