@@ -66,3 +66,16 @@ def test_every_option_says_what_it_does(name):
     silent = [a.option_strings or a.dest for a in parser._actions
               if not a.help and not isinstance(a, argparse._SubParsersAction)]
     assert not silent, f"{name}: options without help: {silent}"
+
+
+def test_output_piped_into_a_reader_that_leaves_ends_as_a_shell_expects():
+    """`glmc-train --dry-run | head -1`: the reader has gone before the first write; exit 141 (128 + SIGPIPE), as
+    a shell reports for such a command, and no traceback."""
+    read, write = os.pipe()
+    os.close(read)  # the reader left
+    try:
+        done = subprocess.run([str(BIN / "glmc-train"), "--config", "smoke", "--dry-run"], cwd=REPO, stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and done.stderr == "", done.stderr

@@ -7,6 +7,7 @@ end the run at once instead of being retried: only lost workers and nodes are wo
 """
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -25,6 +26,7 @@ class StorageLost(Exception):
 
 
 STORAGE_LOST = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, the command may be tried again
+CLOSED_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command whose reader left (`... | head`)
 
 EXIT_CODES = ((StorageLost, STORAGE_LOST), (FloatingPointError, 1), (FileNotFoundError, 2), (ValueError, 2),
               (OutputError, 2))
@@ -46,6 +48,9 @@ def run_command(command: Callable[[], int]) -> int:
     """command(); a failure no restart can fix ends as one `error:` line on stderr and its exit code."""
     try:
         return command()
+    except BrokenPipeError:  # the reader of stdout left: end as a command killed by SIGPIPE, without a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout again on exit
+        return CLOSED_PIPE
     except Exception as err:
         code = exit_code(err)
         if code is None:
