@@ -109,7 +109,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet32"  # resnet32 (CIFAR) | resnet50 | resnext50_32x4d
+    # resnet32 (CIFAR) | resnet50 | resnext50_32x4d | a DeiT from timm (glmc_ray/models/transformers.py):
+    # deit_{tiny,small,base}_distilled_patch16_224, or deit_micro_distilled_patch4_32 (the same class at 32 px,
+    # patch 4, 2 blocks of width 64: CPU size). Smaller inputs are resized to a DeiT's 224 px on the device.
+    arch: str = "resnet32"
     width: int = 64  # resnet32 base width: 16 = standard ResNet-32, 64 = GLMC's "channel x4"
     projection_dim: int = 128  # GLMC projection/prediction head width (128 CIFAR, 256 ImageNet)
     norm: str = "batch"  # batch (the paper's) | group (independent of how a batch is split across workers)
@@ -128,12 +131,18 @@ class ModelConfig:
     experts: int = 0
     expert_width: str = "reduced"  # reduced (RIDE's reduce_dimension: expert stages 3/4 as wide) | full
     expert_scale: float = 30.0  # s of the experts' cosine heads (the official NormedLinear x 30)
+    drop_path: float = 0.0  # DeiT's stochastic depth: the last block's drop rate (timm's drop_path_rate)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.01  # for the global batch train.batch_size; scale linearly with it
+    # sgd (momentum, nesterov; every parameter decays, as the official CNN codes) | adamw (betas; as timm's
+    # create_optimizer and DeiT: biases, norms and a ViT's tokens and position embedding do not decay)
+    name: str = "sgd"
+    lr: float = 0.01  # for the effective batch (train.batch_size x train.accumulate); scale linearly with it
     momentum: float = 0.9
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw's
+    clip_grad_norm: float = 0.0  # clip the gradients' global L2 norm to this before each step (0: no clipping)
     weight_decay: float = 5e-3
     nesterov: bool = False
     # cosine | warmup_cosine | official_paco | warmup_step | balms_warmup_cosine (glmc_ray/core/schedules.py)
@@ -148,6 +157,9 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 200
     batch_size: int = 64  # global batch, split across workers
+    # batches whose gradients are summed before each optimiser step: the effective batch is batch_size x
+    # accumulate whatever the worker count (DeiT-LT's 1024 on CIFAR: 256 x 4); the lr is for that batch
+    accumulate: int = 1
     eval_batch_size: int = 500
     seed: int = 3407
     device: str = "auto"  # auto | cpu | cuda
@@ -194,6 +206,10 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
 
 
+# timm's distilled DeiTs (class and distillation tokens) and a CPU-size one (glmc_ray/models/transformers.py)
+TRANSFORMER_ARCHS = ("deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224",
+                     "deit_base_distilled_patch16_224", "deit_micro_distilled_patch4_32")
+
 CHOICES = {
     "data.source": ("cifar10", "cifar100", "synthetic", "files", "shards"),
     "data.augmentation": ("crop_flip", "simclr"),
@@ -202,7 +218,8 @@ CHOICES = {
     "data.decode_on": ("cpu", "device"),
     "data.subset_protocol": ("glmc", "ldam"),
     "data.protocol": ("validation", "paper"),
-    "model.arch": ("resnet32", "resnet50", "resnext50_32x4d"),
+    "model.arch": ("resnet32", "resnet50", "resnext50_32x4d", *TRANSFORMER_ARCHS),
+    "optim.name": ("sgd", "adamw"),
     "model.norm": ("batch", "group"),
     "model.classifier": ("auto", "linear", "cosine"),
     "model.activation": ("relu", "aglu"),
@@ -421,6 +438,11 @@ def validate(cfg: Config) -> None:
          "in [0, train.epochs)"),
         (cfg.train.epochs > 0, "train.epochs", cfg.train.epochs, "a positive integer"),
         (cfg.train.batch_size > 0, "train.batch_size", cfg.train.batch_size, "a positive integer"),
+        (cfg.train.accumulate >= 1, "train.accumulate", cfg.train.accumulate, "a positive integer (1: none)"),
+        (cfg.optim.clip_grad_norm >= 0, "optim.clip_grad_norm", cfg.optim.clip_grad_norm, ">= 0 (0: no clipping)"),
+        (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", cfg.optim.betas,
+         "two values in [0, 1)"),
+        (0 <= cfg.model.drop_path < 1, "model.drop_path", cfg.model.drop_path, "a rate in [0, 1)"),
         (cfg.train.eval_every > 0, "train.eval_every", cfg.train.eval_every, "a positive integer"),
         (cfg.train.progress_seconds >= 0, "train.progress_seconds", cfg.train.progress_seconds,
          ">= 0 (0: progress lines by steps only)"),
@@ -452,6 +474,7 @@ def validate(cfg: Config) -> None:
                           f"weak_rotation={weak_rotation(cfg):g}) runs in the decode workers, on PIL images; use "
                           f"auto, or method.{cfg.method.name}.weak_rotation=0", "data.augment_on")
     _validate_experts(cfg)
+    _validate_transformer(cfg)
     if cfg.model.classifier == "cosine" and DEFAULT_CLASSIFIER.get(cfg.method.name) != "cosine":
         raise ConfigError(f"model.classifier: cosine outputs cosines in [-1, 1], which only ldam_drw scales "
                           f"(method.ldam_drw.scale); method.name is {cfg.method.name!r}: use auto or linear",
@@ -484,6 +507,9 @@ def _validate_schedule(optim: OptimConfig, epochs: int) -> None:
                               f"train.epochs) = [{warmup}, {epochs})", "optim.milestones")
     if not 0 < optim.gamma <= 1:
         raise ConfigError(f"optim.gamma: {optim.gamma} is out of range; expected a factor in (0, 1]", "optim.gamma")
+    if optim.name == "adamw" and optim.nesterov:
+        raise ConfigError("optim.nesterov: true is SGD's; optim.name is adamw (set optim.nesterov=false)",
+                          "optim.nesterov")
     if optim.warmup_peak <= 0:
         raise ConfigError(f"optim.warmup_peak: {optim.warmup_peak} is out of range; expected > 0",
                           "optim.warmup_peak")
@@ -507,11 +533,8 @@ def _validate_experts(cfg: Config) -> None:
     if model.experts < 0 or experts > 16:
         raise ConfigError(f"model.experts: {model.experts} is out of range; expected 0 (the method's: "
                           f"{DEFAULT_EXPERTS}) or 1 to 16", "model.experts")
-    for key, value, default in (("classifier", model.classifier, "auto"), ("activation", model.activation, "relu"),
-                                ("se", model.se, "none")):
-        if value != default:
-            raise ConfigError(f"model.{key}: {value!r}, but method.name={name} builds its experts with cosine heads, "
-                              f"ReLU and no SE; leave model.{key} at {default}", f"model.{key}")
+    _require_defaults(model, ("classifier", "activation", "se"),
+                      f"method.name={name} builds its experts with cosine heads, ReLU and no SE")
     if EXPERT_LAYOUTS[name] == "shike" and model.arch != "resnet32":
         raise ConfigError(f"model.arch: {model.arch}, but SHIKE's shallow experts are defined for the CIFAR "
                           f"ResNet-32 only (use resnet32)", "model.arch")
@@ -536,6 +559,32 @@ def _validate_experts(cfg: Config) -> None:
     if name == "ride" and cfg.method.ride.stage == "router" and experts < 2:
         raise ConfigError(f"method.ride.stage: router, but model.experts is {experts}; the router adds experts "
                           f"to the first one (at least 2)", "method.ride.stage")
+
+
+def _require_defaults(model: ModelConfig, keys: tuple[str, ...], why: str) -> None:
+    """Each of model.<keys> at its default: `why` says why another value cannot apply."""
+    defaults = ModelConfig()
+    for key in keys:
+        if getattr(model, key) != getattr(defaults, key):
+            raise ConfigError(f"model.{key}: {getattr(model, key)!r}, but {why}; leave model.{key} at "
+                              f"{getattr(defaults, key)}", f"model.{key}")
+
+
+def _validate_transformer(cfg: Config) -> None:
+    """The CNN-only model keys against a DeiT, and DeiT-only ones against a CNN: a key that cannot apply."""
+    model = cfg.model
+    if model.arch not in TRANSFORMER_ARCHS:
+        if model.drop_path:
+            raise ConfigError(f"model.drop_path: {model.drop_path:g}, but model.arch={model.arch} has no stochastic "
+                              f"depth; it is for {', '.join(TRANSFORMER_ARCHS)} (use 0)", "model.drop_path")
+        return
+    if cfg.method.name in EXPERT_LAYOUTS:
+        raise ConfigError(f"model.arch: {model.arch}, but method.name={cfg.method.name} builds its experts from a "
+                          f"CNN's stages; use resnet32, resnet50 or resnext50_32x4d", "model.arch")
+    _require_defaults(model, ("norm", "activation", "se"),
+                      f"it is a CNN option: {model.arch} has its own LayerNorms and GELUs and no SE")
+    if cfg.dist.sync_batchnorm:
+        raise ConfigError(f"dist.sync_batchnorm: true, but {model.arch} has no BatchNorm", "dist.sync_batchnorm")
 
 
 IN_MEMORY_SOURCES = ("cifar10", "cifar100", "synthetic")

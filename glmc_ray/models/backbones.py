@@ -3,7 +3,8 @@
 `forward(x)` returns the re-balanced head's logits (inference); `forward(x, all_heads=True)` returns
 (fc logits, fc_cb logits, projection z, prediction p) for training. Heads are single Linear layers, as
 in the official code; with `classifier="cosine"` fc_cb is a `CosineLinear` (LDAM's NormedLinear).
-ResNet-50 / ResNeXt-50 come from torchvision; only the CIFAR ResNet-32 is ours (torchvision has none).
+ResNet-50 / ResNeXt-50 come from torchvision, the DeiTs from timm (glmc_ray/models/transformers.py); only the
+CIFAR ResNet-32 is ours (torchvision has none).
 The APA paper's options (`model.activation: aglu`, `model.se`: glmc_ray/models/activations.py) give every
 activation site its own module; torchvision's Bottleneck calls one `self.relu` three times, so with them its
 blocks are `ActivatedBottleneck`s (the same layers, one activation per site, SE before the residual sum).
@@ -20,6 +21,7 @@ import torchvision
 from torchvision.models.resnet import Bottleneck
 
 from glmc_ray.models.activations import SqueezeExcite, activation
+from glmc_ray.models.transformers import TIMM_MODELS, transformer_backbone
 
 
 class BasicBlockA(nn.Module):
@@ -178,7 +180,10 @@ def build_model(cfg, num_classes: int, in_channels: int = 3, default_classifier:
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(module.weight)
         return model
-    backbone, feature_dim = torchvision_backbone(cfg.arch, norm_layer(cfg.norm), in_channels, act, se)
+    if cfg.arch in TIMM_MODELS:
+        backbone, feature_dim = transformer_backbone(cfg.arch, in_channels, cfg.drop_path)
+    else:
+        backbone, feature_dim = torchvision_backbone(cfg.arch, norm_layer(cfg.norm), in_channels, act, se)
     return GLMCNet(backbone, feature_dim, num_classes, cfg.projection_dim, classifier)
 
 

@@ -155,17 +155,29 @@ def train_epoch(t: Trainee, data: DataBundle, epoch: int, cfg, dist: Dist, stop:
     divergence, every, check_every = Divergence(t.device), cfg.train.progress_every, cfg.train.finite_check_every
     images, start, lr = 0, time.perf_counter(), t.optimizer.param_groups[0]["lr"]
     said = start  # when the last progress line was printed
+    accumulate = cfg.train.accumulate
     for step, batch in enumerate(data.train.epoch(epoch)):
         batch = batch.to(t.device, t.memory_format)
         progress = (epoch + step / steps if t.method.progress_per_step else epoch) / epochs
-        with t.autocast():
-            out = t.method.step(t.model, batch, progress, generator)
-        divergence.mark(step, out.loss.detach())
-        t.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        t.optimizer.step()
-        t.method.after_optimizer_step(t.raw_model)
-        for key, value in {"loss": out.loss, **out.terms}.items():
+        first = step - step % accumulate  # the first batch of this optimiser step's group
+        group = min(accumulate, steps - first)  # its batches (the epoch's last group may have fewer)
+        ends_group = step + 1 == first + group
+        if step == first:
+            t.optimizer.zero_grad(set_to_none=True)
+        # DDP averages the gradients across workers at the group's last backward only
+        with contextlib.nullcontext() if ends_group else getattr(t.model, "no_sync", contextlib.nullcontext)():
+            with t.autocast():
+                out = t.method.step(t.model, batch, progress, generator)
+            divergence.mark(step, out.loss.detach())
+            (out.loss / group).backward()  # the group's gradient: the mean of its batches'
+        terms = {"loss": out.loss, **out.terms}
+        if ends_group:
+            if cfg.optim.clip_grad_norm:  # its norm before clipping, x group: the epoch's mean is per optimiser step
+                norm = torch.nn.utils.clip_grad_norm_(t.raw_model.parameters(), cfg.optim.clip_grad_norm)
+                terms["grad_norm"] = norm * group
+            t.optimizer.step()
+            t.method.after_optimizer_step(t.raw_model)
+        for key, value in terms.items():
             if torch.is_tensor(value):
                 sums[key] = sums.get(key, 0) + value.detach().float()
             else:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from timm.optim import param_groups_weight_decay
 
 from glmc_ray.core import longtail
 from glmc_ray.core.config import EXPERT_LAYOUTS, default_classifier, experts_of
@@ -66,8 +67,7 @@ def build_trainee(cfg, class_counts, device, memory_format, prepare_model=lambda
         freeze_except(raw, method.trainable)
     raw = raw.to(device, memory_format=memory_format)
     model = prepare_model(raw)
-    optimizer = torch.optim.SGD(parameter_groups(raw), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    optimizer = build_optimizer(raw, cfg.optim)
     scheduler = lr_scheduler(optimizer, cfg.optim, cfg.train.epochs)
     return Trainee(model, raw, method, optimizer, scheduler, device, autocast_for(device, cfg.train.amp),
                    memory_format)
@@ -102,6 +102,18 @@ def build_network(cfg, num_classes: int) -> torch.nn.Module:
     router = (ride.router_hidden, ride.router_top_k) if name == "ride" and ride.stage == "router" else None
     plan = ExpertPlan(experts_of(cfg), EXPERT_LAYOUTS[name], use_retrained_heads=retrained, router=router)
     return build_expert_model(cfg.model, num_classes, cfg.data.channels, plan)
+
+
+def build_optimizer(model: torch.nn.Module, optim) -> torch.optim.Optimizer:
+    """optim.name's optimiser over the trainable parameters. AdamW's groups are timm's (DeiT's): no weight decay
+    on biases, norms and what a module lists in its `no_weight_decay()` (a ViT's tokens, position embedding)."""
+    if optim.name == "adamw":
+        exempt = [f"{prefix}.{name}".lstrip(".") for prefix, module in model.named_modules()
+                  if callable(getattr(module, "no_weight_decay", None)) for name in module.no_weight_decay()]
+        groups = param_groups_weight_decay(model, optim.weight_decay, no_weight_decay_list=exempt)
+        return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))
+    return torch.optim.SGD(parameter_groups(model), lr=optim.lr, momentum=optim.momentum,
+                           weight_decay=optim.weight_decay, nesterov=optim.nesterov)
 
 
 def parameter_groups(model) -> list[dict]:
