@@ -3,12 +3,12 @@ model and method, counted on its own batch shapes, times the images of its epoch
 sustained rate; and, with --time, the step measured on this device and the wall time it projects.
 
 The count runs the method's whole step (GLMC's two passes, MDCS's two views, the experts, a second stage's frozen
-trunk) forward and backward under torch's FlopCounterMode on random images of the recipe's size, 2 a step (the count
-is per image: linear in the batch). Training images per epoch: the CIFAR-LT subset's own count, 115,846 for
-ImageNet-LT, 437,513 for iNaturalist 2018. The projection divides by --tflops, an assumed sustained rate (default
-73 TFLOP/s: 3,000 ResNet-50 training images/s at the 24.3 GFLOP of one forward and backward pass, a rate assumed
-for an H100 in PyTorch with bf16 and channels_last, not measured here): a projection, not a measurement, that
-scales with the rate a user's GPU reaches. Small CIFAR models run below such a rate (their steps are bound by
+trunk, DeiT-LT's teacher) forward and backward under torch's FlopCounterMode on random images of the recipe's size,
+2 a step (the count is per image: linear in the batch). Training images per epoch: the CIFAR-LT subset's own count,
+115,846 for ImageNet-LT, 437,513 for iNaturalist 2018. The projection divides by --tflops, an assumed sustained rate
+(default 73 TFLOP/s: 3,000 ResNet-50 training images/s at the 24.3 GFLOP of one forward and backward pass, a rate
+assumed for an H100 in PyTorch with bf16 and channels_last, not measured here): a projection, not a measurement,
+that scales with the rate a user's GPU reaches. Small CIFAR models run below such a rate (their steps are bound by
 kernel launches), so their projected hours are lower bounds; --time measures instead (bench/gpu_check.py part 7).
 
     python bench/recipe_cost.py                                  # every recipe, the count (CPU, ~2 minutes)
@@ -21,6 +21,7 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,10 +31,12 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from glmc_ray.core import config as config_lib  # noqa: E402
+from glmc_ray.core.command_line import TEACHER_RECIPES  # noqa: E402
 from glmc_ray.core.method_config import rebalanced_stream  # noqa: E402
 from glmc_ray.data import cifar  # noqa: E402
 from glmc_ray.methods.base import Batch  # noqa: E402
-from glmc_ray.training.worker import build_trainee  # noqa: E402
+from glmc_ray.runs import rundir  # noqa: E402
+from glmc_ray.training.worker import build_network, build_trainee  # noqa: E402
 
 RECIPES = REPO / "configs" / "recipes"
 TRAIN_IMAGES = {"imagenet_lt": 115_846, "inat2018": 437_513}  # the OLTR / iNat-2018 training splits
@@ -97,8 +100,26 @@ def seconds_per_step(trainee, cfg, classes: int, steps: int) -> float:
     return statistics.median(times)
 
 
+def teacher_run(recipe: str, folder: Path) -> list[str]:
+    """A distillation recipe's --set naming a run of its teacher recipe (untrained: the count includes the
+    teacher's forward pass, not its accuracy); [] for the others."""
+    if recipe not in TEACHER_RECIPES:
+        return []
+    cfg = recipe_config(TEACHER_RECIPES[recipe])
+    run = folder / "teacher"
+    run.mkdir()
+    config_lib.save(cfg, run / "config.yaml")
+    rundir.save_checkpoint({"model": build_network(cfg, cfg.data.classes).state_dict()}, run / rundir.CHECKPOINT)
+    return [f"method.deit_lt.teacher={run}"]
+
+
 def cost(recipe: str, device, amp: str, time_steps: int, tflops: float) -> dict:
-    cfg = recipe_config(recipe, [f"train.device={device.type}", f"train.amp='{amp}'"])
+    with tempfile.TemporaryDirectory() as folder:
+        return recipe_cost(recipe, device, amp, time_steps, tflops, teacher_run(recipe, Path(folder)))
+
+
+def recipe_cost(recipe: str, device, amp: str, time_steps: int, tflops: float, teacher: list[str]) -> dict:
+    cfg = recipe_config(recipe, [f"train.device={device.type}", f"train.amp='{amp}'", *teacher])
     counts = class_counts(recipe, cfg)
     trainee = build_trainee(cfg, counts, device, torch.contiguous_format, from_parent=False)
     images = sum(counts) * cfg.train.epochs

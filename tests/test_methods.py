@@ -18,6 +18,7 @@ from glmc_ray.methods.class_balanced import class_balanced_loss
 from glmc_ray.methods.ldam_drw import drw_active, drw_first_epoch, ldam_logits, ldam_loss
 from glmc_ray.methods.logit_adjusted import logit_adjusted_loss
 from glmc_ray.models.backbones import CosineLinear, build_model
+from glmc_ray.models.teacher import Teacher
 from glmc_ray.runs import rundir
 from glmc_ray.train import main
 from glmc_ray.training.worker import build_network, build_trainee
@@ -31,8 +32,12 @@ COUNTS = [40, 20, 10, 5, 2]
 # every registered method, and GLMC's non-official Balanced Softmax option
 VARIANTS = [(name, []) for name in METHODS] + [("glmc", ["method.glmc.rebalanced_loss=balanced_softmax_unofficial"])]
 VARIANT_IDS = [name + ("_bs_unofficial" if extra else "") for name, extra in VARIANTS]
-# the end-to-end runs: plain GLMC's are tests/test_train.py's and tests/test_ray_train.py's smoke runs
-TRAINED = [(v, i) for v, i in zip(VARIANTS, VARIANT_IDS, strict=True) if i != "glmc"]
+# the end-to-end runs: plain GLMC's are tests/test_train.py's and tests/test_ray_train.py's smoke runs, DeiT-LT's
+# (after its teacher's) tests/test_deit_lt.py's
+TRAINED = [(v, i) for v, i in zip(VARIANTS, VARIANT_IDS, strict=True) if i not in ("glmc", "deit_lt")]
+# what a method needs beyond the smoke config: DeiT-LT trains a DeiT and names its teacher run (the tests that
+# step it here give it a small CNN teacher: `_with_teacher`)
+NEEDS = {"deit_lt": ["model.arch=deit_micro_distilled_patch4_32", "method.deit_lt.teacher=a-teacher-run"]}
 
 
 def _logits(n=16, c=5, dtype=torch.float64, seed=0):
@@ -41,7 +46,21 @@ def _logits(n=16, c=5, dtype=torch.float64, seed=0):
 
 
 def _method_config(name, *overrides) -> config_lib.Config:
-    return config_lib.load(SMOKE, [f"method.name={name}", *overrides])
+    return config_lib.load(SMOKE, [f"method.name={name}", *NEEDS.get(name, []), *overrides])
+
+
+def _with_teacher(method, cfg):
+    """The method, with a small untrained CNN as its teacher where it takes one (on the 16 px tiny batch)."""
+    if config_lib.teacher_of(cfg) is not None:
+        network = build_network(config_lib.load(SMOKE, ["model.width=4"]), len(COUNTS))
+        method.teacher = Teacher(network, torch.ones(3), torch.zeros(3), (16, 16))
+    return method
+
+
+def _inference_heads(model) -> list:
+    if hasattr(model, "fc_cb"):
+        return [model.fc_cb]
+    return list(model.heads) if hasattr(model, "heads") else [model.vit.head, model.vit.head_dist]
 
 
 def _tiny_batch(num_classes=5, n=8):
@@ -66,15 +85,14 @@ def test_each_method_steps_and_declares_its_heads_truthfully(name, extra):
     gradient, and one with it is slower for nothing."""
     cfg = _method_config(name, *extra, "model.width=4", "model.projection_dim=8")
     model = build_network(cfg, len(COUNTS))
-    method = build_method(cfg.method, COUNTS, cfg)
+    method = _with_teacher(build_method(cfg.method, COUNTS, cfg), cfg)
     out = method.step(model, _tiny_batch(), 0.9, torch.Generator().manual_seed(0))
     assert out.loss.dim() == 0 and torch.isfinite(out.loss)
     out.loss.backward()
     method.after_optimizer_step(model)
     with_grad = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.parameters()]
     assert all(with_grad) == method.uses_all_heads
-    inference_heads = [model.fc_cb] if hasattr(model, "fc_cb") else list(model.heads)
-    assert all(head.weight.grad.abs().sum() > 0 for head in inference_heads)  # the inference head always trains
+    assert all(head.weight.grad.abs().sum() > 0 for head in _inference_heads(model))  # the inference head always trains
     for attribute in ("progress_per_step", "logit_scale", "trainable"):
         assert hasattr(method, attribute), attribute
     assert method.alpha(0.5) <= 1.0
@@ -85,7 +103,7 @@ def test_each_method_steps_and_declares_its_heads_truthfully(name, extra):
 def test_a_method_reads_the_rebalanced_stream_exactly_when_its_config_asks_for_one(name, extra):
     """The sources make the second stream where config.rebalanced_stream says so, and only there."""
     cfg = _method_config(name, *extra, "model.width=4", "model.projection_dim=8")
-    model, method = build_network(cfg, len(COUNTS)), build_method(cfg.method, COUNTS, cfg)
+    model, method = build_network(cfg, len(COUNTS)), _with_teacher(build_method(cfg.method, COUNTS, cfg), cfg)
     without = dataclasses.replace(_tiny_batch(), rx1=None, rx2=None, ry=None)
     step = functools.partial(method.step, model, without, 0.9, torch.Generator().manual_seed(0))
     if config_lib.rebalanced_stream(cfg) is None:
@@ -291,7 +309,7 @@ def test_each_method_config_round_trips_through_dict_and_yaml(name, extra, tmp_p
 
 @pytest.mark.parametrize("overrides,message", [
     (["method.name=ldam"], r"^--set method.name=ldam: method.name: 'ldam' is not one of glmc, ce, balanced_softmax, "
-                           r"logit_adjusted, ldam_drw, class_balanced, ride, mdcs, shike$"),
+                           r"logit_adjusted, ldam_drw, class_balanced, ride, mdcs, shike, deit_lt$"),
     (["method.ldam_drw.max_margin=0.3"], r"^--set method.ldam_drw.max_margin=0.3: method.ldam_drw.max_margin: set, "
                                          r"but method.name is 'glmc'; method.ldam_drw applies only with "
                                          r"method.name=ldam_drw"),

@@ -14,6 +14,7 @@ import ray
 from glmc_ray.runs import rundir
 from glmc_ray.train import main
 from tests.test_activations import APA_RUN
+from tests.test_deit_lt import STUDENT, TEACHER
 from tests.test_experts import STAGE1
 from tests.test_methods import SMOKE, TRAINED, check_method_run, run_settings
 
@@ -69,3 +70,18 @@ def test_apa_trains_on_two_ray_workers(tmp_path):
     assert main(["--config", str(SMOKE), "--workers", "2", "--output", str(tmp_path), *sets]) == 0
     (run,) = tmp_path.iterdir()
     assert [r["epoch"] for r in rundir.read_metrics(run)] == [0, 1]
+
+
+def test_a_deit_lt_student_on_two_workers_learns_from_an_in_process_teacher_run(tmp_path):
+    """Each worker loads the teacher outside its DDP model; the two heads are scored one by one."""
+    assert main(["--config", str(SMOKE), "--output", str(tmp_path / "teacher"), *_sets(TEACHER)]) == 0
+    (teacher,) = (tmp_path / "teacher").iterdir()
+    student = [*STUDENT, f"method.deit_lt.teacher={teacher}"]
+    assert main(["--config", str(SMOKE), "--workers", "2", "--output", str(tmp_path / "student"),
+                 *_sets(student)]) == 0
+    (run,) = (tmp_path / "student").iterdir()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["drw"] for r in records] == [0.0, 1.0]
+    assert all(0 <= r[f"test_{head}_top1"] <= 100 for r in records for head in ("cls", "dist"))
+    final = json.loads((run / "final.json").read_text())
+    assert final["workers"]["count"] == 2 and final["last"]["test"]["expert_names"] == ["cls", "dist"]

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from glmc_ray.core import config as config_lib
+from glmc_ray.core.command_line import TEACHER_RECIPES
 from glmc_ray.core.config import ConfigError
 from glmc_ray.runs import parent_run, rundir
 from glmc_ray.train import main
@@ -45,6 +46,15 @@ BALMS = {**STANDARD_CIFAR, "method.name": "balanced_softmax", "optim.lr": 0.05, 
 LOGIT_ADJUSTED = {**STANDARD_CIFAR, "method.name": "logit_adjusted", "method.logit_adjusted.tau": 1.0,
                   "optim.lr": 0.1, "optim.nesterov": True, "optim.weight_decay": 2e-4, "optim.schedule": "warmup_step",
                   "optim.gamma": 0.1, "train.batch_size": 128}
+# val-iisc/DeiT-LT sh/*.sh, arguments.py (seed-systems-reference.md 2): lr 5e-4 x per-step batch / 512
+DEIT_LT = {"model.arch": "deit_base_distilled_patch16_224", "model.drop_path": 0.1, "method.name": "deit_lt",
+           "method.deit_lt.alpha": 0.5, "method.deit_lt.drw_beta": 0.9999, "method.deit_lt.mixup_alpha": 0.8,
+           "method.deit_lt.cutmix_alpha": 1.0, "method.deit_lt.label_smoothing": 0.1, "optim.name": "adamw",
+           "optim.weight_decay": 0.05, "optim.schedule": "warmup_cosine", "optim.warmup_epochs": 5,
+           "train.accumulate": 4}
+DEIT_LT_CIFAR = {**DEIT_LT, "data.subset_protocol": "ldam", "data.subset_seed": 0, "optim.lr": 2.5e-4,
+                 "train.batch_size": 256, "train.epochs": 1200, "method.deit_lt.drw_start": 0.916667,
+                 "method.deit_lt.mix_after_drw": False}
 IMAGENET = {"data.classes": 1000, "data.image_size": 224, "data.augmentation": "simclr",
             "model.arch": "resnext50_32x4d"}
 
@@ -119,9 +129,15 @@ SOURCES = {
                                              "optim.milestones": [604, 926, 1128], "train.epochs": 1241},
     "cifar100_lt_if100/logit_adjusted.yaml": {**LOGIT_ADJUSTED, "optim.warmup_epochs": 22,
                                               "optim.milestones": [691, 1059, 1290], "train.epochs": 1419},
+    "cifar10_lt_if100/deit_lt.yaml": {**DEIT_LT_CIFAR, "data.source": "cifar10"},
+    "cifar100_lt_if100/deit_lt.yaml": {**DEIT_LT_CIFAR, "data.source": "cifar100"},
+    "imagenet_lt/deit_lt.yaml": {**IMAGENET, **DEIT_LT, "optim.lr": 5e-4, "train.batch_size": 512,
+                                 "train.epochs": 1400, "method.deit_lt.drw_start": 0.857143,
+                                 "method.deit_lt.mix_after_drw": True},
 }
 SECOND_STAGES = {"cifar100_lt_if100/ride_router.yaml": "cifar100_lt_if100/ride.yaml",
                  "cifar100_lt_if100/shike_retrain.yaml": "cifar100_lt_if100/shike.yaml"}
+TEACHERS = TEACHER_RECIPES
 DATASETS = {"cifar10_lt": ("cifar10", 10), "cifar100_lt": ("cifar100", 100), "imagenet_lt": ("files", 1000),
             "inat2018": ("files", 8142)}
 
@@ -132,7 +148,8 @@ def recipe_files() -> list[str]:
 
 def load(recipe: str, overrides=()) -> config_lib.Config:
     stage_two = ["train.init_from=parent"] if recipe in SECOND_STAGES else []
-    return config_lib.load(RECIPES / recipe, [*stage_two, *overrides])
+    teacher = ["method.deit_lt.teacher=teacher"] if recipe in TEACHERS else []
+    return config_lib.load(RECIPES / recipe, [*stage_two, *teacher, *overrides])
 
 
 def test_every_recipe_is_in_the_source_table_and_names_its_source_and_published_figures():
@@ -141,6 +158,8 @@ def test_every_recipe_is_in_the_source_table_and_names_its_source_and_published_
         header = [line for line in (RECIPES / recipe).read_text().splitlines() if line.startswith("#")]
         assert any(line.startswith("# Source: ") for line in header), recipe
         assert any(line.startswith("# Published") for line in header), recipe
+        if recipe in TEACHERS:  # and the teacher recipe it is run after
+            assert any(f"configs/recipes/{TEACHERS[recipe]}" in line for line in header), recipe
 
 
 @pytest.mark.parametrize("recipe", sorted(SOURCES))
@@ -201,13 +220,15 @@ def _dry_run_arguments(recipe: str, root, tmp_path) -> list[str]:
         sets += ["data.train_split=splits/iNaturalist18_val.txt", "data.test_split=splits/iNaturalist18_val.txt"]
     if recipe in SECOND_STAGES:
         sets.append(f"train.init_from={_parent_run(SECOND_STAGES[recipe], sets, tmp_path)}")
+    if recipe in TEACHERS:
+        sets.append(f"method.deit_lt.teacher={_parent_run(TEACHERS[recipe], sets, tmp_path, 'teacher')}")
     return sets
 
 
-def _parent_run(recipe: str, sets: list[str], tmp_path):
-    """A stage-1 run directory of `recipe`: its config and a checkpoint of its (untrained) model."""
+def _parent_run(recipe: str, sets: list[str], tmp_path, name: str = "parent"):
+    """A stage-1 (or teacher) run directory of `recipe`: its config and a checkpoint of its (untrained) model."""
     cfg = config_lib.load(RECIPES / recipe, sets)
-    run = tmp_path / "parent"
+    run = tmp_path / name
     run.mkdir()
     config_lib.save(cfg, run / "config.yaml")
     rundir.save_checkpoint({"model": build_network(cfg, cfg.data.classes).state_dict()}, run / rundir.CHECKPOINT)

@@ -151,7 +151,7 @@ def test_methods_space_samples_only_the_chosen_method_s_knobs():
         assert all(search_space.get_dotted(cfg, key) == value for key, value in params.items())
         if method == "glmc":  # the base's method: its section is the base's, with the sampled knobs
             assert cfg.method.glmc.maxnorm_threshold == 0.1
-    assert methods == set(config_lib.METHOD_NAMES)
+    assert methods == set(config_lib.METHOD_NAMES) - {"deit_lt"}  # it needs a teacher run and a DeiT, not in this space
     # the full-schedule runs take a trial's searched fields only (trials.csv's empty cells are None)
     row = {"trial_id": "t", **{p.key: None for p in space.all_params()}, **space.point(base)}
     assert search_full.full_job(row, space, base, 0) == search_full.FullRun(search_full.RECIPE, space.point(base), 0)

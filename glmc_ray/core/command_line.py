@@ -16,6 +16,10 @@ from glmc_ray.core.version import SOURCE, version_line
 
 CONFIGS = SOURCE / "configs"
 RECIPES = CONFIGS / "recipes"
+# the teacher recipe of each distillation recipe (its header says so): the run its method.deit_lt.teacher names
+TEACHER_RECIPES = {"cifar10_lt_if100/deit_lt.yaml": "cifar10_lt_if100/ldam_drw.yaml",
+                   "cifar100_lt_if100/deit_lt.yaml": "cifar100_lt_if100/ldam_drw.yaml",
+                   "imagenet_lt/deit_lt.yaml": "imagenet_lt/glmc.yaml"}
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser, config_help: str, set_example: str) -> None:

@@ -19,7 +19,9 @@ from glmc_ray.core.method_config import (  # noqa: F401 (the method sections are
     DEFAULT_EXPERTS,
     EXPERT_LAYOUTS,
     METHOD_NAMES,
+    TEACHER_KEYS,
     ClassBalancedConfig,
+    DeiTLTConfig,
     GLMCConfig,
     LDAMDRWConfig,
     LogitAdjustedConfig,
@@ -30,6 +32,7 @@ from glmc_ray.core.method_config import (  # noqa: F401 (the method sections are
     default_classifier,
     method_checks,
     rebalanced_stream,
+    teacher_of,
 )
 from glmc_ray.core.schedules import SCHEDULES, WARMUP_SCHEDULES
 
@@ -573,6 +576,12 @@ def _require_defaults(model: ModelConfig, keys: tuple[str, ...], why: str) -> No
 def _validate_transformer(cfg: Config) -> None:
     """The CNN-only model keys against a DeiT, and DeiT-only ones against a CNN: a key that cannot apply."""
     model = cfg.model
+    if cfg.method.name == "deit_lt" and model.arch not in TRANSFORMER_ARCHS:
+        raise ConfigError(f"model.arch: {model.arch}, but method.name=deit_lt trains a DeiT's class and distillation "
+                          f"tokens; use one of {', '.join(TRANSFORMER_ARCHS)}", "model.arch")
+    if cfg.method.name == "deit_lt" and not cfg.method.deit_lt.teacher:
+        raise ConfigError("method.deit_lt.teacher: empty; deit_lt distils from a finished run of this harness (its "
+                          "directory or storage copy), e.g. an ldam_drw run on the same data", "method.deit_lt.teacher")
     if model.arch not in TRANSFORMER_ARCHS:
         if model.drop_path:
             raise ConfigError(f"model.drop_path: {model.drop_path:g}, but model.arch={model.arch} has no stochastic "

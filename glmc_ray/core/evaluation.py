@@ -137,6 +137,8 @@ def evaluate(model, batches: Iterable, train_counts, autocast, all_reduce: Calla
     if experts:  # users of RIDE / MDCS / SHIKE read these to see the experts specialise
         rows = counts[first_expert:first_expert + experts]
         metrics["experts"] = expert_metrics(torch.cat([rows, counts[2:3]]), train_counts)
+        if hasattr(model, "expert_names"):  # heads with names of their own (DeiT-LT's cls and dist tokens)
+            metrics["expert_names"] = list(model.expert_names)
     if is_routed(model):
         metrics["experts_used"] = float(counts[-1].sum() / counts[2].sum())
     return metrics

@@ -91,8 +91,29 @@ class SHIKEConfig:
     mutual_weight: float = 1.0  # of the experts' mutual KLs
 
 
+@dataclass
+class DeiTLTConfig:
+    # the finished run of this harness (its directory or storage copy) whose network, frozen, labels each batch
+    # for the distillation token: officially a ResNet-32 on CIFAR, a ResNet-50 on ImageNet-LT and iNat
+    teacher: str = ""
+    alpha: float = 0.5  # L = (1 - alpha) CE_soft(cls token, mixed targets) + alpha CE(dist token, teacher argmax)
+    # deferred re-weighting of the distillation term, with class-balanced weights (drw_beta) summing to C, from
+    # this fraction of the schedule (official: 1100/1200 CIFAR, 1200/1400 ImageNet-LT, 900/1000 iNat; 1: none)
+    drw_start: float = 0.9
+    drw_beta: float = 0.9999
+    # timm's Mixup in batch mode (each worker's batch mixed with itself reversed), drawn from the run's keyed
+    # generator: CutMix (area-corrected) with probability switch_prob, else Mixup; 0 turns either off
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    switch_prob: float = 0.5
+    label_smoothing: float = 0.1  # of the cls token's targets (mixed or not)
+    mix_after_drw: bool = False  # the official CIFAR scripts stop mixing at DRW (--no-mixup-drw); ImageNet-LT not
+
+
 METHOD_NAMES = ("glmc", "ce", "balanced_softmax", "logit_adjusted", "ldam_drw", "class_balanced", "ride", "mdcs",
-                "shike")
+                "shike", "deit_lt")
+# Methods that learn from another run's network, and the key naming that run (runs/parent_run.check_teacher)
+TEACHER_KEYS = {"ride": "method.ride.teacher", "deit_lt": "method.deit_lt.teacher"}
 # The multi-expert methods and their expert layout (glmc_ray/models/experts.py)
 EXPERT_LAYOUTS = {"ride": "ride", "mdcs": "ride", "shike": "shike"}
 DEFAULT_EXPERTS = 3
@@ -101,7 +122,7 @@ DEFAULT_EXPERTS = 3
 @dataclass
 class MethodConfig:
     name: str = "glmc"  # glmc | ce | balanced_softmax | logit_adjusted | ldam_drw | class_balanced | ride | mdcs |
-    #                     shike
+    #                     shike | deit_lt
     glmc: GLMCConfig = field(default_factory=GLMCConfig)
     logit_adjusted: LogitAdjustedConfig = field(default_factory=LogitAdjustedConfig)
     ldam_drw: LDAMDRWConfig = field(default_factory=LDAMDRWConfig)
@@ -109,6 +130,7 @@ class MethodConfig:
     ride: RIDEConfig = field(default_factory=RIDEConfig)
     mdcs: MDCSConfig = field(default_factory=MDCSConfig)
     shike: SHIKEConfig = field(default_factory=SHIKEConfig)
+    deit_lt: DeiTLTConfig = field(default_factory=DeiTLTConfig)
 
     @property
     def section(self):
@@ -174,7 +196,27 @@ def _expert_method_checks(method: MethodConfig) -> list[tuple]:
          "exponents in [-10, 10] (official -0.5, 1, 2.5)"),
         (shike.transfer_weight >= 0, "method.shike.transfer_weight", shike.transfer_weight, ">= 0"),
         (shike.mutual_weight >= 0, "method.shike.mutual_weight", shike.mutual_weight, ">= 0"),
+        *_deit_lt_checks(method.deit_lt),
     ]
+
+
+def _deit_lt_checks(deit: DeiTLTConfig) -> list[tuple]:
+    return [
+        (0 <= deit.alpha <= 1, "method.deit_lt.alpha", deit.alpha, "in [0, 1] (official 0.5)"),
+        (0 <= deit.drw_start <= 1, "method.deit_lt.drw_start", deit.drw_start, "a fraction of the schedule in [0, 1]"),
+        (0 <= deit.drw_beta < 1, "method.deit_lt.drw_beta", deit.drw_beta, "in [0, 1) (official 0.9999)"),
+        (deit.mixup_alpha >= 0, "method.deit_lt.mixup_alpha", deit.mixup_alpha, ">= 0 (0: no Mixup)"),
+        (deit.cutmix_alpha >= 0, "method.deit_lt.cutmix_alpha", deit.cutmix_alpha, ">= 0 (0: no CutMix)"),
+        (0 <= deit.switch_prob <= 1, "method.deit_lt.switch_prob", deit.switch_prob, "a probability"),
+        (0 <= deit.label_smoothing < 1, "method.deit_lt.label_smoothing", deit.label_smoothing, "in [0, 1)"),
+    ]
+
+
+def teacher_of(cfg) -> tuple[str, str] | None:
+    """(key, run) of the run's distillation teacher, None without one."""
+    key = TEACHER_KEYS.get(cfg.method.name)
+    run = getattr(cfg.method.section, "teacher", "") if key else ""
+    return (key, run) if run else None
 
 
 # The head each method trains when model.classifier is auto; cosine only where the method scales cosines.

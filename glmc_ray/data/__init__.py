@@ -67,6 +67,13 @@ def training_class_counts(cfg) -> list[int]:
     return counts
 
 
+def normalization(cfg) -> tuple:
+    """(mean, std) per channel that the source normalises images with: data.mean/std, else an in-memory
+    dataset's own (a distillation teacher converts the student's batch to its own: models/teacher.py)."""
+    module = source_module(cfg)
+    return module.normalization(cfg.data) if hasattr(module, "normalization") else (cfg.data.mean, cfg.data.std)
+
+
 def ray_datasets(cfg, gpu: bool = False) -> dict:
     """Ray Datasets (or callables making them) keyed by the names `build` reads with `dataset_shard`; `gpu`:
     the workers that read them train on GPUs."""

@@ -129,7 +129,6 @@ def load_arrays(data) -> tuple[tuple, tuple, list[int], tuple]:
         train = synthetic_images(counts, data.image_size, data.subset_seed, data.subset_seed + 1)
         test = synthetic_images([data.synthetic_test_per_class] * len(counts), data.image_size, data.subset_seed,
                                 data.subset_seed + 2)
-        normalization = SYNTHETIC_NORMALIZATION
     else:
         num_classes, max_count = CIFAR_CLASSES[data.source]
         if data.download:
@@ -139,8 +138,14 @@ def load_arrays(data) -> tuple[tuple, tuple, list[int], tuple]:
         index = cifar.long_tailed_subset(labels, counts, data.subset_protocol, data.subset_seed,
                                          data.sample_with_replacement)
         train, test = (images[index], labels[index]), cifar.load_cifar(data.root, data.source, train=False)
-        normalization = cifar.NORMALIZATION[data.source]
-    return train, test, counts, ((data.mean, data.std) if data.mean else normalization)
+    return train, test, counts, normalization(data)
+
+
+def normalization(data) -> tuple:
+    """(mean, std): data.mean/std when given, else the dataset's own (CIFAR's published, the synthetic data's)."""
+    if data.mean:
+        return data.mean, data.std
+    return SYNTHETIC_NORMALIZATION if data.source == "synthetic" else cifar.NORMALIZATION[data.source]
 
 
 def hold_out(images, labels, data):

@@ -8,6 +8,7 @@ from glmc_ray.methods.balanced_softmax import BalancedSoftmax
 from glmc_ray.methods.base import Batch, Method, StepOutput
 from glmc_ray.methods.ce import CrossEntropy
 from glmc_ray.methods.class_balanced import ClassBalanced
+from glmc_ray.methods.deit_lt import DeiTLT
 from glmc_ray.methods.experts import ExpertMethod
 from glmc_ray.methods.glmc import GLMC
 from glmc_ray.methods.ldam_drw import LDAMDRW
@@ -17,7 +18,7 @@ from glmc_ray.methods.ride import RIDE
 from glmc_ray.methods.shike import SHIKE
 
 METHODS = {method.name: method for method in (GLMC, CrossEntropy, BalancedSoftmax, LogitAdjusted, LDAMDRW,
-                                               ClassBalanced, RIDE, MDCS, SHIKE)}
+                                               ClassBalanced, RIDE, MDCS, SHIKE, DeiTLT)}
 
 
 def build_method(cfg, class_counts, run=None) -> Method:

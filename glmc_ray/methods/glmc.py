@@ -38,10 +38,12 @@ def cumulative_alpha(progress: float, shape: str = "power", exponent: float = 2.
     raise ValueError(f"unknown cumulative shape {shape!r}; expected power, cosine or linear")
 
 
-def cutmix_box(height: int, width: int, lam: float, generator: torch.Generator) -> tuple[int, int, int, int]:
-    """The official `rand_bbox`: side sqrt(1-lam) (ceil), uniform integer centre, halves floored, clipped."""
+def cutmix_box(height: int, width: int, lam: float, generator: torch.Generator,
+               rounding=math.ceil) -> tuple[int, int, int, int]:
+    """The official `rand_bbox`: side sqrt(1-lam) (ceil; timm's rounds down: `rounding=int`), uniform integer
+    centre, halves floored, clipped."""
     cut = math.sqrt(1.0 - lam)
-    cut_h, cut_w = math.ceil(height * cut), math.ceil(width * cut)
+    cut_h, cut_w = rounding(height * cut), rounding(width * cut)
     cy = int(torch.randint(height, (1,), generator=generator))
     cx = int(torch.randint(width, (1,), generator=generator))
     y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)

@@ -27,14 +27,7 @@ import torch.nn.functional as F
 import torchvision
 
 from glmc_ray.models.backbones import BasicBlockA, CosineLinear, norm_layer, torchvision_backbone
-
-
-class ExpertLogits(NamedTuple):
-    mean: torch.Tensor  # [B, C], the ensemble's prediction (with a router: the mean of the experts it used)
-    experts: torch.Tensor  # [B, E, C]
-    features: torch.Tensor  # [B, E, D], each expert's pooled feature
-    routes: torch.Tensor | None = None  # [B, E-1] router logits: "add expert e+1" (RIDE's expert assignment)
-    used: torch.Tensor | None = None  # [B] experts each sample used
+from glmc_ray.models.outputs import ExpertLogits
 
 
 def running_means(logits: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """A run that starts from another run's weights (`train.init_from`): the second stage of a two-stage method
-(SHIKE's classifier re-training, RIDE's router); or that learns from another run's model (`method.ride.teacher`,
-RIDE's distillation). The parent is a run directory, in-process (checkpoint.pt) or Ray Train (its
-checkpoint folders where its storage.json says, else beside it), or a run's storage copy (s3://bucket/runs/<run>).
+(SHIKE's classifier re-training, RIDE's router); or that learns from another run's model, its teacher
+(`method.ride.teacher`, RIDE's distillation; `method.deit_lt.teacher`). The parent is a run directory, in-process
+(checkpoint.pt) or Ray Train (its checkpoint folders where its storage.json says, else beside it), or a run's
+storage copy (s3://bucket/runs/<run>).
 
 Everything is checked before the run starts: the parent exists and has a checkpoint, and trained the same model
 on the same training subset (a different one would not load, or would re-train heads on other data).
@@ -21,7 +22,6 @@ from glmc_ray.runs import rundir
 from glmc_ray.core import storage
 
 PARENT_FILE = "parent.json"  # in the child's run directory
-TEACHER_KEY = "method.ride.teacher"
 # What fixes the training subset, hence the class counts the parent's heads were trained on
 SUBSET_KEYS = ("source", "root", "imbalance_factor", "subset_protocol", "subset_seed", "sample_with_replacement",
                "val_fraction", "val_seed", "train_split")
@@ -104,25 +104,33 @@ def check(cfg: config_lib.Config) -> Parent | None:
 
 
 def check_teacher(cfg: config_lib.Config) -> None:
-    """RIDE's distillation teacher (method.ride.teacher), if any: a finished RIDE stage-1 run with a checkpoint,
-    trained on the same training subset at the same image size (any number of experts and width)."""
-    teacher = cfg.method.ride.teacher if cfg.method.name == "ride" else ""
-    if not teacher:
+    """The distillation teacher of a method that takes one (method_config.TEACHER_KEYS), if given: a finished or
+    interrupted run with weights, trained on the same training subset with images of as many channels (another
+    size or normalisation is converted: models/teacher.py), and not itself a student; RIDE's is a RIDE stage-1
+    run (its ensemble teaches the student's)."""
+    teacher = config_lib.teacher_of(cfg)
+    if teacher is None:
         return
-    found = find(teacher, TEACHER_KEY)
+    key, run = teacher
+    found = find(run, key)
     theirs = found.config.method
-    if theirs.name != "ride" or theirs.ride.stage != "experts":
+    if config_lib.teacher_of(found.config) is not None:
+        their_key, their_teacher = config_lib.teacher_of(found.config)
+        raise config_lib.ConfigError(f"{key}: {run} is itself a distillation student ({their_key}: {their_teacher}); "
+                                     f"a teacher learns from the data alone: name {their_teacher} or another run",
+                                     key)
+    if cfg.method.name == "ride" and (theirs.name != "ride" or theirs.ride.stage != "experts"):
         stage = f" stage {theirs.section.stage}" if hasattr(theirs.section, "stage") else ""
-        raise config_lib.ConfigError(f"{TEACHER_KEY}: {teacher} is a {theirs.name}{stage} run; expected a RIDE "
-                                     f"stage-1 run (method.ride.stage: experts; the official teacher has 6 experts)",
-                                     TEACHER_KEY)
-    mismatch = _other_data(cfg, found.config, (*SUBSET_KEYS, "image_size"))
+        raise config_lib.ConfigError(f"{key}: {run} is a {theirs.name}{stage} run; expected a RIDE stage-1 run "
+                                     f"(method.ride.stage: experts; the official teacher has 6 experts)", key)
+    mismatch = _other_data(cfg, found.config, (*SUBSET_KEYS, "classes"))
+    if cfg.data.channels != found.config.data.channels:
+        mismatch.append("data.mean")
     if mismatch:
-        key = mismatch[0]
-        raise config_lib.ConfigError(f"{TEACHER_KEY}: {key} is {_value(found.config, key)!r} in the teacher run "
-                                     f"{teacher}, {_value(cfg, key)!r} here; the teacher must have learnt the same "
-                                     f"classes from the same training subset (differing: {', '.join(mismatch)})",
-                                     TEACHER_KEY)
+        first = mismatch[0]
+        raise config_lib.ConfigError(f"{key}: {first} is {_value(found.config, first)!r} in the teacher run {run}, "
+                                     f"{_value(cfg, first)!r} here; the teacher must have learnt the same classes "
+                                     f"from the same training subset (differing: {', '.join(mismatch)})", key)
 
 
 def _other_data(cfg: config_lib.Config, other: config_lib.Config, keys=SUBSET_KEYS) -> list[str]:

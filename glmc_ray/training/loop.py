@@ -229,12 +229,17 @@ def flatten(results: dict[str, dict]) -> dict:
     expert's metrics as "test_expert<e>_top1" ...; of the post-hoc scan only its tau ("posthoc_tau", None
     without a validation split)."""
     record = {f"{split}_{k}": v for split, m in results.items() if split != "posthoc"
-              for k, v in m.items() if k not in ("per_class", "experts")}
-    record.update({f"{split}_expert{e}_{k}": v for split, m in results.items() if split != "posthoc"
+              for k, v in m.items() if k not in ("per_class", "experts", "expert_names")}
+    record.update({f"{split}_{_expert_name(m, e)}_{k}": v for split, m in results.items() if split != "posthoc"
                    for e, expert in enumerate(m.get("experts", [])) for k, v in expert.items()})
     if "posthoc" in results:
         record["posthoc_tau"] = results["posthoc"]["tau"]
     return record
+
+
+def _expert_name(metrics: dict, e: int) -> str:
+    names = metrics.get("expert_names")
+    return names[e] if names else f"expert{e}"
 
 
 def fit(cfg, t: Trainee, data: DataBundle, reporter: Reporter, dist: Dist | None = None,
@@ -310,6 +315,7 @@ def _epoch_line(r: dict) -> str:
     experts = [r[key] for key in keys]
     if experts:
         parts.append("experts test_top1 " + "/".join(f"{a:.2f}" for a in experts))
+    parts += [f"{key} {r[key]:.2f}" for key in ("test_cls_top1", "test_dist_top1") if key in r]
     if r.get("posthoc_tau") is not None:  # chosen on val
         parts.append(f"posthoc_tau {r['posthoc_tau']:g}")
         parts += [f"{key} {r[key]:.2f}" for key in ("test_posthoc_top1", "test_posthoc_few") if r.get(key) is not None]

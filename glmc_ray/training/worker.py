@@ -11,13 +11,15 @@ import torch
 from timm.optim import param_groups_weight_decay
 
 from glmc_ray.core import longtail
-from glmc_ray.core.config import EXPERT_LAYOUTS, default_classifier, experts_of
+from glmc_ray.core.config import EXPERT_LAYOUTS, default_classifier, experts_of, teacher_of
 from glmc_ray.core.schedules import lr_scheduler
-from glmc_ray.data import build_data
+from glmc_ray.data import build_data, normalization
 from glmc_ray.methods import build_method
 from glmc_ray.models.activations import no_decay
 from glmc_ray.models.backbones import build_model
 from glmc_ray.models.experts import ExpertPlan, build_expert_model, freeze_except
+from glmc_ray.models.teacher import Teacher, renormalisation
+from glmc_ray.models.transformers import DistilledDeiT
 from glmc_ray.runs import parent_run
 from glmc_ray.training.loop import Dist, Reporter, Trainee, fit
 
@@ -55,8 +57,8 @@ def build_trainee(cfg, class_counts, device, memory_format, prepare_model=lambda
     start from train.init_from's weights (not when a checkpoint of this run replaces them)."""
     longtail.positive_counts(class_counts, f"method {cfg.method.name} (and post-hoc logit adjustment)")
     method = build_method(cfg.method, class_counts, cfg)
-    if cfg.method.name == "ride" and cfg.method.ride.teacher:  # checked by the driver (parent_run.check_teacher)
-        method.teacher = load_teacher(cfg.method.ride.teacher, len(class_counts), device, memory_format)
+    if (teacher := teacher_of(cfg)) is not None:  # checked by the driver (parent_run.check_teacher)
+        method.teacher = load_teacher(cfg, *teacher, len(class_counts), device, memory_format)
     seed_everything(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     raw = build_network(cfg, len(class_counts))
     if cfg.train.init_from and from_parent:  # checked against this run by the driver (parent_run.check)
@@ -83,18 +85,23 @@ def load_parent_weights(model: torch.nn.Module, init_from: str, trainable: tuple
                          f"{' ...' if len(wrong) > 5 else ''} missing or unexpected)")
 
 
-def load_teacher(run: str, num_classes: int, device, memory_format) -> torch.nn.Module:
+def load_teacher(cfg, key: str, run: str, num_classes: int, device, memory_format) -> Teacher:
     """A distillation teacher: the network of a finished run with its newest weights, frozen, in eval mode for
-    good (it is no part of the trained model: nothing switches it back to training)."""
-    teacher_cfg, state = parent_run.newest_weights(run, parent_run.TEACHER_KEY)
+    good (it is no part of the trained model, outside DDP's), seeing this run's batches as its own data."""
+    teacher_cfg, state = parent_run.newest_weights(run, key)
     network = build_network(teacher_cfg, num_classes)
     network.load_state_dict(state)
-    return network.requires_grad_(False).eval().to(device, memory_format=memory_format)
+    scale, shift = renormalisation(normalization(cfg), normalization(teacher_cfg))
+    size = (teacher_cfg.data.image_size,) * 2
+    return Teacher(network, scale, shift, size).to(device, memory_format=memory_format)
 
 
 def build_network(cfg, num_classes: int) -> torch.nn.Module:
-    """The method's model: GLMC's heads on a backbone, or the multi-expert model of RIDE / MDCS / SHIKE."""
+    """The method's model: GLMC's heads on a backbone, the multi-expert model of RIDE / MDCS / SHIKE, or
+    DeiT-LT's two-token DeiT."""
     name = cfg.method.name
+    if name == "deit_lt":  # both tokens' heads
+        return DistilledDeiT(cfg.model.arch, num_classes, cfg.data.channels, cfg.model.drop_path)
     if name not in EXPERT_LAYOUTS:
         return build_model(cfg.model, num_classes, cfg.data.channels, default_classifier(name))
     retrained = name == "shike" and cfg.method.shike.stage == "retrain"
