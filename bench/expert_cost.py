@@ -1,5 +1,7 @@
 """What the multi-expert methods cost against the single-head model: parameters, forward GFLOP and training-step
-time of RIDE, MDCS and SHIKE next to CE and LDAM-DRW on the same ResNet-32, CIFAR-10-LT, batch and device.
+time of RIDE, MDCS and SHIKE next to CE and LDAM-DRW on the same ResNet-32, CIFAR-10-LT, batch and device; and
+the CPU-size DeiT (deit_micro_distilled_patch4_32) with CE and as DeiT-LT's student, whose step includes its
+teacher's forward pass (an untrained run of CE's ResNet-32: its cost, not its accuracy).
 
 Each step is timed from taking the batch (so MDCS's strong view, AutoAugment + Cutout, is counted) to the
 optimiser step; rounds alternate the methods and per-step times are medians over rounds. Prints the ratios to
@@ -14,6 +16,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -24,14 +27,18 @@ from glmc_ray.data import build_data
 from glmc_ray.training.worker import build_trainee
 
 sys.path.insert(0, str(Path(__file__).parent))
+from recipe_cost import untrained_run  # noqa: E402
 from step_throughput import time_block  # noqa: E402  (bench/step_throughput.py: the same timed step)
 
-NAMES = ("ce", "ldam_drw", "ride", "mdcs", "shike")
-NEEDS = {"mdcs": ["data.strong_augmentation=autoaugment_cutout"]}
+NAMES = ("ce", "ldam_drw", "ride", "mdcs", "shike", "ce_deit", "deit_lt")
+MICRO = "model.arch=deit_micro_distilled_patch4_32"
+NEEDS = {"mdcs": ["data.strong_augmentation=autoaugment_cutout"], "ce_deit": [MICRO], "deit_lt": [MICRO]}
+METHOD = {"ce_deit": "ce"}  # a variant that is not a method name: its method
 
 
-def method_config(base: list[str], name: str) -> config_lib.Config:
-    return config_lib.load(None, [*base, f"method.name={name}", *NEEDS.get(name, [])])
+def method_config(base: list[str], name: str, teacher: Path | None = None) -> config_lib.Config:
+    taught = [f"method.deit_lt.teacher={teacher}"] if name == "deit_lt" else []
+    return config_lib.load(None, [*base, f"method.name={METHOD.get(name, name)}", *NEEDS.get(name, []), *taught])
 
 
 def forward_gflop(model, x: torch.Tensor) -> float:
@@ -63,8 +70,12 @@ def main() -> None:
     device = torch.device(args.device)
     variants, report = {}, {"params": {}, "forward_gflop_per_image": {}, "experts": {}}
     names = args.methods
+    folder = tempfile.TemporaryDirectory()
+    teacher = None  # CIFAR-10 or the 10 synthetic classes
+    if "deit_lt" in names:
+        teacher = untrained_run(method_config(base, "ce"), Path(folder.name) / "teacher", 10)
     for name in names:
-        cfg = method_config(base, name)
+        cfg = method_config(base, name, teacher)
         bundle = build_data(cfg, device)
         trainee = build_trainee(cfg, bundle.class_counts, device, torch.contiguous_format)
         variants[name] = (trainee, bundle.train, torch.contiguous_format)

@@ -17,6 +17,9 @@ runner (torch, torchvision, numpy, pyyaml, pillow and this checkout), in well un
   7. recipe           a real run of configs/recipes/cifar10_lt_if100/ldam_drw.yaml (ResNet-32, batch 128) for 4
                       epochs on generated images with CIFAR-10-LT's class counts (../shared does not travel): its
                       images/s and the projected wall time of the recipe's 200 epochs
+  8. deit             DeiT-LT's student as configs/recipes/cifar10_lt_if100/deit_lt.yaml trains it, with DeiT-S
+                      (32 px images upsampled to 224 on the device, Mixup/CutMix, the distillation token) and its
+                      ResNet-32 teacher's forward pass, under bf16: seconds per step, images/s, peak memory
 
 Each part prints PASS, FAIL or its figures and goes on; the JSON (bench/results/gpu_check.json) holds them all,
 and the exit code is 1 if a check failed. `--device cpu` runs the same code on the CPU (a dry run of the script,
@@ -50,6 +53,10 @@ from glmc_ray.core import config as config_lib  # noqa: E402
 from glmc_ray.data import cifar  # noqa: E402
 from glmc_ray.data.device_augment import JpegDecoder, KeyedViews, augment_tail, view_key  # noqa: E402
 from glmc_ray.data.images import BadImageLog, decode_tensor  # noqa: E402
+from glmc_ray.training.worker import build_trainee  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
+import recipe_cost  # noqa: E402  (bench/recipe_cost.py: a recipe's config, its teacher, a timed step)
 
 SIZE = 224
 ROWS_PER_GPU = 5000  # two-view rows/s that one H100 needs on GLMC's two ResNet-50 passes
@@ -204,13 +211,32 @@ def recipe_run(device: torch.device, workdir: Path) -> dict:
     return report
 
 
+DEIT = "cifar10_lt_if100/deit_lt.yaml"
+
+
+def deit_step(device: torch.device, workdir: Path) -> dict:
+    """A few timed training steps of DeiT-LT's student (DeiT-S on CUDA; the CPU-size DeiT on the CPU) with its
+    teacher (an untrained run of the teacher recipe: its cost counts, not its accuracy)."""
+    cuda = device.type == "cuda"
+    arch = "deit_small_distilled_patch16_224" if cuda else "deit_micro_distilled_patch4_32"
+    sets = [f"model.arch={arch}", f"train.batch_size={64 if cuda else 4}", f"train.device={device.type}",
+            "train.amp=bf16", *recipe_cost.teacher_run(DEIT, workdir)]
+    cfg = recipe_cost.recipe_config(DEIT, sets)
+    counts = cifar.long_tailed_counts(5000, 10, cfg.data.imbalance_factor)
+    trainee = build_trainee(cfg, counts, device, torch.contiguous_format)
+    seconds = recipe_cost.seconds_per_step(trainee, cfg, len(counts), steps=10 if cuda else 1)
+    return {"recipe": DEIT, "arch": arch, "batch_size": cfg.train.batch_size, "seconds_per_step": seconds,
+            "images_per_s": cfg.train.batch_size / seconds,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "pass": seconds > 0}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="the device timed")
     p.add_argument("--images", type=int, default=256, help="generated JPEGs for the decode and feed parts")
     p.add_argument("--skip", nargs="*", default=[],
-                   choices=("tail", "nvjpeg", "feed", "training", "step", "experts", "recipe"),
+                   choices=("tail", "nvjpeg", "feed", "training", "step", "experts", "recipe", "deit"),
                    help="parts not to run")
     p.add_argument("--json", default="bench/results/gpu_check.json", help="the results (JSON)")
     args = p.parse_args()
@@ -230,7 +256,8 @@ def main() -> int:
                  "training": lambda: training(split, device, Path(scratch)),
                  "step": lambda: step_throughput(device, Path(scratch)),
                  "experts": lambda: expert_cost(device, Path(scratch)),
-                 "recipe": lambda: recipe_run(device, Path(scratch))}
+                 "recipe": lambda: recipe_run(device, Path(scratch)),
+                 "deit": lambda: deit_step(device, Path(scratch))}
         for name, run in parts.items():
             if name in args.skip:
                 continue

@@ -106,11 +106,16 @@ def teacher_run(recipe: str, folder: Path) -> list[str]:
     if recipe not in TEACHER_RECIPES:
         return []
     cfg = recipe_config(TEACHER_RECIPES[recipe])
-    run = folder / "teacher"
+    return [f"method.deit_lt.teacher={untrained_run(cfg, folder / 'teacher', cfg.data.classes)}"]
+
+
+def untrained_run(cfg, run: Path, classes: int) -> Path:
+    """A run directory of `cfg` with its untrained model of `classes` classes as the checkpoint: a teacher whose
+    cost, not accuracy, counts."""
     run.mkdir()
     config_lib.save(cfg, run / "config.yaml")
-    rundir.save_checkpoint({"model": build_network(cfg, cfg.data.classes).state_dict()}, run / rundir.CHECKPOINT)
-    return [f"method.deit_lt.teacher={run}"]
+    rundir.save_checkpoint({"model": build_network(cfg, classes).state_dict()}, run / rundir.CHECKPOINT)
+    return run
 
 
 def cost(recipe: str, device, amp: str, time_steps: int, tflops: float) -> dict:

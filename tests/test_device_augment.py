@@ -283,8 +283,9 @@ def test_the_gpu_check_script_runs_its_parts_on_the_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert report["tail"]["pass"] and report["nvjpeg"]["fallbacks_to_cpu"] >= 1  # the PNG named .JPEG
     assert report["training"]["test_top1"] is not None and report["feed"]["eager"]["rows_per_s"] > 0
-    assert set(report["experts"]["step_vs_ce"]) == {"ce", "ldam_drw", "ride", "mdcs", "shike"}
+    assert set(report["experts"]["step_vs_ce"]) == {"ce", "ldam_drw", "ride", "mdcs", "shike", "ce_deit", "deit_lt"}
     assert report["recipe"]["epochs"] == 2 and report["recipe"]["projected_recipe_hours"] > 0
+    assert report["deit"]["pass"] and report["deit"]["images_per_s"] > 0
 
 
 def test_jpegs_decoded_on_the_device_give_the_crops_the_decode_actors_would_cut():
