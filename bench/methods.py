@@ -11,7 +11,7 @@ The runs are `tuning/search.py`'s full-schedule runs: Ray Tune trains them --con
 thread each, each in its own run directory; repeating the command with --experiment continues unfinished
 runs and reuses finished ones, so methods and seeds can be added to an experiment later. A second stage
 (STAGE2: SHIKE's classifier re-training) runs after its first stage, from that seed's first-stage run directory
-(train.init_from); its minutes are its own.
+(train.init_from); its minutes are its own. DeiT-LT's students run after their teacher, that seed's ldam_drw run.
 
     python bench/methods.py --data-root ../shared/data [--methods ce bs ...] [--seeds 3407 3408]
         [--experiment runs/bench-methods/<stamp>]
@@ -80,13 +80,28 @@ METHODS.update({
               {"method.name": "shike", "data.strong_augmentation": "none", "optim.lr": 0.15 * 64 / 128,
                "optim.weight_decay": 5e-4}),
 })
-# Second stages: label -> (what it is, the first-stage label, the dotted values on top of the first stage's). Each
-# seed's run starts from that seed's finished first-stage run of the experiment (train.init_from).
-# SHIKE re-trains its classifiers for the last 20 of 200 epochs: 2 epochs after the protocol's 10, at the official
-# lr 0.05 @128 (no warm-up, as the rest), Balanced Softmax per expert, every other parameter and statistic frozen.
+# The CPU-size DeiT (2 blocks of width 64 at 32 px, patch 4) with DeiT-LT's optimiser: AdamW, lr 5e-4 @512, wd 0.05,
+# drop path 0.1 (no warm-up, as the rest). A ViT from scratch in 10 epochs is weak: what is measured is the
+# distillation's effect against the same ViT without a teacher.
+DEIT = {"model.arch": "deit_micro_distilled_patch4_32", "optim.name": "adamw", "optim.lr": 5e-4 * 64 / 512,
+        "optim.weight_decay": 0.05, "optim.nesterov": False, "model.drop_path": 0.1}
+METHODS["ce_deit"] = ("CE on the CPU-size DeiT (deit_micro: 2 blocks of width 64; AdamW lr 5e-4 @512, wd 0.05, "
+                      "drop path 0.1), no teacher, no mixing", {"method.name": "ce", **DEIT})
+DEIT_LT = {"method.name": "deit_lt", **DEIT, "method.deit_lt.drw_start": 0.9}  # DRW in epoch 10 (1100/1200)
+# Runs from another run of the same seed: label -> (what it is, the other run's label, the dotted values, the key
+# naming that run's directory). SHIKE re-trains its classifiers for the last 20 of 200 epochs: 2 epochs after the
+# protocol's 10, at the official lr 0.05 @128 (no warm-up, as the rest), Balanced Softmax per expert, every other
+# parameter and statistic frozen (train.init_from). DeiT-LT's students learn from the ldam_drw run of their seed.
 STAGE2 = {"shike_retrain": ("SHIKE stage 2: its re-trained classifiers, 2 epochs from the shike run (lr 0.05 @128; "
                             "only the rt heads train)", "shike",
-                            {"method.shike.stage": "retrain", "train.epochs": 2, "optim.lr": 0.05 * 64 / 128})}
+                            {**METHODS["shike"][1], "method.shike.stage": "retrain", "train.epochs": 2,
+                             "optim.lr": 0.05 * 64 / 128}, "train.init_from"),
+          "deit_lt": ("DeiT-LT: the CPU-size DeiT (as ce_deit) distilled from the ldam_drw run of its seed, alpha "
+                      "0.5, Mixup 0.8 / CutMix 1.0, label smoothing 0.1, DRW (beta 0.9999) in epoch 10", "ldam_drw",
+                      DEIT_LT, "method.deit_lt.teacher"),
+          "deit_lt_no_teacher": ("DeiT-LT's loss with alpha 0: its cls token on the mixed, smoothed targets alone (the "
+                                 "teacher is loaded, its term weighs nothing)", "ldam_drw",
+                                 {**DEIT_LT, "method.deit_lt.alpha": 0.0}, "method.deit_lt.teacher")}
 POSTHOC = "ce_posthoc"  # CE's runs evaluated with logits - tau log(prior), tau chosen on validation
 PUBLISHED = {  # methods-reference.md: the published ordering at paper scale (200+ epochs, full width)
     "cifar10_lt_if200_balms_readme": {"ce": 74.0, "bs": 79.8},
@@ -140,13 +155,13 @@ def finished_runs(experiment: Path, base: config_lib.Config, label: str, seed: i
 
 
 def second_stage(experiment: Path, base: config_lib.Config, label: str, seed: int) -> FullRun | None:
-    """The second-stage run of `seed` from that seed's finished first-stage run (None, said, if it has none)."""
-    _, first, values = STAGE2[label]
+    """The run of `seed` from that seed's finished first-stage (or teacher) run (None, said, if it has none)."""
+    _, first, values, key = STAGE2[label]
     parents = finished_runs(experiment, base, first, seed)
     if not parents:
         print(f"{label} seed {seed}: no finished {first} run of that seed in {experiment}; not trained", flush=True)
         return None
-    return FullRun(label, {**METHODS[first][1], **values, "train.init_from": str(parents[-1])}, seed)
+    return FullRun(label, {**values, key: str(parents[-1])}, seed)
 
 
 def main() -> None:
@@ -154,7 +169,8 @@ def main() -> None:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-root", default="../shared/data", help="the folder holding cifar-10-batches-py/")
     p.add_argument("--methods", nargs="+", default=[*METHODS, *STAGE2], choices=[*METHODS, *STAGE2],
-                   help="a second stage (shike_retrain) also trains its first stage (shike) where unfinished")
+                   help="a second stage (shike_retrain) or a student (deit_lt) also trains its first stage (shike) "
+                        "or teacher (ldam_drw) where unfinished")
     p.add_argument("--seeds", nargs="+", type=int, default=[3407, 3408], help="train.seed of each run")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="change the protocol (a quick check: --set train.epochs=1); recorded in the JSON")

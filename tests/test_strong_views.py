@@ -16,11 +16,12 @@ from glmc_ray.data.arrays import ROTATION_SEED
 from glmc_ray.data.cifar import NORMALIZATION
 from glmc_ray.data.images import TwoViews
 from glmc_ray.data.shards import Decode
-from glmc_ray.data.strong_views import cutout, mean_fill, view_transforms
+from glmc_ray.data.strong_views import cutout, mean_fill, random_erasing, view_transforms
 from tests.test_methods import SMOKE
 
 STRONG = "data.strong_augmentation=autoaugment_cutout"
 MEAN = (0.5, 0.4, 0.3)
+STD = (0.2, 0.25, 0.3)
 
 
 def _first_batch(*overrides, rank=0, world_size=1):
@@ -53,10 +54,11 @@ def test_in_memory_strong_view_leaves_x1_alone_and_differs_from_the_weak_view(st
     assert (zero >= 64).all()  # at least the quarter of a 16 x 16 square a corner leaves
 
 
-def test_in_memory_strong_view_is_the_same_for_any_number_of_workers_and_any_call():
-    whole = _first_batch(STRONG)
-    assert torch.equal(whole.x2, _first_batch(STRONG).x2)
-    shares = [_first_batch(STRONG, rank=r, world_size=2) for r in (0, 1)]
+@pytest.mark.parametrize("strong", [STRONG, "data.strong_augmentation=randaugment_erasing"])
+def test_in_memory_strong_view_is_the_same_for_any_number_of_workers_and_any_call(strong):
+    whole = _first_batch(strong)
+    assert torch.equal(whole.x2, _first_batch(strong).x2)
+    shares = [_first_batch(strong, rank=r, world_size=2) for r in (0, 1)]
     for rank, share in enumerate(shares):
         assert torch.equal(share.x2, whole.x2[rank::2]) and torch.equal(share.y, whole.y[rank::2])
 
@@ -80,13 +82,42 @@ def _picture(size=40, seed=0):
                                                       ("simclr", "randaugment_cutout", 48)])
 def test_decode_workers_make_a_weak_and_a_strong_view(augmentation, strong, size):
     torch.manual_seed(0)
-    weak_only, _ = TwoViews(*view_transforms(augmentation, size, "none", MEAN))(_picture(64))
+    weak_only, _ = TwoViews(*view_transforms(augmentation, size, "none", MEAN, STD))(_picture(64))
     torch.manual_seed(0)
-    weak, strong_view = TwoViews(*view_transforms(augmentation, size, strong, MEAN))(_picture(64))
+    weak, strong_view = TwoViews(*view_transforms(augmentation, size, strong, MEAN, STD))(_picture(64))
     assert torch.equal(weak, weak_only)  # x1 is drawn first, the same with or without the strong view
     assert weak.shape == strong_view.shape == (3, size, size) and strong_view.dtype == torch.uint8
     fill = mean_fill(MEAN).view(3, 1, 1)
     assert (strong_view == fill).all(dim=0).sum() >= (size // 4) ** 2  # Cutout's hole, clipped at most to a quarter
+
+
+def test_random_erasing_paints_timms_rectangle_with_noise_that_is_normal_once_normalised():
+    """400 draws on a constant image: a quarter erased (binomial bounds), each a rectangle of 2-33 % of the image
+    with an aspect in 0.3-3.3 (to the rounding of its sides), its pixels mean + std * N(0, 1) as levels (a
+    mean and std that the clipping to 0-255 leaves alone)."""
+    mean, std = (0.5, 0.45, 0.55), (0.1, 0.08, 0.12)
+    image, erased, levels = torch.full((3, 64, 64), 7, dtype=torch.uint8), 0, []
+    for seed in range(400):
+        out = random_erasing(image, torch.Generator().manual_seed(seed), mean, std)
+        changed = (out != image).any(dim=0)
+        if not changed.any():
+            continue
+        erased += 1
+        rows, cols = changed.any(dim=1).nonzero().flatten(), changed.any(dim=0).nonzero().flatten()
+        h, w = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+        assert 0.02 * 0.8 <= h * w / 64 ** 2 <= 1 / 3 * 1.2 and 0.3 * 0.8 <= h / w <= 1 / 0.3 * 1.2, (seed, h, w)
+        levels.append(out[:, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].flatten(1).float())
+    assert 400 * 0.25 - 4 * (400 * 0.25 * 0.75) ** 0.5 <= erased <= 400 * 0.25 + 4 * (400 * 0.25 * 0.75) ** 0.5
+    normalised = (torch.cat(levels, dim=1) / 255 - torch.tensor(mean)[:, None]) / torch.tensor(std)[:, None]
+    assert normalised.mean(dim=1).abs().max() < 0.05 and (normalised.std(dim=1) - 1).abs().max() < 0.1
+
+
+def test_decode_workers_make_deits_view():
+    torch.manual_seed(0)
+    weak, deit = TwoViews(*view_transforms("simclr", 48, "randaugment_erasing", MEAN, STD))(_picture(64))
+    torch.manual_seed(0)
+    _, again = TwoViews(*view_transforms("simclr", 48, "randaugment_erasing", MEAN, STD))(_picture(64))
+    assert deit.shape == (3, 48, 48) and deit.dtype == torch.uint8 and torch.equal(deit, again)
 
 
 def test_ray_data_decode_actor_makes_the_strong_view_without_ray():
@@ -122,6 +153,8 @@ def test_a_strong_view_with_the_tail_on_the_device_is_refused(overrides, key):
       "data.mean=[0.5]", "data.std=[0.5]", "data.val_fraction=0"], "randaugment_cutout"),
     (["method.name=mdcs", "data.strong_augmentation=randaugment_cutout"], "randaugment_cutout"),
     (["data.strong_augmentation=autoaugment_cutout"], "autoaugment_cutout"),  # any method may ask for one
+    (["method.name=deit_lt", "model.arch=deit_micro_distilled_patch4_32", "method.deit_lt.teacher=t"],
+     "randaugment_erasing"),
 ])
 def test_auto_is_the_strong_view_of_the_methods_that_need_one(overrides, view):
     assert config_lib.strong_view(config_lib.load(SMOKE, overrides)) == view
@@ -151,7 +184,7 @@ def test_the_weak_view_of_ride_and_mdcs_rotates_as_their_official_cifar_lists(ov
     RIDE's train_trsfm, data_loader/cifar_data_loaders.py)."""
     cfg = config_lib.load(SMOKE, overrides)
     assert config_lib.weak_rotation(cfg) == degrees
-    weak, second = view_transforms(cfg.data.augmentation, 32, config_lib.strong_view(cfg), MEAN, degrees)
+    weak, second = view_transforms(cfg.data.augmentation, 32, config_lib.strong_view(cfg), MEAN, STD, degrees)
     steps = [type(step).__name__ for step in weak.transforms]
     if cfg.data.augmentation == "crop_flip":
         rotate = ["RandomRotation"] if degrees else []

@@ -80,8 +80,9 @@ class DataConfig:
     augmentation: str = "crop_flip"  # crop_flip: pad by side/8, random crop, flip (CIFAR) | simclr (ImageNet-LT)
     # x2 (and rx2) as a strong view, x1 staying the weak one (MDCS; glmc_ray/data/strong_views.py):
     # none | autoaugment_cutout (CIFAR: AutoAugment's CIFAR-10 policy + Cutout) | randaugment_cutout (ImageNet-LT)
-    # | auto (the method's: for mdcs and shike, autoaugment_cutout with crop_flip, randaugment_cutout with simclr;
-    # none for the others). SHIKE trains on its one strong view (x2) when there is one.
+    # | randaugment_erasing (DeiT's: RandAugment m9, random erasing 0.25) | auto (the method's: for mdcs and
+    # shike, autoaugment_cutout with crop_flip, randaugment_cutout with simclr; randaugment_erasing for deit_lt;
+    # none for the others). SHIKE and DeiT-LT train on their one strong view (x2) when there is one.
     strong_augmentation: str = "auto"
     # files, shards: where the augmentation after the crop runs (jitter, grayscale, blur, flip, normalise).
     # cpu: all of it in the decode workers | device: decode workers crop and draw every parameter, the training
@@ -217,7 +218,7 @@ CHOICES = {
     "data.source": ("cifar10", "cifar100", "synthetic", "files", "shards"),
     "data.augmentation": ("crop_flip", "simclr"),
     "data.augment_on": ("auto", "cpu", "device"),
-    "data.strong_augmentation": ("auto", "none", "autoaugment_cutout", "randaugment_cutout"),
+    "data.strong_augmentation": ("auto", "none", "autoaugment_cutout", "randaugment_cutout", "randaugment_erasing"),
     "data.decode_on": ("cpu", "device"),
     "data.subset_protocol": ("glmc", "ldam"),
     "data.protocol": ("validation", "paper"),
@@ -601,9 +602,12 @@ IN_MEMORY_SOURCES = ("cifar10", "cifar100", "synthetic")
 
 def strong_view(cfg: Config) -> str:
     """data.strong_augmentation resolved: auto is the strong preset of the augmentation list for the methods
-    that train on a strong view (MDCS: weak and strong; SHIKE: its one view), none for the others."""
+    that train on a strong view (MDCS: weak and strong; SHIKE: its one view), DeiT's view for DeiT-LT (its one
+    view), none for the others."""
     if cfg.data.strong_augmentation != "auto":
         return cfg.data.strong_augmentation
+    if cfg.method.name == "deit_lt":
+        return "randaugment_erasing"
     if cfg.method.name not in ("mdcs", "shike"):
         return "none"
     return "randaugment_cutout" if cfg.data.augmentation == "simclr" else "autoaugment_cutout"

@@ -234,7 +234,8 @@ def build(cfg, device, rank: int, world_size: int, memory_format, dataset_shard=
     if augment_on_device(data, pin, strong, rotation):
         views, finish = KeyedViews(data.augmentation, data.image_size), DeviceTail(normalizer)
     else:
-        views = TwoViews(*view_transforms(data.augmentation, data.image_size, strong, data.mean, rotation))
+        views = TwoViews(*view_transforms(data.augmentation, data.image_size, strong, data.mean, data.std,
+                                          rotation))
         finish = normalizer
     train_set = ImageListDataset(paths, labels, views, data.channels)
     bad_images = BadImageLog(data.max_bad_images)

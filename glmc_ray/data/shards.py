@@ -151,11 +151,11 @@ class Decode:
 
     def __init__(self, augmentation: str, size: int, channels: int, train: bool, rates=None, keyed: bool = False,
                  seed: int = 0, stream: int = 0, decode_on_device: bool = False, strong: str = "none",
-                 mean: tuple = (), rotation: float = 0.0):
+                 mean: tuple = (), std: tuple = (), rotation: float = 0.0):
         if keyed and train:
             self.transform = KeyedViews(augmentation, size)
         elif train:  # x1 and x2: the preset twice, or the preset and the strong view
-            self.transforms = view_transforms(augmentation, size, strong, mean, rotation)
+            self.transforms = view_transforms(augmentation, size, strong, mean, std, rotation)
         else:
             self.transforms = (test_transform(augmentation, size),)
         self.views, self.channels, self.keyed = 2 if train else 1, channels, keyed and train
@@ -263,7 +263,8 @@ def stream(data, paths: list[str], seed: int, train: bool, rates=None, keyed: bo
                                        "channels": data.channels, "train": train, "rates": rates, "keyed": keyed,
                                        "seed": seed, "stream": stream_id,
                                        "decode_on_device": data.decode_on == "device",
-                                       "strong": strong, "mean": tuple(data.mean), "rotation": rotation},
+                                       "strong": strong, "mean": tuple(data.mean), "std": tuple(data.std),
+                                       "rotation": rotation},
         batch_size=DECODE_BATCH, compute=pool, num_cpus=data.decode_cpus)
 
 

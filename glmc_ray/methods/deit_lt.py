@@ -5,7 +5,8 @@ learns the (mixed, smoothed) labels and whose distillation token learns a frozen
 
 with, from `drw_start`, class-balanced weights (1 - beta) / (1 - beta^n_c), normalised to sum to C, on the
 distillation term only, and (CIFAR's official scripts) no more mixing. The teacher sees the student's mixed batch
-re-normalised and resized to its own training's (models/teacher.py). Mixing is timm's Mixup in batch mode (a
+re-normalised and resized to its own training's (models/teacher.py). The student trains on one view, DeiT's
+(RandAugment m9 and random erasing: data/strong_views.py). Mixing is timm's Mixup in batch mode (a
 batch mixed with itself reversed; CutMix with probability switch_prob, its lambda corrected to the pasted area),
 drawn from the run's keyed generator instead of NumPy's global RNG, so a resumed run replays it.
 """
@@ -75,7 +76,8 @@ class DeiTLT:
 
     def step(self, model, batch: Batch, progress: float, generator: torch.Generator) -> StepOutput:
         cfg, drw = self.cfg, drw_active(progress, self.cfg.drw_start)
-        x, targets = batch.x1, smoothed_one_hot(batch.y, self.num_classes, cfg.label_smoothing)
+        # x2: DeiT's view (data.strong_augmentation auto: randaugment_erasing), or a second weak one with none
+        x, targets = batch.x2, smoothed_one_hot(batch.y, self.num_classes, cfg.label_smoothing)
         if cfg.mix_after_drw or not drw:
             x, targets = mix(x, targets, cfg, generator)
         out = model(x, experts=True)
