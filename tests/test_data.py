@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from glmc_ray.core import config as config_lib
 from glmc_ray.core.evaluation import accuracy_metrics, shot_groups
 from glmc_ray.data import cifar, files
 from glmc_ray.data.arrays import random_crop_flip
@@ -102,6 +103,26 @@ def test_epoch_plan_covers_each_image_once_and_ignores_world_size(world):
             assert torch.equal(shares[r][i].rebalanced, step.rebalanced[r::world])
     other_epoch = next(EpochPlan(203, 64, weights, seed=5).steps(epoch=3))
     assert not torch.equal(other_epoch.uniform, single[0].uniform)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_repeated_augmentation_draws_each_image_three_times_in_a_row_on_consecutive_workers(world):
+    """DeiT's RASampler: the epoch as long as one pass, a third of the images each thrice, the copies on
+    consecutive places of the global batch (so on different workers when there are several)."""
+    plain = torch.cat([s.uniform for s in EpochPlan(200, 60, None, seed=5).steps(epoch=1)])
+    order = torch.full((200,), -1)  # the global order, rebuilt from the workers' shares and their places
+    for rank in range(world):
+        for step in EpochPlan(200, 60, None, seed=5, rank=rank, world_size=world, repeats=3).steps(epoch=1):
+            order[step.positions] = step.uniform
+    assert torch.equal(order, plain[:67].repeat_interleave(3)[:200])
+    assert all(len(set(order[i:i + 3].tolist())) == 1 for i in range(0, 198, 3))
+
+
+def test_repeated_augmentation_is_refused_for_shards():
+    shards = ["data.source=shards", "data.train_split=t", "data.test_split=t", "data.mean=[0.5]", "data.std=[0.5]",
+              "data.val_fraction=0", "data.repeated_augmentation=3"]
+    with pytest.raises(config_lib.ConfigError, match=r"data.repeated_augmentation: 3, but data.source=shards"):
+        config_lib.load(None, shards)
 
 
 def test_epoch_plan_merges_a_tail_smaller_than_the_world():

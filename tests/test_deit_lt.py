@@ -24,6 +24,7 @@ SMOKE = str(REPO / "configs/smoke.yaml")
 SMALL = ["data.synthetic_max_count=64", "train.progress_every=0"]
 TEACHER = [*SMALL, "train.epochs=1", "model.width=4", "method.name=ldam_drw"]  # any CNN method
 STUDENT = [*SMALL, "train.epochs=2", "method.name=deit_lt", "model.arch=deit_micro_distilled_patch4_32",
+           "data.repeated_augmentation=3",
            "optim.name=adamw", "optim.lr=0.001", "optim.weight_decay=0.05", "method.deit_lt.drw_start=0.5"]
 COUNTS = [40, 20, 10, 5, 2]
 

@@ -97,6 +97,9 @@ class DataConfig:
     # shards: decoded rows each worker mixes across shards (~0.3 MB a row at 224 px), on top of a new shard
     # order and a new row order inside each shard every epoch
     shuffle_buffer: int = 1024
+    # each image this many times in a row per epoch, each copy its own views (DeiT's repeated augmentation: 3;
+    # in-memory and files sources), the epoch as long as one pass over the data
+    repeated_augmentation: int = 1
     # The number of classes the recipe's dataset has (0: any): a run whose training split (the CIFAR source, or
     # the split file or shards under data.root) has another number stops before training, naming both
     classes: int = 0
@@ -464,6 +467,8 @@ def validate(cfg: Config) -> None:
         (cfg.data.decode_actors >= 0, "data.decode_actors", cfg.data.decode_actors, ">= 0 (0: autoscale)"),
         (cfg.data.decode_cpus > 0, "data.decode_cpus", cfg.data.decode_cpus, "> 0"),
         (cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", cfg.data.shuffle_buffer, ">= 0 (0: no mixing)"),
+        (1 <= cfg.data.repeated_augmentation <= 16, "data.repeated_augmentation", cfg.data.repeated_augmentation,
+         "copies of each image in [1, 16] (1: none; DeiT's 3)"),
         (cfg.dist.storage_retry_seconds >= 0, "dist.storage_retry_seconds", cfg.dist.storage_retry_seconds,
          ">= 0 (0: no retry, the first storage error stops the run)"),
     ]
@@ -648,6 +653,10 @@ def _validate_data(data: DataConfig, strong: str) -> None:
         if data.val_fraction:
             raise ConfigError(f"data.val_fraction: data.source={data.source} takes its validation set from "
                               f"data.val_split", "data.val_fraction")
+    if data.source == "shards" and data.repeated_augmentation > 1:
+        raise ConfigError(f"data.repeated_augmentation: {data.repeated_augmentation}, but data.source=shards "
+                          f"streams each image once a pass (Ray Data); use 1, or the files source",
+                          "data.repeated_augmentation")
     if len(data.mean) != len(data.std) or len(data.mean) not in (0, 1, 3):
         raise ConfigError(f"data.mean, data.std: {data.mean} and {data.std}; expected one value per channel, "
                           f"1 (grayscale) or 3 (RGB), the same number in both", "data.mean")

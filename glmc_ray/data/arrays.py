@@ -171,7 +171,8 @@ def build(cfg, device, rank: int, world_size: int, memory_format, dataset_shard=
     (images, labels), val = hold_out(images, labels, cfg.data)
     counts = np.bincount(labels, minlength=len(counts)).tolist()
     weights = per_sample_weights(labels, counts, q) if (q := rebalanced_stream(cfg)) is not None else None
-    plan = EpochPlan(len(labels), cfg.train.batch_size, weights, cfg.train.seed, rank, world_size)
+    plan = EpochPlan(len(labels), cfg.train.batch_size, weights, cfg.train.seed, rank, world_size,
+                     cfg.data.repeated_augmentation)
     normalizer = Normalizer(mean, std, device, memory_format)
     strong = None if strong_view(cfg) == "none" else DeviceStrongViews(strong_view(cfg), mean, std)
     train = InMemoryBatches(images, labels, plan, normalizer, device, strong=strong, rotation=weak_rotation(cfg))

@@ -63,6 +63,9 @@ class EpochPlan:
     seed: int
     rank: int = 0
     world_size: int = 1
+    # DeiT's repeated augmentation (timm's RASampler): each drawn image this many times in a row, the copies on
+    # consecutive places (other workers, other views), the epoch as long as one pass
+    repeats: int = 1
 
     def __post_init__(self):
         if self.num_samples < self.world_size:
@@ -81,6 +84,8 @@ class EpochPlan:
     def steps(self, epoch: int) -> Iterator[StepPlan]:
         g = epoch_generator(self.seed, epoch)
         perm = torch.randperm(self.num_samples, generator=g)
+        if self.repeats > 1:
+            perm = perm.repeat_interleave(self.repeats)[:self.num_samples]
         share = slice(self.rank, None, self.world_size)
         for start, stop in self._bounds():
             size = stop - start

@@ -227,7 +227,8 @@ def build(cfg, device, rank: int, world_size: int, memory_format, dataset_shard=
     paths, labels = read_split_file(split_path(data, data.train_split), data.root)
     counts = class_counts(labels, data.train_split)
     weights = per_sample_weights(labels, counts, q) if (q := rebalanced_stream(cfg)) is not None else None
-    plan = EpochPlan(len(labels), cfg.train.batch_size, weights, cfg.train.seed, rank, world_size)
+    plan = EpochPlan(len(labels), cfg.train.batch_size, weights, cfg.train.seed, rank, world_size,
+                     cfg.data.repeated_augmentation)
     pin = torch.device(device).type == "cuda"
     normalizer = Normalizer(data.mean, data.std, device, memory_format)
     strong, rotation = strong_view(cfg), weak_rotation(cfg)
