@@ -170,13 +170,8 @@ def train_epoch(t: Trainee, data: DataBundle, epoch: int, cfg, dist: Dist, stop:
                 out = t.method.step(t.model, batch, progress, generator)
             divergence.mark(step, out.loss.detach())
             (out.loss / group).backward()  # the group's gradient: the mean of its batches'
-        terms = {"loss": out.loss, **out.terms}
-        if ends_group:
-            if cfg.optim.clip_grad_norm:  # its norm before clipping, x group: the epoch's mean is per optimiser step
-                norm = torch.nn.utils.clip_grad_norm_(t.raw_model.parameters(), cfg.optim.clip_grad_norm)
-                terms["grad_norm"] = norm * group
-            t.optimizer.step()
-            t.method.after_optimizer_step(t.raw_model)
+        terms = {"loss": out.loss, **out.terms, **(optimizer_step(t, cfg.optim.clip_grad_norm, group) if ends_group
+                                                   else {})}
         for key, value in terms.items():
             if torch.is_tensor(value):
                 sums[key] = sums.get(key, 0) + value.detach().float()
@@ -202,6 +197,17 @@ def train_epoch(t: Trainee, data: DataBundle, epoch: int, cfg, dist: Dist, stop:
     record = {"epoch": epoch, "lr": lr, **{k: float(v) for k, v in zip(names, means.tolist(), strict=True)}}
     record.update(alpha=t.method.alpha(epoch / epochs), images_per_s=images / seconds, train_seconds=seconds)
     return record
+
+
+def optimizer_step(t: Trainee, clip_grad_norm: float, group: int) -> dict:
+    """Clip (where asked), step, and the method's projection after it; returns the gradient norm before
+    clipping, times the group's batches (so that the epoch's mean over batches is the mean per step)."""
+    terms = {}
+    if clip_grad_norm:
+        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(t.raw_model.parameters(), clip_grad_norm) * group
+    t.optimizer.step()
+    t.method.after_optimizer_step(t.raw_model)
+    return terms
 
 
 def evaluate_splits(t: Trainee, data: DataBundle, dist: Dist, cfg) -> dict[str, dict]:
