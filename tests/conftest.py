@@ -138,6 +138,27 @@ class StopAfter(rundir.LocalReporter):
             raise Interrupted
 
 
+class FixedBatches:
+    """A batch source of fixed batches, the same every epoch (the loop's interface: `.epoch(e)` and `len()`)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def epoch(self, epoch):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def train_on(trainee, cfg, batches) -> dict:
+    """One epoch (epoch 0) of the loop's `train_epoch` on `batches`, in this process; its record."""
+    from types import SimpleNamespace
+
+    from glmc_ray.training.loop import Dist, train_epoch
+    return train_epoch(trainee, SimpleNamespace(train=FixedBatches(batches)), 0, cfg, Dist(), lambda: False)
+
+
 def resume_matches_straight(tmp_path: Path, config: str, settings: list[str], stop_after: int) -> tuple[dict, Path]:
     """Train `config` + `settings` straight, and again interrupted after `stop_after` epochs then resumed with
     `--resume`: the two end with the same weights, bit for bit. Returns the straight run's final checkpoint and

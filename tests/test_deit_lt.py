@@ -16,9 +16,8 @@ from glmc_ray.methods.base import Batch
 from glmc_ray.methods.deit_lt import mix, smoothed_one_hot
 from glmc_ray.models.teacher import Teacher, renormalisation, teacher_input
 from glmc_ray.train import main
-from glmc_ray.training.loop import Dist, train_epoch
 from glmc_ray.training.worker import build_network, build_trainee
-from tests.conftest import REPO, resume_matches_straight, tensorboard_scalars
+from tests.conftest import REPO, resume_matches_straight, tensorboard_scalars, train_on
 
 SMOKE = str(REPO / "configs/smoke.yaml")
 SMALL = ["data.synthetic_max_count=64", "train.progress_every=0"]
@@ -161,9 +160,7 @@ def test_the_teacher_stays_frozen_in_eval_mode_while_the_student_trains():
     trainee.method.teacher = Teacher(network, torch.ones(3), torch.zeros(3), (32, 32))
     trainee.raw_model.train()
     trainee.method.teacher.train()  # what a careless caller might do: the teacher stays in eval mode
-    source = type("Batches", (), {"epoch": lambda self, e: iter([_batch(seed=s) for s in range(3)]),
-                                  "__len__": lambda self: 3})()
-    train_epoch(trainee, type("Data", (), {"train": source})(), 0, cfg, Dist(), lambda: False)
+    train_on(trainee, cfg, [_batch(seed=s) for s in range(3)])
     assert not network.training and all(p.grad is None and not p.requires_grad for p in network.parameters())
     for key, value in network.state_dict().items():  # BatchNorm's running statistics included
         torch.testing.assert_close(value, before[key], rtol=0, atol=0, equal_nan=True, msg=key)  # bit for bit

@@ -2,7 +2,6 @@
 (AdamW with timm's weight-decay groups, gradient accumulation, gradient clipping), usable by every method."""
 import json
 import re
-from types import SimpleNamespace
 
 import pytest
 import timm
@@ -13,9 +12,8 @@ from glmc_ray.core.config import TRANSFORMER_ARCHS, ConfigError
 from glmc_ray.methods.base import Batch
 from glmc_ray.models.transformers import TIMM_MODELS
 from glmc_ray.train import main
-from glmc_ray.training.loop import Dist, train_epoch
 from glmc_ray.training.worker import build_network, build_trainee
-from tests.conftest import REPO
+from tests.conftest import REPO, train_on
 
 SMOKE = str(REPO / "configs/smoke.yaml")
 MICRO = "model.arch=deit_micro_distilled_patch4_32"
@@ -68,23 +66,10 @@ def test_adamw_groups_are_timms_no_decay_on_biases_norms_and_tokens_and_sgd_deca
     assert isinstance(sgd, torch.optim.SGD) and [g["weight_decay"] for g in sgd.param_groups] == [5e-4]
 
 
-class Batches:
-    """A batch source of fixed batches (the loop's interface: `.epoch(e)` and `len()`)."""
-
-    def __init__(self, batches):
-        self.batches = batches
-
-    def epoch(self, epoch):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
 def _train_on(batches, *overrides):
     cfg = _config("train.progress_every=0", "train.finite_check_every=1", "optim.lr=0.5", *overrides)
     trainee = build_trainee(cfg, [20] * 10, torch.device("cpu"), torch.contiguous_format)
-    record = train_epoch(trainee, SimpleNamespace(train=Batches(batches)), 0, cfg, Dist(), lambda: False)
+    record = train_on(trainee, cfg, batches)
     return trainee.raw_model.state_dict(), record
 
 

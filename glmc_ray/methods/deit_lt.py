@@ -17,7 +17,14 @@ import torch.nn.functional as F
 
 from glmc_ray.core import longtail
 from glmc_ray.methods.base import Batch, StepOutput
-from glmc_ray.methods.glmc import cutmix_box, cutmix_label_lambda, sample_mix_lambda, soft_cross_entropy
+from glmc_ray.methods.glmc import (
+    cutmix_box,
+    cutmix_label_lambda,
+    global_mixup,
+    local_cutmix,
+    sample_mix_lambda,
+    soft_cross_entropy,
+)
 from glmc_ray.methods.ldam_drw import drw_active
 
 
@@ -35,17 +42,13 @@ def mix(x: torch.Tensor, targets: torch.Tensor, cfg, generator: torch.Generator)
     if not use_cutmix and cfg.mixup_alpha <= 0:
         return x, targets
     lam = sample_mix_lambda(cfg.cutmix_alpha if use_cutmix else cfg.mixup_alpha, generator)
-    partner = x.flip(0)
     if use_cutmix:
         height, width = x.shape[-2:]
         box = cutmix_box(height, width, lam, generator, rounding=int)
-        y1, y2, x1, x2 = box
-        x = x.clone()
-        x[:, :, y1:y2, x1:x2] = partner[:, :, y1:y2, x1:x2]
-        lam = cutmix_label_lambda(lam, box, height, width, area_corrected=True)
+        x, lam = local_cutmix(x, x.flip(0), box), cutmix_label_lambda(lam, box, height, width, area_corrected=True)
     else:
-        x = lam * x + (1.0 - lam) * partner
-    return x, lam * targets + (1.0 - lam) * targets.flip(0)
+        x = global_mixup(x, x.flip(0), lam)
+    return x, global_mixup(targets, targets.flip(0), lam)
 
 
 def deit_lt_loss(cls: torch.Tensor, dist: torch.Tensor, targets: torch.Tensor, teacher_labels: torch.Tensor,

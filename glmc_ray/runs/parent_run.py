@@ -114,8 +114,8 @@ def check_teacher(cfg: config_lib.Config) -> None:
     key, run = teacher
     found = find(run, key)
     theirs = found.config.method
-    if config_lib.teacher_of(found.config) is not None:
-        their_key, their_teacher = config_lib.teacher_of(found.config)
+    if (theirs_taught := config_lib.teacher_of(found.config)) is not None:
+        their_key, their_teacher = theirs_taught
         raise config_lib.ConfigError(f"{key}: {run} is itself a distillation student ({their_key}: {their_teacher}); "
                                      f"a teacher learns from the data alone: name {their_teacher} or another run",
                                      key)

@@ -170,8 +170,9 @@ def train_epoch(t: Trainee, data: DataBundle, epoch: int, cfg, dist: Dist, stop:
                 out = t.method.step(t.model, batch, progress, generator)
             divergence.mark(step, out.loss.detach())
             (out.loss / group).backward()  # the group's gradient: the mean of its batches'
-        terms = {"loss": out.loss, **out.terms, **(optimizer_step(t, cfg.optim.clip_grad_norm, group) if ends_group
-                                                   else {})}
+        terms = {"loss": out.loss, **out.terms}
+        if ends_group:
+            terms.update(optimizer_step(t, cfg.optim.clip_grad_norm, group))
         for key, value in terms.items():
             if torch.is_tensor(value):
                 sums[key] = sums.get(key, 0) + value.detach().float()
