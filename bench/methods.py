@@ -87,7 +87,8 @@ DEIT = {"model.arch": "deit_micro_distilled_patch4_32", "optim.name": "adamw", "
         "optim.weight_decay": 0.05, "optim.nesterov": False, "model.drop_path": 0.1}
 METHODS["ce_deit"] = ("CE on the CPU-size DeiT (deit_micro: 2 blocks of width 64; AdamW lr 5e-4 @512, wd 0.05, "
                       "drop path 0.1), no teacher, no mixing", {"method.name": "ce", **DEIT})
-DEIT_LT = {"method.name": "deit_lt", **DEIT, "method.deit_lt.drw_start": 0.9}  # DRW in epoch 10 (1100/1200)
+DEIT_LT = {"method.name": "deit_lt", **DEIT, "method.deit_lt.drw_start": 0.9,  # DRW in epoch 10 (1100/1200)
+           "train.label_smoothing": 0.1}
 # Runs from another run of the same seed: label -> (what it is, the other run's label, the dotted values, the key
 # naming that run's directory). SHIKE re-trains its classifiers for the last 20 of 200 epochs: 2 epochs after the
 # protocol's 10, at the official lr 0.05 @128 (no warm-up, as the rest), Balanced Softmax per expert, every other

@@ -116,7 +116,7 @@ def _method(cfg, network, counts=COUNTS):
 
 
 def test_the_distillation_target_is_the_teachers_argmax_of_the_mixed_batch_and_drw_weights_it():
-    cfg = _student("method.deit_lt.label_smoothing=0.0")
+    cfg = _student()
     model, network = build_network(cfg, 5), Recording()
     method, batch = _method(cfg, network), _batch()
     for progress, drw in ((0.0, False), (0.5, True)):

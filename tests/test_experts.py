@@ -383,6 +383,9 @@ def test_each_experts_accuracy_and_shot_groups_are_reported():
     (["method.name=ride", "method.ride.distill_temperature=0"], r"method.ride.distill_temperature: 0.0 is out of"),
     (["method.name=ride", "method.ride.stage=router", "train.init_from=r", "method.ride.teacher=t"],
      r"method.ride.teacher: 't', but method.ride.stage is router"),
+    (["method.name=ride", "method.ride.stage=router", "train.init_from=r", "train.label_smoothing=0.1"],
+     r"train.label_smoothing: 0.1, but method.ride.stage is router, whose loss is on the routers' yes/no"),
+    (["train.label_smoothing=1"], r"train.label_smoothing: 1.0 is out of range"),
 ])
 def test_bad_expert_settings_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -15,6 +15,7 @@ from glmc_ray.core.evaluation import choose_posthoc, evaluate, hit_counts, posth
 from glmc_ray.methods import METHODS, Batch, build_method
 from glmc_ray.methods.balanced_softmax import balanced_softmax_loss
 from glmc_ray.methods.class_balanced import class_balanced_loss
+from glmc_ray.methods.glmc import mixed_targets, smoothed_one_hot, soft_cross_entropy
 from glmc_ray.methods.ldam_drw import drw_active, drw_first_epoch, ldam_logits, ldam_loss
 from glmc_ray.methods.logit_adjusted import logit_adjusted_loss
 from glmc_ray.models.backbones import CosineLinear, build_model
@@ -96,6 +97,39 @@ def test_each_method_steps_and_declares_its_heads_truthfully(name, extra):
     for attribute in ("progress_per_step", "logit_scale", "trainable"):
         assert hasattr(method, attribute), attribute
     assert method.alpha(0.5) <= 1.0
+
+
+@pytest.mark.parametrize("name,extra", VARIANTS, ids=VARIANT_IDS)
+def test_every_method_smooths_its_class_targets_by_train_label_smoothing(name, extra):
+    """Smoothing mixes the one-hot with the uniform target, and every term on class targets is linear in the
+    target, so each method's loss is affine in eps: L(0.2) - L(0) = 2 (L(0.1) - L(0)), and L(0.1) != L(0)."""
+    def loss(eps):
+        cfg = _method_config(name, *extra, "model.width=4", "model.projection_dim=8", f"train.label_smoothing={eps}")
+        torch.manual_seed(0)
+        model = build_network(cfg, len(COUNTS))
+        method = _with_teacher(build_method(cfg.method, COUNTS, cfg), cfg)
+        assert method.label_smoothing == eps
+        return float(method.step(model, _tiny_batch(), 0.9, torch.Generator().manual_seed(0)).loss)
+
+    none, some, more = loss(0.0), loss(0.1), loss(0.2)
+    assert abs(some - none) > 1e-3
+    assert more - none == pytest.approx(2 * (some - none), rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_smoothed_hard_label_losses_are_the_soft_cross_entropy_of_the_smoothed_one_hot(eps):
+    z, y = _logits()
+    targets = smoothed_one_hot(y, 5, eps).double()
+    log_prior = longtail.log_prior(COUNTS).double()
+    torch.testing.assert_close(balanced_softmax_loss(z, y, log_prior, eps), soft_cross_entropy(z + log_prior, targets))
+    torch.testing.assert_close(logit_adjusted_loss(z, y, log_prior, 1.5, eps),
+                               soft_cross_entropy(z + 1.5 * log_prior, targets))
+    weights = longtail.effective_number_weights(COUNTS, 0.99).double()
+    per_sample = -(targets * F.log_softmax(z, dim=1)).sum(dim=1)
+    torch.testing.assert_close(class_balanced_loss(z, y, weights, 0.0, eps), (weights[y] * per_sample).mean())
+    mixed = mixed_targets(y, y.flip(0), 0.7, 5, smoothing=eps)
+    torch.testing.assert_close(mixed, 0.7 * smoothed_one_hot(y, 5, eps) + 0.3 * smoothed_one_hot(y.flip(0), 5, eps))
+    torch.testing.assert_close(mixed.sum(dim=1), torch.ones(len(y)))
 
 
 @pytest.mark.parametrize("name,extra", [*VARIANTS, ("ride", ["method.ride.stage=router", "train.init_from=a-run"])],

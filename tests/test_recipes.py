@@ -49,7 +49,7 @@ LOGIT_ADJUSTED = {**STANDARD_CIFAR, "method.name": "logit_adjusted", "method.log
 # val-iisc/DeiT-LT sh/*.sh, arguments.py (seed-systems-reference.md 2): lr 5e-4 x per-step batch / 512
 DEIT_LT = {"model.arch": "deit_base_distilled_patch16_224", "model.drop_path": 0.1, "method.name": "deit_lt",
            "method.deit_lt.alpha": 0.5, "method.deit_lt.drw_beta": 0.9999, "method.deit_lt.mixup_alpha": 0.8,
-           "method.deit_lt.cutmix_alpha": 1.0, "method.deit_lt.label_smoothing": 0.1, "optim.name": "adamw",
+           "method.deit_lt.cutmix_alpha": 1.0, "train.label_smoothing": 0.1, "optim.name": "adamw",
            "optim.weight_decay": 0.05, "optim.schedule": "warmup_cosine", "optim.warmup_epochs": 5,
            "train.accumulate": 4, "data.repeated_augmentation": 3}
 DEIT_LT_CIFAR = {**DEIT_LT, "data.subset_protocol": "ldam", "data.subset_seed": 0, "optim.lr": 2.5e-4,

@@ -19,7 +19,7 @@ import yaml
 from glmc_ray.core import config as config_lib
 from glmc_ray.core.errors import STORAGE_LOST
 from glmc_ray.runs import rundir
-from glmc_ray.search import console, trials
+from glmc_ray.search import console, space_file, trials
 from glmc_ray.search import full as search_full
 from glmc_ray.search import space as search_space
 from glmc_ray.train import main as train_main
@@ -93,7 +93,7 @@ def _space_error(tmp_path, text) -> tuple:
     """The space file written from `text`, and the ConfigError that loading it over the smoke config raises."""
     path = _space(tmp_path, text)
     with pytest.raises(config_lib.ConfigError) as err:
-        search_space.load_space(path, config_lib.load(SMOKE))
+        space_file.load_space(path, config_lib.load(SMOKE))
     return path, err.value
 
 
@@ -120,8 +120,16 @@ COND = "method.name: {choice: [glmc, ldam_drw, ce]}\nwhen:\n"
      "      method.glmc.cumulative_shape=power: {method.glmc.cumulative_exponent: {float: [0, 4]}}",
      "method.glmc.cumulative_exponent (when method.name=glmc, method.glmc.cumulative_shape=power)", "out of range"),
     (COND + "  method.name=glmc:\n    when:\n      method.name=ce: {}", "when: method.name=ce", "already glmc"),
-    (COND + "  method.name=ce: {optim.lr: {float: [0.01, 0.1]}}\noptim.lr: {float: [0.01, 0.1]}",
-     "optim.lr (when method.name=ce)", "searched twice"),
+    ("method.name: {choice: [glmc, ce]}\noptim.nesterov: {choice: [true, false]}\nwhen:\n"
+     "  method.name=ce: {optim.lr: {float: [0.01, 0.1]}}\n  optim.nesterov=false: {optim.lr: {float: [0.01, 0.1]}}",
+     "optim.lr (when optim.nesterov=false)", "searched twice"),
+    ("optim.lr: {float: [0.005, 0.1]}\n" + COND + "  method.name=ce: {optim.lr: {float: [0.02, 0.2]}}",
+     "optim.lr (when method.name=ce)", "so method.name must come before optim.lr"),
+    (COND + "  method.name=ce: {optim.lr: {fixed: 0.5, log: true}}", "optim.lr (when method.name=ce)",
+     "unknown option(s) log"),
+    ("optim.lr: {fixed: 0.05}", "optim.lr", "use --set optim.lr=..."),
+    (COND + "  method.name=ce: {model.arch: {fixed: vit_huge}}", "model.arch (when method.name=ce)",
+     "value 'vit_huge'"),
     ("method.name: {choice: [ce, ldam_drw]}\nwhen:\n  method.name=ldam_drw: {}", "method.name",
      "base config's value 'glmc' is outside"),
 ])
@@ -134,7 +142,7 @@ def test_methods_space_samples_only_the_chosen_method_s_knobs():
     """Define-by-run sampling of configs/search/methods.yaml (Optuna, no Ray): each trial holds exactly the
     fields its choices search, and its config has only its method's section."""
     base = config_lib.load(SMOKE, ["method.glmc.maxnorm_threshold=0.1"])  # a GLMC setting the space leaves alone
-    space = search_space.load_space(METHODS_SPACE, base)
+    space = space_file.load_space(METHODS_SPACE, base)
     assert search_space.Space.from_json(json.loads(json.dumps(space.to_json()))) == space  # search.json round trip
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     methods = set()
@@ -153,7 +161,7 @@ def test_methods_space_samples_only_the_chosen_method_s_knobs():
             assert cfg.method.glmc.maxnorm_threshold == 0.1
     assert methods == set(config_lib.METHOD_NAMES) - {"deit_lt"}  # it needs a teacher run and a DeiT, not in this space
     # the full-schedule runs take a trial's searched fields only (trials.csv's empty cells are None)
-    row = {"trial_id": "t", **{p.key: None for p in space.all_params()}, **space.point(base)}
+    row = {"trial_id": "t", **dict.fromkeys(space.keys()), **space.point(base)}
     assert search_full.full_job(row, space, base, 0) == search_full.FullRun(search_full.RECIPE, space.point(base), 0)
     row.update({"method.name": "ldam_drw", "method.ldam_drw.max_margin": 0.3, "method.ldam_drw.scale": 20.0,
                 "method.ldam_drw.drw_start": 0.6})
@@ -163,14 +171,67 @@ def test_methods_space_samples_only_the_chosen_method_s_knobs():
                                                     "method.ldam_drw.drw_start"}
 
 
+def test_a_branch_fixes_fields_and_takes_over_a_field_searched_above(tmp_path):
+    """when: method.name=ce fixes nesterov and searches its own lr: ce's trials take both, the others the outer
+    lr; Optuna sees the sampled fields only, Tune's config also the fixed ones (the space's return value)."""
+    text = ("method.name: {choice: [glmc, ce]}\noptim.lr: {float: [0.01, 0.1]}\nwhen:\n"
+            "  method.name=ce: {optim.nesterov: {fixed: false}, optim.lr: {float: [0.2, 0.8]}}")
+    base = config_lib.load(SMOKE)
+    space = space_file.load_space(_space(tmp_path, text), base)
+    assert space.keys() == ["method.name", "optim.lr", "optim.nesterov"]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(20):
+        trial = study.ask()
+        constants = space(trial)
+        method, lr = trial.params["method.name"], trial.params["optim.lr"]
+        seen.add(method)
+        assert set(trial.params) == {"method.name", "optim.lr"}
+        assert (0.2 <= lr <= 0.8) if method == "ce" else (0.01 <= lr <= 0.1)
+        assert constants == ({"optim.nesterov": False} if method == "ce" else {})
+        cfg = trials.trial_config(base, {**trial.params, **constants}, 1)
+        assert cfg.optim.lr == lr and cfg.optim.nesterov == (method != "ce" and base.optim.nesterov)
+        assert space.active({**trial.params, **constants}) == {**trial.params, **constants}
+    assert seen == {"glmc", "ce"}
+    assert space.point(base, sampled_only=True) == {"method.name": "glmc", "optim.lr": base.optim.lr}
+
+
+def test_methods_space_searches_deit_lt_only_given_a_teacher_run(capsys):
+    """configs/search/methods.yaml: without a teacher deit_lt is left out (a note says so); with one, its trials
+    train the CPU-size DeiT with AdamW at its own lr range, label smoothing 0.1 and that teacher."""
+    base = config_lib.load(SMOKE)
+    without = space_file.load_space(METHODS_SPACE, base)
+    assert "deit_lt" not in without.params[0].choices and "model.arch" not in without.keys()
+    note = capsys.readouterr().err
+    assert note.startswith("note: ") and "deit_lt left out of method.name's choices" in note and "--teacher RUN" in note
+    space = space_file.load_space(METHODS_SPACE, base, "/runs/teacher")
+    assert "deit_lt" in space.params[0].choices
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    lrs = {}
+    for _ in range(60):
+        trial = study.ask()
+        constants = space(trial)
+        method = trial.params["method.name"]
+        lrs.setdefault(method == "deit_lt", []).append(trial.params["optim.lr"])
+        cfg = trials.trial_config(base, {**trial.params, **constants}, 1)
+        if method == "deit_lt":
+            assert (cfg.model.arch, cfg.optim.name, cfg.train.label_smoothing) == ("deit_micro_distilled_patch4_32",
+                                                                                  "adamw", 0.1)
+            assert cfg.method.deit_lt.teacher == "/runs/teacher" and "model.arch" not in trial.params
+        else:
+            assert (cfg.model.arch, cfg.optim.name, cfg.train.label_smoothing) == (base.model.arch, "sgd", 0.0)
+    assert max(lrs[True]) <= 1e-3 and min(lrs[False]) >= 0.003
+    with pytest.raises(config_lib.ConfigError, match=r"--teacher /runs/teacher: no method the space .* can choose"):
+        space_file.load_space(REPO / "configs/search/glmc.yaml", base, "/runs/teacher")
+
+
 def test_glmc_space_fits_both_cifar_recipes_and_applies_to_a_config():
     for recipe in ("smoke.yaml", "recipes/cifar100_lt_if100/glmc.yaml", "recipes/cifar10_lt_if100/glmc.yaml"):
         base = config_lib.load(REPO / "configs" / recipe)
-        space = search_space.load_space(REPO / "configs/search/glmc.yaml", base)
-        params = space.all_params()
+        space = space_file.load_space(REPO / "configs/search/glmc.yaml", base)
         assert "method.glmc.cumulative_exponent" not in {p.key for p in space.params}  # only with the power shape
         assert space.point(base)["method.glmc.cumulative_exponent"] == base.method.glmc.cumulative_exponent
-        assert {p.key for p in params} >= {"method.glmc.consistency_weight", "method.glmc.mix_beta", "optim.lr",
+        assert set(space.keys()) >= {"method.glmc.consistency_weight", "method.glmc.mix_beta", "optim.lr",
                                            "method.glmc.area_corrected_cutmix", "method.glmc.label_weight_exponent",
                                            "method.glmc.resample_exponent", "method.glmc.cumulative_shape",
                                            "method.glmc.cumulative_exponent", "optim.weight_decay"}
@@ -191,6 +252,9 @@ def test_bad_input_is_one_error_line_before_any_trial(tmp_path, capsys):
         (["--config", SMOKE, "--space", space, "--set", "optim.schedule=warmup_cosine",
           "--set", "optim.warmup_epochs=2", "--trial-epochs", "2"], "--trial-epochs 2"),
         (["--config", SMOKE, "--space", space, "--storage-url", "nosuch://db"], "--storage-url nosuch://db"),
+        (["--config", SMOKE, "--space", space, "--teacher", "runs/t"], "can choose learns from a teacher run"),
+        (["--config", SMOKE, "--space", "methods", "--teacher", str(tmp_path / "no-run")],
+         "error: method.deit_lt.teacher: "),
     ]
     for argv, words in cases:
         assert main([*argv, "--output", str(tmp_path / "out")]) == 2, argv
@@ -256,6 +320,33 @@ def test_search_runs_trials_and_writes_a_trainable_best_config(tmp_path, ray_ses
         assert (experiment / name).stat().st_size > 5_000, name
     version = json.loads((runs[rows[0]["trial_id"]] / "version.json").read_text())  # the search's, not a worker's
     assert version["command"] == shlex.join(sys.orig_argv) and version["git_commit"] == git_head()
+
+
+def test_a_methods_search_given_a_teacher_run_trains_deit_lt_students_of_it(tmp_path, ray_session, monkeypatch):
+    """--teacher: a trial that chooses deit_lt (TPE's random start with seed 16 does, second) trains the CPU-size
+    DeiT with AdamW from that run (named relative to where the search started; the trials run elsewhere), and
+    reports both heads; the first trial (the recipe, GLMC) is untouched."""
+    monkeypatch.chdir(tmp_path)
+    teacher_output = tmp_path / "teacher"
+    assert train_main(["--config", SMOKE, *FAST, "--set", "method.name=ldam_drw", "--set", "train.epochs=1",
+                       "--set", "model.width=4", "--output", str(teacher_output)]) == 0
+    (teacher,) = teacher_output.iterdir()
+    output = tmp_path / "runs"
+    assert main(["--config", SMOKE, *FAST, "--space", "methods", "--teacher", f"teacher/{teacher.name}",
+                 "--trials", "2", "--concurrent", "2",
+                 "--trial-epochs", "1", "--output", str(output), "--seed", "16"]) == 0
+    experiment = _only_experiment(output)
+    rows = _rows(experiment)
+    assert [r["method.name"] for r in rows] == ["glmc", "deit_lt"] and all(r["status"] == "complete" for r in rows)
+    assert rows[0]["model.arch"] == "" and rows[1]["model.arch"] == "deit_micro_distilled_patch4_32"
+    assert 3e-5 <= float(rows[1]["optim.lr"]) <= 1e-3 and rows[1]["method.deit_lt.teacher"] == str(teacher)
+    runs = {p.name.split("-")[1]: p for p in (experiment / "trials").iterdir()}
+    student = config_lib.load(runs[rows[1]["trial_id"]] / "config.yaml")
+    assert (student.method.deit_lt.teacher, student.optim.name, student.train.label_smoothing) == (str(teacher),
+                                                                                                 "adamw", 0.1)
+    final = json.loads((runs[rows[1]["trial_id"]] / "final.json").read_text())
+    assert final["last"]["test"]["expert_names"] == ["cls", "dist"]
+    assert "deit_lt" not in json.dumps(config_lib.to_dict(config_lib.load(runs[rows[0]["trial_id"]] / "config.yaml")))
 
 
 def test_a_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(tmp_path, ray_session, capfd):

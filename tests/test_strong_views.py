@@ -12,7 +12,7 @@ from torchvision.transforms.v2 import functional as TF2
 from glmc_ray.core import config as config_lib
 from glmc_ray.core.config import ConfigError
 from glmc_ray.data import build_data
-from glmc_ray.data.arrays import ROTATION_SEED
+from glmc_ray.data.arrays import EpochDraws
 from glmc_ray.data.cifar import NORMALIZATION
 from glmc_ray.data.images import TwoViews
 from glmc_ray.data.shards import Decode
@@ -42,8 +42,9 @@ def test_cutout_fills_one_square_clipped_at_the_border():
 
 @pytest.mark.parametrize("strong", ["autoaugment_cutout", "randaugment_cutout"])
 def test_in_memory_strong_view_leaves_x1_alone_and_differs_from_the_weak_view(strong, cifar_root):
-    """On real CIFAR-10: the synthetic images' pixel noise makes a shifted crop as far as any strong view."""
-    cifar = ["data.source=cifar10", f"data.root={cifar_root}"]
+    """On real CIFAR-10 (the synthetic images' pixel noise makes a shifted crop as far as any strong view), over a
+    batch of 128 (on 16 images, the distance of two weak crops varies as much as the gap)."""
+    cifar = ["data.source=cifar10", f"data.root={cifar_root}", "train.batch_size=128"]
     plain, strong = _first_batch(*cifar), _first_batch(*cifar, f"data.strong_augmentation={strong}")
     assert torch.equal(plain.x1, strong.x1) and torch.equal(plain.y, strong.y)
     assert torch.equal(plain.rx1, strong.rx1) and torch.equal(plain.ry, strong.ry)  # the re-balanced stream too
@@ -52,6 +53,32 @@ def test_in_memory_strong_view_leaves_x1_alone_and_differs_from_the_weak_view(st
     # the hole: the mean colour (as pixel levels), about 0 once normalised
     zero = (strong.x2.abs() < 0.01).all(dim=1).flatten(1).sum(dim=1)
     assert (zero >= 64).all()  # at least the quarter of a 16 x 16 square a corner leaves
+
+
+def _epoch_views(*overrides, batch_size=16, world_size=1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x1, x2) of epoch 2 of the in-memory source in the epoch's order, the ranks' shares interleaved back."""
+    cfg = config_lib.load(SMOKE, ["data.synthetic_max_count=64", f"train.batch_size={batch_size}", *overrides])
+    ranks = [build_data(cfg, torch.device("cpu"), r, world_size).train.epoch(2) for r in range(world_size)]
+    views = []
+    for shares in zip(*ranks, strict=True):
+        steps = [torch.empty((sum(len(b) for b in shares), 3, 32, 32)) for _ in "12"]
+        for rank, share in enumerate(shares):
+            steps[0][rank::world_size], steps[1][rank::world_size] = share.x1, share.x2
+        views.append(steps)
+    return torch.cat([x1 for x1, _ in views]), torch.cat([x2 for _, x2 in views])
+
+
+@pytest.mark.parametrize("overrides", [[], [STRONG], ["data.strong_augmentation=randaugment_erasing"],
+                                       ["method.name=mdcs", "data.repeated_augmentation=3"]],
+                         ids=["weak", "autoaugment_cutout", "randaugment_erasing", "rotation_repeated"])
+def test_in_memory_views_do_not_depend_on_the_batch_size_or_the_workers(overrides):
+    """The image at a place in the epoch gets the same two views at batch 16 on 1 worker, batch 8 on 1 and batch
+    12 on 2 (DeiT's view, MDCS's rotated weak view and the copies of repeated augmentation included)."""
+    x1, x2 = _epoch_views(*overrides)
+    for batch_size, world_size in ((8, 1), (12, 2)):
+        y1, y2 = _epoch_views(*overrides, batch_size=batch_size, world_size=world_size)
+        assert torch.equal(y1, x1) and torch.equal(y2, x2)
+    assert not torch.equal(x1, x2)
 
 
 @pytest.mark.parametrize("strong", [STRONG, "data.strong_augmentation=randaugment_erasing"])
@@ -198,7 +225,7 @@ def test_the_weak_view_of_ride_and_mdcs_rotates_as_their_official_cifar_lists(ov
 
 def test_in_memory_weak_view_is_each_crop_rotated_at_its_keyed_angle_as_pil_rotates(cifar_root):
     """x1 of an MDCS batch is the same crops as without the rotation, each rotated as PIL's RandomRotation does
-    (nearest, black corners) at an angle drawn from the step's seed; x2 (the strong view) is untouched."""
+    (nearest, black corners) at an angle drawn for its place in the epoch; x2 (the strong view) is untouched."""
     cifar = ["data.source=cifar10", f"data.root={cifar_root}", "method.name=mdcs"]
     rotated = _first_batch(*cifar)
     plain = _first_batch(*cifar, "method.mdcs.weak_rotation=0")
@@ -206,9 +233,9 @@ def test_in_memory_weak_view_is_each_crop_rotated_at_its_keyed_angle_as_pil_rota
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in NORMALIZATION["cifar10"])
     crops = (plain.x1 * std + mean).round().to(torch.uint8)
     cfg = config_lib.load(SMOKE, ["data.synthetic_max_count=64", "train.batch_size=16", *cifar])
-    step = next(iter(build_data(cfg, torch.device("cpu")).train.plan.steps(3)))
-    angles = ((torch.rand(16, generator=torch.Generator().manual_seed(step.seed + ROTATION_SEED),
-                          dtype=torch.float64) * 2 - 1) * 15).tolist()
+    plan = build_data(cfg, torch.device("cpu")).train.plan
+    draws = EpochDraws.draw(plan.seed, 3, "uniform", plan.num_samples, 4, 32)
+    angles = (draws.turns[next(iter(plan.steps(3))).positions] * 15).tolist()
     assert max(map(abs, angles)) <= 15 and len({round(a, 6) for a in angles}) == 16  # one angle per image
     got = (rotated.x1 * std + mean).round().to(torch.uint8)
     for crop, angle, view in zip(crops, angles, got, strict=True):

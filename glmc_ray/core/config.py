@@ -20,6 +20,7 @@ from glmc_ray.core.method_config import (  # noqa: F401 (the method sections are
     EXPERT_LAYOUTS,
     METHOD_NAMES,
     TEACHER_KEYS,
+    TEACHER_REQUIRED,
     ClassBalancedConfig,
     DeiTLTConfig,
     GLMCConfig,
@@ -167,6 +168,9 @@ class TrainConfig:
     # batches whose gradients are summed before each optimiser step: the effective batch is batch_size x
     # accumulate whatever the worker count (DeiT-LT's 1024 on CIFAR: 256 x 4); the lr is for that batch
     accumulate: int = 1
+    # label smoothing of every method's class targets, eps: (1 - eps) on the label + eps / C on every class
+    # (PyTorch's cross_entropy label_smoothing; soft and mixed targets are smoothed before mixing); DeiT's 0.1
+    label_smoothing: float = 0.0
     eval_batch_size: int = 500
     seed: int = 3407
     device: str = "auto"  # auto | cpu | cuda
@@ -446,6 +450,8 @@ def validate(cfg: Config) -> None:
         (cfg.train.epochs > 0, "train.epochs", cfg.train.epochs, "a positive integer"),
         (cfg.train.batch_size > 0, "train.batch_size", cfg.train.batch_size, "a positive integer"),
         (cfg.train.accumulate >= 1, "train.accumulate", cfg.train.accumulate, "a positive integer (1: none)"),
+        (0 <= cfg.train.label_smoothing < 1, "train.label_smoothing", cfg.train.label_smoothing,
+         "in [0, 1) (0: none; DeiT's 0.1)"),
         (cfg.optim.clip_grad_norm >= 0, "optim.clip_grad_norm", cfg.optim.clip_grad_norm, ">= 0 (0: no clipping)"),
         (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", cfg.optim.betas,
          "two values in [0, 1)"),
@@ -565,6 +571,10 @@ def _validate_experts(cfg: Config) -> None:
     if name == "ride" and cfg.method.ride.stage == "router" and cfg.method.ride.teacher:
         raise ConfigError(f"method.ride.teacher: {cfg.method.ride.teacher!r}, but method.ride.stage is router; the "
                           f"teacher distils into stage 1 (method.ride.stage: experts)", "method.ride.teacher")
+    if name == "ride" and cfg.method.ride.stage == "router" and cfg.train.label_smoothing:
+        raise ConfigError(f"train.label_smoothing: {cfg.train.label_smoothing}, but method.ride.stage is router, "
+                          f"whose loss is on the routers' yes/no targets, not on classes; use 0",
+                          "train.label_smoothing")
     if name == "ride" and cfg.method.ride.stage == "router" and experts < 2:
         raise ConfigError(f"method.ride.stage: router, but model.experts is {experts}; the router adds experts "
                           f"to the first one (at least 2)", "method.ride.stage")
@@ -585,9 +595,10 @@ def _validate_transformer(cfg: Config) -> None:
     if cfg.method.name == "deit_lt" and model.arch not in TRANSFORMER_ARCHS:
         raise ConfigError(f"model.arch: {model.arch}, but method.name=deit_lt trains a DeiT's class and distillation "
                           f"tokens; use one of {', '.join(TRANSFORMER_ARCHS)}", "model.arch")
-    if cfg.method.name == "deit_lt" and not cfg.method.deit_lt.teacher:
-        raise ConfigError("method.deit_lt.teacher: empty; deit_lt distils from a finished run of this harness (its "
-                          "directory or storage copy), e.g. an ldam_drw run on the same data", "method.deit_lt.teacher")
+    if cfg.method.name in TEACHER_REQUIRED and teacher_of(cfg) is None:
+        key = TEACHER_KEYS[cfg.method.name]
+        raise ConfigError(f"{key}: empty; {cfg.method.name} distils from a finished run of this harness (its "
+                          "directory or storage copy), e.g. an ldam_drw run on the same data", key)
     if model.arch not in TRANSFORMER_ARCHS:
         if model.drop_path:
             raise ConfigError(f"model.drop_path: {model.drop_path:g}, but model.arch={model.arch} has no stochastic "

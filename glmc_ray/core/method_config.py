@@ -106,7 +106,6 @@ class DeiTLTConfig:
     mixup_alpha: float = 0.8
     cutmix_alpha: float = 1.0
     switch_prob: float = 0.5
-    label_smoothing: float = 0.1  # of the cls token's targets (mixed or not)
     mix_after_drw: bool = False  # the official CIFAR scripts stop mixing at DRW (--no-mixup-drw); ImageNet-LT not
 
 
@@ -114,6 +113,7 @@ METHOD_NAMES = ("glmc", "ce", "balanced_softmax", "logit_adjusted", "ldam_drw", 
                 "shike", "deit_lt")
 # Methods that learn from another run's network, and the key naming that run (runs/parent_run.check_teacher)
 TEACHER_KEYS = {"ride": "method.ride.teacher", "deit_lt": "method.deit_lt.teacher"}
+TEACHER_REQUIRED = ("deit_lt",)  # cannot train without one (RIDE's is optional)
 # The multi-expert methods and their expert layout (glmc_ray/models/experts.py)
 EXPERT_LAYOUTS = {"ride": "ride", "mdcs": "ride", "shike": "shike"}
 DEFAULT_EXPERTS = 3
@@ -208,7 +208,6 @@ def _deit_lt_checks(deit: DeiTLTConfig) -> list[tuple]:
         (deit.mixup_alpha >= 0, "method.deit_lt.mixup_alpha", deit.mixup_alpha, ">= 0 (0: no Mixup)"),
         (deit.cutmix_alpha >= 0, "method.deit_lt.cutmix_alpha", deit.cutmix_alpha, ">= 0 (0: no CutMix)"),
         (0 <= deit.switch_prob <= 1, "method.deit_lt.switch_prob", deit.switch_prob, "a probability"),
-        (0 <= deit.label_smoothing < 1, "method.deit_lt.label_smoothing", deit.label_smoothing, "in [0, 1)"),
     ]
 
 

@@ -1,8 +1,11 @@
 """In-memory uint8 arrays (CIFAR-10/100-LT, synthetic): the whole training set lives on the training device and
-is cropped, flipped and normalised there in batches, with no decode workers."""
+is cropped, flipped and normalised there in batches, with no decode workers. Every random choice of a view is
+drawn per place in the epoch's order (`EpochDraws`), as the files and shards sources key theirs
+(device_augment.view_key): a view does not depend on the batch size or the number of workers."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -13,6 +16,7 @@ from torchvision.transforms.v2 import functional as TF
 from glmc_ray.core.config import rebalanced_stream, strong_view, weak_rotation
 from glmc_ray.data import cifar
 from glmc_ray.data.batches import DataBundle, EpochPlan, per_sample_weights
+from glmc_ray.data.device_augment import STREAM_IDS, view_key
 from glmc_ray.data.images import BadImageLog, Normalizer
 from glmc_ray.data.strong_views import DeviceStrongViews
 from glmc_ray.data.synthetic import synthetic_images
@@ -20,16 +24,34 @@ from glmc_ray.methods.base import Batch
 
 CIFAR_CLASSES = {"cifar10": (10, 5000), "cifar100": (100, 500)}
 SYNTHETIC_NORMALIZATION = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-STRONG_SEED = 7_919  # the strong views' generator: the step's seed plus this (x2) or twice it (rx2)
-ROTATION_SEED = 104_729  # the weak view's rotation angles: the step's seed plus this (x1) or twice it (rx1)
 
 
-def random_rotation(images: torch.Tensor, degrees: float, seed: int, global_size: int, share) -> torch.Tensor:
-    """RandomRotation(degrees) of uint8 (B, C, H, W) crops as the official CIFAR lists apply it (nearest
-    neighbour, about the centre, the uncovered corners black), with torchvision's kernel, each image at its own
-    angle in [-degrees, degrees] drawn for the whole global batch from `seed` (this rank's `share` of them)."""
-    generator = torch.Generator().manual_seed(seed)
-    angles = ((torch.rand(global_size, generator=generator, dtype=torch.float64) * 2 - 1) * degrees)[share]
+@dataclass(frozen=True)
+class EpochDraws:
+    """Every random choice of one stream's in-memory views in one epoch, a row per place in the epoch's order:
+    an image's views depend on the seed, the epoch, the stream and its place only, not on the batch size, the
+    number of workers or a resume. All are drawn, in one order, whichever views a run makes (x1 is the same
+    with or without a strong x2 or a rotation)."""
+
+    offsets: torch.Tensor  # (3, N, 2) crop offsets (top, left) in [0, 2 padding]: x1, x2, the strong x2
+    flips: torch.Tensor  # (3, N) horizontal flips, the same three views
+    turns: torch.Tensor  # (N,) float64 in [-1, 1): x1's rotation angle over its degrees (config.weak_rotation)
+    keys: torch.Tensor  # (N,) int64: the strong view's per-image key (strong_views.DeviceStrongViews)
+    centres: torch.Tensor  # (N, 2): the strong view's Cutout centres
+
+    @classmethod
+    def draw(cls, seed: int, epoch: int, stream: str, places: int, padding: int, size: int) -> EpochDraws:
+        g = torch.Generator().manual_seed(view_key(seed, epoch, STREAM_IDS[stream], "in_memory", 0))
+        return cls(torch.randint(2 * padding + 1, (3, places, 2), generator=g),
+                   torch.rand((3, places), generator=g) < 0.5,
+                   torch.rand(places, generator=g, dtype=torch.float64) * 2 - 1,
+                   torch.randint(2 ** 62, (places,), generator=g),
+                   torch.randint(size, (places, 2), generator=g))
+
+
+def random_rotation(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """RandomRotation of uint8 (B, C, H, W) crops as the official CIFAR lists apply it (nearest neighbour, about
+    the centre, the uncovered corners black), with torchvision's kernel, each image at its own angle (degrees)."""
     return torch.stack([TF.rotate(image, angle, interpolation=InterpolationMode.NEAREST, fill=0)
                         for image, angle in zip(images, angles.tolist(), strict=True)])
 
@@ -65,44 +87,30 @@ class InMemoryBatches:
     def __len__(self) -> int:
         return len(self.plan)
 
-    def _views(self, index: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-        return self.normalizer(random_crop_flip(self.padded, index, self.size, offsets, flips))
+    def _crops(self, index: torch.Tensor, draws: EpochDraws, view: int, places: torch.Tensor) -> torch.Tensor:
+        return random_crop_flip(self.padded, index, self.size, draws.offsets[view, places].to(self.device),
+                                draws.flips[view, places].to(self.device))
 
-    def _augmented_pair(self, index, g, global_size, share, rotation_seed: int):
-        """Two independent augmentations of the same images (TwoCropTransform), the first rotated where the
-        method's weak view is (its angles from a generator of their own: the crops are the same either way)."""
-        offsets = torch.randint(2 * self.padding + 1, (2, global_size, 2), generator=g)[:, share].to(self.device)
-        flips = (torch.rand((2, global_size), generator=g) < 0.5)[:, share].to(self.device)
-        first = random_crop_flip(self.padded, index, self.size, offsets[0], flips[0])
+    def _views(self, index: torch.Tensor, draws: EpochDraws, places: torch.Tensor):
+        """(x1, x2) of the images `index` at the epoch's `places`: two independent crops and flips
+        (TwoCropTransform), x1 rotated where the method's weak view is, x2 the strong view where there is one."""
+        first = self._crops(index, draws, 0, places)
         if self.rotation:
-            first = random_rotation(first, self.rotation, rotation_seed, global_size, share)
-        return self.normalizer(first), self._views(index, offsets[1], flips[1])
-
-    def _strong_view(self, index, seed: int, global_size, share) -> torch.Tensor:
-        """The strong view, from a generator of its own: x1 is the same with or without it."""
-        g = torch.Generator().manual_seed(seed)
-        offsets = torch.randint(2 * self.padding + 1, (global_size, 2), generator=g)[share].to(self.device)
-        flips = (torch.rand(global_size, generator=g) < 0.5)[share].to(self.device)
-        keys = torch.randint(2 ** 62, (global_size,), generator=g)[share]
-        centres = torch.randint(self.size, (global_size, 2), generator=g)[share]
-        crops = random_crop_flip(self.padded, index, self.size, offsets, flips)
-        return self.normalizer(self.strong(crops, keys, centres))
+            first = random_rotation(first, draws.turns[places] * self.rotation)
+        if self.strong is None:
+            return self.normalizer(first), self.normalizer(self._crops(index, draws, 1, places))
+        strong = self.strong(self._crops(index, draws, 2, places), draws.keys[places], draws.centres[places])
+        return self.normalizer(first), self.normalizer(strong)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        share = slice(self.plan.rank, None, self.plan.world_size)
+        draws = {stream: EpochDraws.draw(self.plan.seed, epoch, stream, self.plan.num_samples, self.padding,
+                                         self.size) for stream in STREAM_IDS}
         for step in self.plan.steps(epoch):
-            g = torch.Generator().manual_seed(step.seed)
             uniform = step.uniform.to(self.device)
-            x1, x2 = self._augmented_pair(uniform, g, step.global_size, share, step.seed + ROTATION_SEED)
-            if self.strong is not None:
-                x2 = self._strong_view(uniform, step.seed + STRONG_SEED, step.global_size, share)
-            batch = Batch(x1, x2, self.labels[uniform])
+            batch = Batch(*self._views(uniform, draws["uniform"], step.positions), self.labels[uniform])
             if step.rebalanced is not None:
                 rebalanced = step.rebalanced.to(self.device)
-                batch.rx1, batch.rx2 = self._augmented_pair(rebalanced, g, step.global_size, share,
-                                                            step.seed + 2 * ROTATION_SEED)
-                if self.strong is not None:
-                    batch.rx2 = self._strong_view(rebalanced, step.seed + 2 * STRONG_SEED, step.global_size, share)
+                batch.rx1, batch.rx2 = self._views(rebalanced, draws["rebalanced"], step.positions)
                 batch.ry = self.labels[rebalanced]
             yield batch
 

@@ -20,8 +20,9 @@ normalisation: one implementation for every path); random erasing paints mean + 
 (clipped to 0-255) for the same reason. MDCS's code cuts before `Normalize` (a black hole); the
 original Cutout code cuts after it (the mean colour).
 In memory (CIFAR on the training device) the policy runs per image on the device, each image's ops drawn from
-a key of its own (a draw of the step's generator), so the views depend on the seed, epoch and position in the
-global batch only: not on the number of workers, and the same after a resume. In DataLoader workers and Ray
+a key of its own (arrays.EpochDraws: drawn for each place in the epoch's order), so the views depend on the
+seed, epoch and the image's place in the epoch only: not on the batch size or the number of workers, and the
+same after a resume. In DataLoader workers and Ray
 Data decode actors the policy runs on PIL images with torch's generator, like every other transform there.
 """
 from __future__ import annotations

@@ -23,11 +23,16 @@ METHODS = {method.name: method for method in (GLMC, CrossEntropy, BalancedSoftma
 
 def build_method(cfg, class_counts, run=None) -> Method:
     """cfg: MethodConfig; run: the whole Config, which the multi-expert methods also read (epochs, the experts'
-    scale). A class without training images is a ValueError naming it (from glmc_ray.core.longtail)."""
+    scale), and whose train.label_smoothing every method applies to its class targets (none without `run`).
+    A class without training images is a ValueError naming it (from glmc_ray.core.longtail)."""
     method_class, counts = METHODS[cfg.name], torch.as_tensor(class_counts)
     if issubclass(method_class, ExpertMethod):
-        return method_class(cfg.section, counts, run)
-    return method_class(cfg.section, counts)
+        method = method_class(cfg.section, counts, run)
+    else:
+        method = method_class(cfg.section, counts)
+    if run is not None:
+        method.label_smoothing = run.train.label_smoothing
+    return method
 
 
 __all__ = ["Batch", "Method", "StepOutput", "METHODS", "build_method"]

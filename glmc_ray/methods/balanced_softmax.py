@@ -17,9 +17,10 @@ from glmc_ray.core import longtail
 from glmc_ray.methods.base import OneViewMethod, StepOutput
 
 
-def balanced_softmax_loss(logits: torch.Tensor, labels: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
-    """mean_i CE(z_i + log pi, y_i); its gradient in z is softmax(z + log pi) - onehot(y)."""
-    return F.cross_entropy(logits + log_prior.to(logits.dtype), labels)
+def balanced_softmax_loss(logits: torch.Tensor, labels: torch.Tensor, log_prior: torch.Tensor,
+                          label_smoothing: float = 0.0) -> torch.Tensor:
+    """mean_i CE(z_i + log pi, y_i); its gradient in z is softmax(z + log pi) - onehot(y) (- the smoothed one-hot)."""
+    return F.cross_entropy(logits + log_prior.to(logits.dtype), labels, label_smoothing=label_smoothing)
 
 
 class BalancedSoftmax(OneViewMethod):
@@ -29,5 +30,5 @@ class BalancedSoftmax(OneViewMethod):
         self.log_prior = longtail.log_prior(class_counts)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, progress: float) -> StepOutput:
-        loss = balanced_softmax_loss(logits, labels, self.log_prior.to(logits.device))
+        loss = balanced_softmax_loss(logits, labels, self.log_prior.to(logits.device), self.label_smoothing)
         return StepOutput(loss, {"loss_bs": loss})

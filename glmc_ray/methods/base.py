@@ -53,6 +53,8 @@ class Method(Protocol):
 
     trainable: tuple[str, ...] | None  # parameter-name prefixes this method trains (None: all; a stage that
     #                                    trains some heads of a parent run's model names them)
+    label_smoothing: float  # train.label_smoothing, set by methods.build_method: eps of every class target the
+    #                         method's cross-entropies learn (its terms on other targets, e.g. KL, keep theirs)
 
     def alpha(self, progress: float) -> float: ...
 
@@ -70,11 +72,13 @@ class OneViewMethod:
     progress_per_step = False
     logit_scale = 1.0
     trainable = None
+    label_smoothing = 0.0
 
     def alpha(self, progress: float) -> float:
         return 1.0  # the uniform/re-balanced branch weight of GLMC: one branch here
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, progress: float) -> StepOutput: ...
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, progress: float) -> StepOutput:
+        """The loss of `logits` against `labels`, smoothed by self.label_smoothing."""
 
     def step(self, model, batch: Batch, progress: float, generator: torch.Generator) -> StepOutput:
         return self.loss(model(batch.x1).float(), batch.y, progress)

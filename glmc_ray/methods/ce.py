@@ -16,5 +16,5 @@ class CrossEntropy(OneViewMethod):
         self.num_classes = len(class_counts)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, progress: float) -> StepOutput:
-        loss = F.cross_entropy(logits, labels)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         return StepOutput(loss, {"loss_ce": loss})

@@ -21,10 +21,12 @@ from glmc_ray.methods.base import OneViewMethod, StepOutput
 
 
 def class_balanced_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                        focal_gamma: float = 0.0) -> torch.Tensor:
-    """mean_i w_yi * (1 - p_yi)^gamma * (-log p_yi), p = softmax(logits)."""
-    log_p = F.log_softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
-    per_sample = -log_p
+                        focal_gamma: float = 0.0, label_smoothing: float = 0.0) -> torch.Tensor:
+    """mean_i w_yi * (1 - p_yi)^gamma * CE(p_i, s(y_i)), p = softmax(logits), s(y) the label-smoothed one-hot
+    (CE(p, s(y)) = -log p_y without smoothing): the sample's class weight and focal factor scale its whole CE."""
+    log_probs = F.log_softmax(logits, dim=1)
+    log_p = log_probs.gather(1, labels[:, None]).squeeze(1)
+    per_sample = (1 - label_smoothing) * -log_p - label_smoothing * log_probs.mean(dim=1)
     if focal_gamma:
         per_sample = per_sample * (-torch.expm1(log_p)).clamp_min(0).pow(focal_gamma)
     return (weights.to(logits.dtype)[labels] * per_sample).mean()
@@ -38,5 +40,6 @@ class ClassBalanced(OneViewMethod):
         self.weights = longtail.effective_number_weights(class_counts, cfg.beta)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, progress: float) -> StepOutput:
-        loss = class_balanced_loss(logits, labels, self.weights.to(logits.device), self.cfg.focal_gamma)
+        loss = class_balanced_loss(logits, labels, self.weights.to(logits.device), self.cfg.focal_gamma,
+                                   self.label_smoothing)
         return StepOutput(loss, {"loss_cb": loss})

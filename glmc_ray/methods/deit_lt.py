@@ -23,16 +23,10 @@ from glmc_ray.methods.glmc import (
     global_mixup,
     local_cutmix,
     sample_mix_lambda,
+    smoothed_one_hot,
     soft_cross_entropy,
 )
 from glmc_ray.methods.ldam_drw import drw_active
-
-
-def smoothed_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
-    """timm's label smoothing: 1 - smoothing + smoothing / C on the label, smoothing / C elsewhere."""
-    off = smoothing / num_classes
-    return torch.full((len(labels), num_classes), off, device=labels.device).scatter_(
-        1, labels[:, None], 1.0 - smoothing + off)
 
 
 def mix(x: torch.Tensor, targets: torch.Tensor, cfg, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +61,7 @@ class DeiTLT:
     progress_per_step = False
     logit_scale = 1.0
     trainable = None
+    label_smoothing = 0.0  # train.label_smoothing (methods.build_method), of the cls token's targets (DeiT: 0.1)
 
     def __init__(self, cfg, class_counts: torch.Tensor):
         self.cfg = cfg  # DeiTLTConfig
@@ -80,7 +75,7 @@ class DeiTLT:
     def step(self, model, batch: Batch, progress: float, generator: torch.Generator) -> StepOutput:
         cfg, drw = self.cfg, drw_active(progress, self.cfg.drw_start)
         # x2: DeiT's view (data.strong_augmentation auto: randaugment_erasing), or a second weak one with none
-        x, targets = batch.x2, smoothed_one_hot(batch.y, self.num_classes, cfg.label_smoothing)
+        x, targets = batch.x2, smoothed_one_hot(batch.y, self.num_classes, self.label_smoothing)
         if cfg.mix_after_drw or not drw:
             x, targets = mix(x, targets, cfg, generator)
         out = model(x, experts=True)

@@ -15,6 +15,7 @@ class ExpertMethod:
     progress_per_step = False
     logit_scale = 1.0  # the experts' heads are scaled in the model (model.expert_scale)
     trainable: tuple[str, ...] | None = None  # parameter-name prefixes a stage trains (None: all)
+    label_smoothing = 0.0  # of each expert's cross-entropy (train.label_smoothing; methods.build_method)
 
     def alpha(self, progress: float) -> float:
         return 1.0

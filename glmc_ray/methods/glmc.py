@@ -92,11 +92,19 @@ def cutmix_label_lambda(lam: float, box: tuple[int, int, int, int], height: int,
     return 1.0 - (y2 - y1) * (x2 - x1) / (height * width)
 
 
+def smoothed_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """Label smoothing as torch's cross_entropy and timm: 1 - eps + eps / C on the label, eps / C elsewhere."""
+    off = smoothing / num_classes
+    return torch.full((len(labels), num_classes), off, device=labels.device).scatter_(
+        1, labels[:, None], 1.0 - smoothing + off)
+
+
 def mixed_targets(y: torch.Tensor, y_rebalanced: torch.Tensor, lam: float, num_classes: int,
-                  class_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """lam * onehot(y) + (1-lam) * onehot(y_r), optionally multiplied by per-class weights (not renormalised)."""
-    one_hot = F.one_hot(y, num_classes).float()
-    one_hot_r = F.one_hot(y_rebalanced, num_classes).float()
+                  class_weights: torch.Tensor | None = None, smoothing: float = 0.0) -> torch.Tensor:
+    """lam * s(y) + (1-lam) * s(y_r), s the (smoothed) one-hot, optionally multiplied by per-class weights (not
+    renormalised; with smoothing each class's share is weighted by its own weight, as torch's weighted CE)."""
+    one_hot = smoothed_one_hot(y, num_classes, smoothing)
+    one_hot_r = smoothed_one_hot(y_rebalanced, num_classes, smoothing)
     if class_weights is not None:
         one_hot, one_hot_r = one_hot * class_weights, one_hot_r * class_weights
     return lam * one_hot + (1.0 - lam) * one_hot_r
@@ -123,6 +131,7 @@ class GLMC:
     uses_all_heads = True  # every head gets a gradient each step (DDP needs no unused-parameter search)
     logit_scale = 1.0
     trainable = None
+    label_smoothing = 0.0  # train.label_smoothing (methods.build_method), of both branches' mixed targets
 
     def __init__(self, cfg, class_counts: torch.Tensor):
         self.cfg = cfg  # GLMCConfig
@@ -135,10 +144,11 @@ class GLMC:
         """The re-balanced head's loss on one mixed batch: class-weighted soft CE (official), or soft CE on
         logits + log pi (balanced_softmax_unofficial)."""
         if self.cfg.rebalanced_loss == "balanced_softmax_unofficial":
-            targets = mixed_targets(batch.y, batch.ry, lam, self.num_classes)
+            targets = mixed_targets(batch.y, batch.ry, lam, self.num_classes, smoothing=self.label_smoothing)
             return soft_cross_entropy(logits.float() + self.log_prior.to(logits.device).float(), targets)
         weights = self.label_weights.to(batch.y.device)
-        return soft_cross_entropy(logits, mixed_targets(batch.y, batch.ry, lam, self.num_classes, weights))
+        return soft_cross_entropy(logits, mixed_targets(batch.y, batch.ry, lam, self.num_classes, weights,
+                                                        self.label_smoothing))
 
     def alpha(self, progress: float) -> float:
         return cumulative_alpha(progress, self.cfg.cumulative_shape, self.cfg.cumulative_exponent)
@@ -154,8 +164,8 @@ class GLMC:
         x_local = local_cutmix(batch.x2, batch.rx2, box)
         logits_g, logits_cb_g, z_g, p_g = model(x_global, all_heads=True)
         logits_l, logits_cb_l, z_l, p_l = model(x_local, all_heads=True)
-        t_g = mixed_targets(batch.y, batch.ry, lam, self.num_classes)
-        t_l = mixed_targets(batch.y, batch.ry, lam_local, self.num_classes)
+        t_g = mixed_targets(batch.y, batch.ry, lam, self.num_classes, smoothing=self.label_smoothing)
+        t_l = mixed_targets(batch.y, batch.ry, lam_local, self.num_classes, smoothing=self.label_smoothing)
         loss_balanced = soft_cross_entropy(logits_g, t_g) + soft_cross_entropy(logits_l, t_l)
         loss_rebalanced = (self.rebalanced_branch_loss(logits_cb_g, batch, lam)
                            + self.rebalanced_branch_loss(logits_cb_l, batch, lam_local))

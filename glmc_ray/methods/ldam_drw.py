@@ -54,10 +54,11 @@ def ldam_logits(cosines: torch.Tensor, labels: torch.Tensor, margins: torch.Tens
 
 
 def ldam_loss(cosines: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor, scale: float,
-              weights: torch.Tensor | None = None) -> torch.Tensor:
+              weights: torch.Tensor | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
     """CE_w(s * (z - m_y onehot(y)), y), reduced as sum_i w_yi l_i / sum_i w_yi (plain mean without weights)."""
     weight = None if weights is None else weights.to(cosines.dtype)
-    return F.cross_entropy(ldam_logits(cosines, labels, margins, scale), labels, weight=weight)
+    return F.cross_entropy(ldam_logits(cosines, labels, margins, scale), labels, weight=weight,
+                           label_smoothing=label_smoothing)
 
 
 class LDAMDRW(OneViewMethod):
@@ -75,5 +76,6 @@ class LDAMDRW(OneViewMethod):
     def loss(self, cosines: torch.Tensor, labels: torch.Tensor, progress: float) -> StepOutput:
         weights = self.class_weights(progress)
         weights = None if weights is None else weights.to(cosines.device)
-        loss = ldam_loss(cosines, labels, self.margins.to(cosines.device), self.cfg.scale, weights)
+        loss = ldam_loss(cosines, labels, self.margins.to(cosines.device), self.cfg.scale, weights,
+                         self.label_smoothing)
         return StepOutput(loss, {"loss_ldam": loss, "drw": float(weights is not None)})

@@ -20,9 +20,9 @@ from glmc_ray.methods.base import OneViewMethod, StepOutput
 
 
 def logit_adjusted_loss(logits: torch.Tensor, labels: torch.Tensor, log_prior: torch.Tensor,
-                        tau: float) -> torch.Tensor:
+                        tau: float, label_smoothing: float = 0.0) -> torch.Tensor:
     """mean_i CE(z_i + tau * log pi, y_i); tau = 0 is CE."""
-    return F.cross_entropy(logits + tau * log_prior.to(logits.dtype), labels)
+    return F.cross_entropy(logits + tau * log_prior.to(logits.dtype), labels, label_smoothing=label_smoothing)
 
 
 class LogitAdjusted(OneViewMethod):
@@ -33,5 +33,6 @@ class LogitAdjusted(OneViewMethod):
         self.log_prior = longtail.log_prior(class_counts)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, progress: float) -> StepOutput:
-        loss = logit_adjusted_loss(logits, labels, self.log_prior.to(logits.device), self.tau)
+        loss = logit_adjusted_loss(logits, labels, self.log_prior.to(logits.device), self.tau,
+                                   self.label_smoothing)
         return StepOutput(loss, {"loss_la": loss})

@@ -38,8 +38,10 @@ def masked_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: 
 
 
 def mdcs_loss(expert_logits: torch.Tensor, labels: torch.Tensor, shifts: torch.Tensor,
-              consistency_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, DL, CS, rows used by CS / B) for [2B, E, C] logits of [weak; strong] and [E, C] shifts q_k log n."""
+              consistency_weight: float,
+              label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, DL, CS, rows used by CS / B) for [2B, E, C] logits of [weak; strong] and [E, C] shifts q_k log n;
+    label_smoothing: of DL's cross-entropies."""
     batch = len(labels)
     shifted = expert_logits.float() + shifts.to(expert_logits.device, torch.float32)
     both = torch.cat([labels, labels])
@@ -47,7 +49,7 @@ def mdcs_loss(expert_logits: torch.Tensor, labels: torch.Tensor, shifts: torch.T
     confident = shifted.new_zeros(())
     for k in range(shifted.shape[1]):
         weak, strong = shifted[:batch, k], shifted[batch:, k]
-        diversity = diversity + F.cross_entropy(shifted[:, k], both)
+        diversity = diversity + F.cross_entropy(shifted[:, k], both, label_smoothing=label_smoothing)
         mask = (weak.argmax(dim=1) == labels).float()
         consistency = consistency + masked_kl(weak, strong, mask)
         confident = confident + mask.mean()
@@ -66,6 +68,7 @@ class MDCS(ExpertMethod):
         out = model(torch.cat([batch.x1, batch.x2]), experts=True)
         weight = self.cfg.consistency_weight * consistency_ramp(round(progress * self.epochs), self.epochs,
                                                                 self.cfg.consistency_ramp)
-        loss, diversity, consistency, confident = mdcs_loss(out.experts, batch.y, self.shifts, weight)
+        loss, diversity, consistency, confident = mdcs_loss(out.experts, batch.y, self.shifts, weight,
+                                                            self.label_smoothing)
         return StepOutput(loss, {"loss_diversity": diversity, "loss_consistency": consistency,
                                  "consistency_rows": confident, "consistency_weight": weight})

@@ -43,10 +43,11 @@ def diversity_temperatures(class_counts, reweight_factor: float) -> torch.Tensor
 
 def ride_loss(expert_logits: torch.Tensor, labels: torch.Tensor, margin_offsets: torch.Tensor,
               weights: torch.Tensor | None, temperature: torch.Tensor | float,
-              diversity_factor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              diversity_factor: float,
+              label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, summed base terms, summed diversity terms) of [B, E, C] scaled expert logits.
 
-    margin_offsets: s * m_c; temperature: a float or per-class [C]."""
+    margin_offsets: s * m_c; temperature: a float or per-class [C]; label_smoothing: of the base terms."""
     logits = expert_logits.float()
     t = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
     t_bar = t.mean()  # a tensor: no read back to the host each step
@@ -54,7 +55,8 @@ def ride_loss(expert_logits: torch.Tensor, labels: torch.Tensor, margin_offsets:
     weights = None if weights is None else weights.to(logits.dtype)
     base = diversity = logits.new_zeros(())
     for z in logits.unbind(dim=1):
-        base = base + F.cross_entropy(margin_logits(z, labels, margin_offsets), labels, weight=weights)
+        base = base + F.cross_entropy(margin_logits(z, labels, margin_offsets), labels, weight=weights,
+                                      label_smoothing=label_smoothing)
         if diversity_factor:
             diversity = diversity + diversity_factor * t_bar ** 2 * kl_to(target, z / t)
     return base + diversity, base, diversity
@@ -105,7 +107,7 @@ class RIDE(ExpertMethod):
         # the official scales the per-class temperatures by the base one too (base_diversity_temperature)
         temperature = self.cfg.diversity_temperature * (self.drw_temperatures.to(device) if drw else 1.0)
         loss, base, diversity = ride_loss(out.experts, batch.y, self.margin_offsets.to(device), weights,
-                                          temperature, self.cfg.diversity_factor)
+                                          temperature, self.cfg.diversity_factor, self.label_smoothing)
         terms = {"loss_base": base, "loss_diversity": diversity, "drw": float(drw)}
         if self.teacher is not None:
             with torch.no_grad():

@@ -40,15 +40,17 @@ def transfer_teacher(expert_logits: torch.Tensor, labels: torch.Tensor) -> torch
 
 
 def shike_loss(expert_logits: torch.Tensor, labels: torch.Tensor, scale: float, transfer_weight: float,
-               mutual_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, summed CE, summed transfer KL, summed mutual KL) of [B, E, C] scaled expert logits."""
+               mutual_weight: float,
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, summed CE, summed transfer KL, summed mutual KL) of [B, E, C] scaled expert logits; label_smoothing:
+    of the CE terms."""
     z = expert_logits.float()
     target = F.one_hot(labels, z.shape[2]).to(torch.bool)
     teacher = F.softmax(transfer_teacher(z, labels), dim=1)
     probs = F.softmax(z, dim=2)
     ce = transfer = mutual = z.new_zeros(())
     for e in range(z.shape[1]):
-        ce = ce + F.cross_entropy(z[:, e], labels)
+        ce = ce + F.cross_entropy(z[:, e], labels, label_smoothing=label_smoothing)
         transfer = transfer + kl_to(teacher, z[:, e].masked_fill(target, -scale), per_element=True)
         for j in range(z.shape[1]):
             if j != e:
@@ -70,8 +72,9 @@ class SHIKE(ExpertMethod):
         z = model(batch.x2 if self.strong else batch.x1, experts=True).experts.float()
         if self.cfg.stage == "retrain":
             log_prior = self.log_prior.to(z.device)
-            loss = sum(balanced_softmax_loss(z[:, e], batch.y, log_prior) for e in range(z.shape[1]))
+            loss = sum(balanced_softmax_loss(z[:, e], batch.y, log_prior, self.label_smoothing)
+                       for e in range(z.shape[1]))
             return StepOutput(loss, {"loss_bs": loss})
         loss, ce, transfer, mutual = shike_loss(z, batch.y, self.scale, self.cfg.transfer_weight,
-                                                self.cfg.mutual_weight)
+                                                self.cfg.mutual_weight, self.label_smoothing)
         return StepOutput(loss, {"loss_ce": ce, "loss_transfer": transfer, "loss_mutual": mutual})

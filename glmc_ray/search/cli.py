@@ -25,7 +25,7 @@ from glmc_ray.core.interrupts import TermAsInt
 from glmc_ray.core.version import version_line
 from glmc_ray.search import full as search_full
 from glmc_ray.search import space as search_space
-from glmc_ray.search import trials
+from glmc_ray.search import space_file, trials
 
 SPACES = CONFIGS / "search"
 
@@ -41,6 +41,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--space", help="the search space (required for a new search): a YAML file, or a name in "
                                    "configs/search/: glmc (GLMC's knobs) or methods (the method itself and each "
                                    "one's knobs)")
+    p.add_argument("--teacher", metavar="RUN",
+                   help="a finished run of this harness on the same data (its folder or s3:// copy): the methods "
+                        "that learn from a teacher (deit_lt) are searched too, distilling from it; without it "
+                        "the space leaves them out")
     p.add_argument("--dry-run", action="store_true",
                    help="check the base config and the space, print the base config as YAML and the searched "
                         "fields with the first trial's values; nothing is started or written")
@@ -78,7 +82,10 @@ def _new_search(args) -> tuple[config_lib.Config, search_space.Space, trials.Sea
         raise config_lib.ConfigError("--space is required for a new search (e.g. --space glmc or --space methods, "
                                      "configs/search/)")
     base = config_lib.load_for_workers(find_config(args.config), recipe_overrides(args))
-    space = search_space.load_space(find_config(args.space, "--space", SPACES), base)
+    teacher = args.teacher or ""
+    if teacher and not storage.is_uri(teacher):  # the trials run in their own folders
+        teacher = str(Path(teacher).resolve())
+    space = space_file.load_space(find_config(args.space, "--space", SPACES), base, teacher)
     opts = _options(args)
     trials.prepare(base, space, opts, args.config or "the default config")
     return base, space, opts
@@ -89,8 +96,8 @@ def _dry_run(base, space, opts: trials.SearchOptions) -> None:
     first = space.point(base)
     print(f"# {version_line()}\n# {opts.trials} trials of {opts.trial_epochs or base.train.epochs} epochs, "
           f"{opts.concurrent} at once; searched (first trial: the base config's values):")
-    for param in space.all_params():
-        print(f"#   {param.key}: {first.get(param.key, '(not searched by the first trial)')}")
+    for key in space.keys():
+        print(f"#   {key}: {first.get(key, '(not searched by the first trial)')}")
     print(config_lib.to_yaml(base), end="")
 
 
@@ -126,9 +133,9 @@ def _run_search(args, term: TermAsInt) -> tuple[Path, bool]:
 
     trials.set_environment()
     if args.resume:
-        if args.config or args.space or args.overrides:
+        if args.config or args.space or args.overrides or args.teacher:
             raise config_lib.ConfigError("--resume uses the experiment's saved base config and space; "
-                                         "drop --config/--set/--space")
+                                         "drop --config/--set/--space/--teacher")
         cluster.connect(args.address, 1, verbose=args.ray_verbose, worker_output=False)
         term.install()
         return trials.resume(args.resume)

@@ -22,7 +22,7 @@ back), and the driver works in a local copy of the experiment's own files (GLMC_
 written. The SQLite study is one of those files; a study that must outlive the head node goes in a database
 off it (--storage-url postgresql://...).
 
-The space (`Space`, `load_space`, `apply_values`) is glmc_ray/search/space.py.
+The space (`Space`, `apply_values`) is glmc_ray/search/space.py, its file (`load_space`) space_file.py.
 
 Fidelity: every trial trains a complete, shortened schedule of `trial_epochs` epochs (default: the
 config's own train.epochs), so GLMC's cumulative alpha and the lr schedule both finish inside the trial,
@@ -52,7 +52,7 @@ from glmc_ray.core import storage
 from glmc_ray.core.config import ConfigError
 from glmc_ray.core.errors import StorageLost
 from glmc_ray.core.schedules import scaled_milestones
-from glmc_ray.runs import mirror, provenance, rundir
+from glmc_ray.runs import mirror, parent_run, provenance, rundir
 from glmc_ray.search.console import METRIC, best_table, creation_number, error_line, trial_lines_callback
 from glmc_ray.search.space import Space, apply_values
 
@@ -110,9 +110,13 @@ def trial_config(base, values: dict, trial_epochs: int | None) -> config_lib.Con
 
 
 def prepare(base, space: Space, opts: SearchOptions, source: str) -> None:
-    """Every check that needs no Ray: validation split, trial schedule, the options."""
+    """Every check that needs no Ray: validation split, trial schedule, the options, each method's teacher run."""
     opts.check()
     check_base(base, source)
+    methods = next((p.choices for p in space.params if p.key == "method.name"), (base.method.name,))
+    for method in methods:  # the teacher a trial of each method would load (the base's own included)
+        choices = {"method.name": method}
+        parent_run.check_teacher(apply_values(base, {**choices, **space.fixed_values(choices)}))
     try:
         trial_config(base, {}, opts.trial_epochs)
     except ConfigError as err:
@@ -324,7 +328,7 @@ def _searcher(experiment: Path, base, space: Space, opts: SearchOptions):
         # sampled them, as the conditional (define-by-run) space asks for
         sampler = optuna.samplers.TPESampler(seed=opts.seed, multivariate=True, group=True,
                                              n_startup_trials=startup_trials(opts.trials))
-    first = space.point(base)  # the recipe itself is trial 1
+    first = space.point(base, sampled_only=True)  # the recipe itself is trial 1
     return OptunaSearch(space=space, metric=METRIC, mode=MODE,
                         points_to_evaluate=[first], sampler=sampler, study_name=experiment.name,
                         storage=study_storage(experiment, opts, base))
@@ -426,7 +430,7 @@ def search(base, space: Space, opts: SearchOptions, output: str | Path) -> tuple
         tune_config=tune.TuneConfig(search_alg=_searcher(experiment, base, space, opts), num_samples=opts.trials,
                                     max_concurrent_trials=opts.concurrent, reuse_actors=True),
         run_config=tune_run_config(experiment, TUNE_DIR, location(experiment),
-                                   lines=trial_lines_callback(_searched(space), opts.trials)))
+                                   lines=trial_lines_callback(space.keys(), opts.trials)))
     _fit(tuner, experiment)  # an errored trial (NaN: FloatingPointError) is recorded and the search goes on
     return experiment, write_outputs(experiment)
 
@@ -448,10 +452,6 @@ def tune_run_config(experiment: Path, name: str, storage_path: str, lines=None):
     return tune.RunConfig(name=name, storage_path=storage_path, failure_config=tune.FailureConfig(max_failures=0),
                           callbacks=[publish_callback(experiment), *([lines] if lines else [])],
                           verbose=0)  # no status tables: a line per trial event (console.py); epochs in trials/
-
-
-def _searched(space: Space) -> list[str]:
-    return [p.key for p in space.all_params()]
 
 
 def tune_location(experiment: Path) -> str:
@@ -526,7 +526,7 @@ def trial_rows(experiment: Path) -> tuple[list[dict], Space]:
         ok = trial.status == "TERMINATED" and last.get(METRIC) is not None
         rows.append({"number": creation_number(trial), "trial_id": trial.trial_id,
                      "status": "complete" if ok else trial.status.lower(),
-                     **{p.key: trial.config.get(p.key) for p in space.all_params()},
+                     **{key: trial.config.get(key) for key in space.keys()},
                      METRIC: last.get(METRIC) if ok else None, "test_top1": last.get("test_top1"),
                      "seconds": round(last["time_total_s"], 1) if "time_total_s" in last else None,
                      "error": error_line(fs, trial)})
@@ -539,7 +539,7 @@ def trial_rows(experiment: Path) -> tuple[list[dict], Space]:
 def write_outputs(experiment: Path) -> bool:
     """trials.csv, best_config.yaml (full schedule) and Optuna's plots; returns whether every trial ran."""
     rows, space = trial_rows(experiment)
-    searched = [p.key for p in space.all_params()]  # a conditional field's cell is empty where it was not searched
+    searched = space.keys()  # a conditional field's cell is empty where it was not searched
     columns = ["number", "trial_id", "status", *searched, METRIC, "test_top1", "seconds", "error"]
     with open(experiment / "trials.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
@@ -554,7 +554,7 @@ def write_outputs(experiment: Path) -> bool:
         cfg = apply_values(base, space.active(best))
         config_lib.save(cfg, experiment / "best_config.yaml")
     write_plots(experiment)
-    print(best_table(rows, _searched(space)) or "no trial completed", flush=True)
+    print(best_table(rows, space.keys()) or "no trial completed", flush=True)
     print(f"{len(rows)} trials ({len(done)} complete, {failed} failed, {unfinished} unfinished); "
           f"trials.csv in {experiment}", flush=True)
     interrupted = bool(unfinished or len(rows) < opts.trials)
