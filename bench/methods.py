@@ -16,20 +16,21 @@ runs and reuses finished ones, so methods and seeds can be added to an experimen
     python bench/methods.py --data-root ../shared/data [--methods ce bs ...] [--seeds 3407 3408]
         [--experiment runs/bench-methods/<stamp>]
 
-Writes bench/results/methods_cifar10_lt.json (per run and per method: test top-1, balanced top-1, Many,
-Medium, the 3 rarest classes, validation balanced top-1, minutes; CE + post-hoc LA from the CE runs) and
-docs/img/methods_per_class.png (mean per-class test accuracy of each method against the class counts).
+Writes bench/results/methods_cifar10_lt.json (per method, glmc_ray.compare's groups of the experiment's runs:
+test top-1, balanced top-1, Many, Medium, the 3 rarest classes, post-hoc logit adjustment, validation balanced
+top-1, minutes, mean and std over the seeds, each run's values and per-class accuracy) and
+docs/img/methods_per_class.png (mean per-class test accuracy of each method against the class counts). The same
+table for any experiment: python -m glmc_ray.compare runs/bench-methods/<stamp>.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 from glmc_ray.core import config as config_lib
-from glmc_ray.runs import plots, rundir
+from glmc_ray.runs import comparison, plots, rundir
 from glmc_ray.search import full as search_full
 from glmc_ray.search import trials
 from glmc_ray.search.full import FULL_DIR, FullRun
@@ -103,7 +104,7 @@ STAGE2 = {"shike_retrain": ("SHIKE stage 2: its re-trained classifiers, 2 epochs
           "deit_lt_no_teacher": ("DeiT-LT's loss with alpha 0: its cls token on the mixed, smoothed targets alone (the "
                                  "teacher is loaded, its term weighs nothing)", "ldam_drw",
                                  {**DEIT_LT, "method.deit_lt.alpha": 0.0}, "method.deit_lt.teacher")}
-POSTHOC = "ce_posthoc"  # CE's runs evaluated with logits - tau log(prior), tau chosen on validation
+TABLE = ["top1", "balanced_top1", "many", "medium", "rarest3", "posthoc_top1", "val_balanced_top1", "minutes"]
 PUBLISHED = {  # methods-reference.md: the published ordering at paper scale (200+ epochs, full width)
     "cifar10_lt_if200_balms_readme": {"ce": 74.0, "bs": 79.8},
     "cifar10_lt_if50_cb_issue5": {"ce": 75.98, "cb": 79.18},
@@ -113,41 +114,6 @@ PUBLISHED = {  # methods-reference.md: the published ordering at paper scale (20
 def base_config(data_root: str, overrides: list[str]) -> config_lib.Config:
     sets = [f"data.root={Path(data_root).resolve()}", *PROTOCOL, "name=methods", *overrides]
     return config_lib.load("configs/recipes/cifar10_lt_if100/glmc.yaml", sets)
-
-
-def run_summary(run: Path, split: str = "test") -> dict:
-    """One finished run: its last-epoch results on `split` ("test" or "test_posthoc"), validation balanced
-    top-1, the mean of the 3 rarest classes, and minutes of training steps (evaluation excluded)."""
-    final = json.loads((run / "final.json").read_text())
-    last, counts = final["last"], final["class_counts"]
-    rarest = sorted(range(len(counts)), key=lambda c: counts[c])[:3]
-    test = last[split]
-    val = last["val_posthoc" if split == "test_posthoc" else "val"]
-    return {"run": str(run), "top1": test["top1"], "balanced_top1": test["balanced_top1"], "many": test["many"],
-            "medium": test["medium"], "rarest3": statistics.mean(test["per_class"][c] for c in rarest),
-            "val_balanced_top1": val["balanced_top1"], "per_class": test["per_class"], "class_counts": counts,
-            "tau": last.get("posthoc", {}).get("tau") if split == "test_posthoc" else None,
-            "minutes": sum(r.get("train_seconds", 0.0) for r in rundir.read_metrics(run)) / 60,
-            "experts_top1": [e["top1"] for e in test.get("experts", [])]}  # RIDE / MDCS / SHIKE: each expert
-
-
-def aggregate(runs: list[dict]) -> dict:
-    out = {"seeds": len(runs)}
-    for key in ("top1", "balanced_top1", "many", "medium", "rarest3", "val_balanced_top1", "minutes"):
-        values = [r[key] for r in runs]
-        out[key] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-    out["per_class"] = [statistics.mean(r["per_class"][c] for r in runs) for c in range(len(runs[0]["per_class"]))]
-    return out
-
-
-def table(summary: dict) -> str:
-    lines = ["| method | test top-1 | balanced | Many | Medium | 3 rarest | val bal. | min/run |",
-             "|---|---|---|---|---|---|---|---|"]
-    for label, s in sorted(summary.items(), key=lambda kv: -kv[1]["top1"]["mean"]):
-        keys = ("top1", "balanced_top1", "many", "medium", "rarest3", "val_balanced_top1", "minutes")
-        cells = [f"{s[k]['mean']:.2f} ± {s[k]['std']:.2f}" if k == "top1" else f"{s[k]['mean']:.1f}" for k in keys]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def finished_runs(experiment: Path, base: config_lib.Config, label: str, seed: int | str = "*") -> list[Path]:
@@ -205,27 +171,21 @@ def main() -> None:
         results += search_full.train_full(experiment, base, opts, stage2)
 
     # every finished run of the experiment counts, also those of earlier invocations (other seeds, methods)
-    runs: dict[str, list[dict]] = {}
-    for label in [*METHODS, *STAGE2]:
-        for run in finished_runs(experiment, base, label):
-            runs.setdefault(label, []).append(run_summary(run))
-            if label == "ce":
-                runs.setdefault(POSTHOC, []).append(run_summary(run, "test_posthoc"))
-    summary = {label: aggregate(rs) for label, rs in runs.items()}
+    groups, notes = comparison.compare([str(experiment / FULL_DIR)])
+    for group in groups:
+        group.name = group.name.removeprefix(f"{base.name}-")
     described = {label: what for label, (what, *_) in {**METHODS, **STAGE2}.items()}
     report = {"experiment": str(experiment), "protocol": PROTOCOL + args.overrides, "seeds": args.seeds,
-              "methods": described, "published": PUBLISHED,
-              "unfinished": [r for r in results if r["status"] != "complete"], "summary": summary, "runs": runs}
+              "methods": described, "published": PUBLISHED, "metrics": comparison.METRICS,
+              "unfinished": [r for r in results if r["status"] != "complete"],
+              "class_counts": list(groups[0].runs[0].class_counts), "groups": [g.summary() for g in groups]}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))
-    if summary:
-        counts = next(iter(runs.values()))[0]["class_counts"]
-        title = f"CIFAR-10-LT IF 100, {base.train.epochs} epochs, last epoch (mean over {len(args.seeds)} seeds)"
-        plots.methods_per_class_plot({label: s["per_class"] for label, s in summary.items()}, counts,
-                                     Path(args.plot), title=title)
-    print(table(summary))
+    title = f"CIFAR-10-LT IF 100, {base.train.epochs} epochs, last epoch (mean over {len(args.seeds)} seeds)"
+    plots.methods_per_class_plot({g.name: g.per_class() for g in groups}, report["class_counts"], Path(args.plot),
+                                 title=title)
+    print("\n".join([*notes, comparison.markdown_table(groups, comparison.shown_metrics(groups, TABLE))]))
     print(f"JSON in {args.json}, plot in {args.plot}; unfinished runs: {len(report['unfinished'])}")
-
 
 if __name__ == "__main__":
     main()

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from glmc_ray import shards, train
+from glmc_ray import compare, shards, train
 from glmc_ray.core.version import version_line
 from glmc_ray.search import cli as search_cli
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
-COMMANDS = {"glmc-train": train.parser, "glmc-search": search_cli.parser, "glmc-shards": shards.parser}
+COMMANDS = {"glmc-train": train.parser, "glmc-search": search_cli.parser, "glmc-shards": shards.parser,
+            "glmc-compare": compare.parser}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

@@ -13,7 +13,8 @@ from glmc_ray.core import config as config_lib
 from glmc_ray.core import longtail
 from glmc_ray.methods import build_method
 from glmc_ray.methods.base import Batch
-from glmc_ray.methods.deit_lt import mix, smoothed_one_hot
+from glmc_ray.methods.deit_lt import mix
+from glmc_ray.methods.glmc import smoothed_one_hot
 from glmc_ray.models.teacher import Teacher, renormalisation, teacher_input
 from glmc_ray.train import main
 from glmc_ray.training.worker import build_network, build_trainee
@@ -220,3 +221,15 @@ def test_a_bad_teacher_stops_before_making_a_run(teacher_run, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and re.search(message, err[0]), (settings, err)
         assert not output.exists()
+
+
+def test_a_config_from_before_smoothing_was_every_methods_reads_as_it_trained():
+    """method.deit_lt.label_smoothing (a run's config.yaml written before train.label_smoothing) loads as
+    train.label_smoothing; giving both, differently, is refused."""
+    values = config_lib.to_dict(_student())
+    values["method"]["deit_lt"]["label_smoothing"] = 0.2
+    values["train"].pop("label_smoothing")
+    assert config_lib.from_dict(values).train.label_smoothing == 0.2
+    values["train"]["label_smoothing"] = 0.1
+    with pytest.raises(config_lib.ConfigError, match=r"label_smoothing: 0.2 and train.label_smoothing: 0.1"):
+        config_lib.from_dict(values)

@@ -6,7 +6,7 @@ from tests.conftest import REPO
 
 # lowest first; a module imports from its own room and from rooms on lower floors, never from a room beside it
 FLOORS = [("core", "models"), ("methods",), ("data", "runs"), ("training",), ("distributed",), ("search",),
-          ("train", "shards")]
+          ("train", "shards", "compare")]
 FLOOR = {room: level for level, rooms in enumerate(FLOORS) for room in rooms}
 PACKAGE = REPO / "glmc_ray"
 

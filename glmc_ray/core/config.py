@@ -5,6 +5,7 @@ in a recipe never silently falls back to a default (the official code ignores `-
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -314,12 +315,28 @@ MOVED = {f"method.{f.name}": f"method.glmc.{f.name}" for f in dataclasses.fields
 
 
 def from_dict(values: dict) -> Config:
-    cfg = _build(Config, values, "")
+    cfg = _build(Config, _carried_over(values), "")
     _check_method_sections(values.get("method", {}), cfg.method.name)
     if cfg.data.protocol == "paper":  # the config a run saves says what ran: no split held out
         cfg.data.val_fraction, cfg.data.val_split = 0.0, ""
     validate(cfg)
     return cfg
+
+
+def _carried_over(values: dict) -> dict:
+    """A config written before DeiT-LT's label smoothing became every method's train.label_smoothing (a run's
+    config.yaml: its resume, its comparison) reads as it trained; one giving both keys is refused."""
+    deit = (values.get("method") or {}).get("deit_lt") if isinstance(values.get("method"), dict) else None
+    if not isinstance(deit, dict) or "label_smoothing" not in deit:
+        return values
+    values = copy.deepcopy(values)
+    smoothing = values["method"]["deit_lt"].pop("label_smoothing")
+    train = values.setdefault("train", {})
+    if isinstance(train, dict) and train.setdefault("label_smoothing", smoothing) != smoothing:
+        raise ConfigError(f"method.deit_lt.label_smoothing: {smoothing!r} and train.label_smoothing: "
+                          f"{train['label_smoothing']!r}; it is train.label_smoothing now (every method's): give that "
+                          f"one only", "method.deit_lt.label_smoothing")
+    return values
 
 
 def has_validation(cfg: Config) -> bool:

@@ -16,8 +16,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from glmc_ray.core import storage
-from glmc_ray.runs.ray_resume import SNAPSHOT
 from glmc_ray.core.storage import PARTIAL_SUFFIX, atomic_write
+from glmc_ray.runs.ray_resume import SNAPSHOT
 
 FIRST = ("checkpoint.pt", "best.pt")  # an epoch's state lands before any record that names the epoch
 LAST = ("final.json",)  # its presence says the run finished

@@ -17,9 +17,8 @@ from pathlib import Path
 import yaml
 
 from glmc_ray.core import config as config_lib
-from glmc_ray.runs import ray_resume
-from glmc_ray.runs import rundir
 from glmc_ray.core import storage
+from glmc_ray.runs import ray_resume, rundir
 
 PARENT_FILE = "parent.json"  # in the child's run directory
 # What fixes the training subset, hence the class counts the parent's heads were trained on

@@ -97,3 +97,27 @@ def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+@_one_at_a_time
+def shot_groups_plot(groups: dict[str, dict], path: Path, title: str) -> None:
+    """Many / Medium / Few test accuracy of each group (bars side by side, the std over its runs as error bars);
+    `groups`: name -> {"many"|"medium"|"few": {"mean", "std"}}. A shot group no class falls in is left out."""
+    import numpy as np
+
+    shots = [s for s in ("many", "medium", "few") if any(g[s]["mean"] is not None for g in groups.values())]
+    width = 0.8 / max(len(groups), 1)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(groups) * len(shots) / 2 + 3), 4))
+    for i, (name, stats) in enumerate(groups.items()):
+        means = [stats[s]["mean"] or 0.0 for s in shots]
+        errors = [stats[s]["std"] or 0.0 for s in shots]
+        ax.bar(np.arange(len(shots)) + (i - (len(groups) - 1) / 2) * width, means, width, yerr=errors, capsize=3,
+               label=name)
+    names = {"many": f"Many (>{MANY_ABOVE})", "medium": f"Medium ({FEW_BELOW}-{MANY_ABOVE})",
+             "few": f"Few (<{FEW_BELOW})"}
+    ax.set_xticks(range(len(shots)), [names[s] for s in shots])
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(4, len(groups)), fontsize=8, frameon=False)
+    ax.set_title(title)
+    _save(fig, path)

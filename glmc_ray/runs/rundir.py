@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from glmc_ray.core import config as config_lib
-from glmc_ray.runs import provenance
 from glmc_ray.core.errors import OutputError, kept_checkpoint
 from glmc_ray.core.storage import PARTIAL_SUFFIX, atomic_write, remove_partial_writes  # noqa: F401 (used from rundir)
+from glmc_ray.runs import provenance
 from glmc_ray.runs.tensorboard_events import EpochEvents
 
 CHECKPOINT = "checkpoint.pt"

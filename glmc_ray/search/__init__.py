@@ -1,3 +1,3 @@
-"""Hyper-parameter and method search: the space file (space.py), Ray Tune trials proposed by Optuna
-(trials.py), the full-schedule stages after a search (full.py) and the command line (cli.py:
+"""Hyper-parameter and method search: the space (space.py) and its file (space_file.py), Ray Tune trials
+proposed by Optuna (trials.py), the full-schedule stages after a search (full.py) and the command line (cli.py:
 `python tuning/search.py` or `python -m glmc_ray.search`)."""
