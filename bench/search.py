@@ -71,8 +71,8 @@ def summarise(experiment: Path, timings: dict, args) -> dict:
         "full_schedule_fidelity_check": training_seconds([Path(r) for r in sorted(checked)]),
         "full_schedule_final_seeds_only": training_seconds([Path(r) for r in sorted(final - checked)])}
     if "final_seeds" in report:
-        found = report["final_seeds"]["summary"]["found"]["test_top1"]
-        recipe = report["final_seeds"]["summary"]["recipe"]["test_top1"]
+        found = report["final_seeds"]["summary"]["found"]["metrics"]["top1"]  # glmc_ray.compare's groups
+        recipe = report["final_seeds"]["summary"]["recipe"]["metrics"]["top1"]
         report["found_minus_recipe_test_top1"] = found["mean"] - recipe["mean"]
         report["found_minus_ce_test_top1"] = found["mean"] - REFERENCES["ce_test_top1"]
     return report

@@ -572,8 +572,9 @@ def test_fidelity_check_and_final_seeds_train_the_full_schedule_once_per_run(tmp
     for name in ("found", "recipe"):
         runs = final["runs"][name]
         assert [r["seed"] for r in runs] == final["seeds"] and all(r["status"] == "complete" for r in runs)
-        tops = [r["test_top1"] for r in runs]
-        assert final["summary"][name]["test_top1"]["mean"] == pytest.approx(sum(tops) / 2)
+        tops = [r["test_top1"] for r in runs]  # each run's row, from its final.json
+        assert final["summary"][name]["metrics"]["top1"]["mean"] == pytest.approx(sum(tops) / 2)
+        assert final["summary"][name]["runs"] == [r["run"] for r in runs] and final["summary"][name]["failed"] == 0
         for r in runs:
             cfg = config_lib.load(f"{r['run']}/config.yaml")
             assert cfg.train.seed == r["seed"] and cfg.train.epochs == 2

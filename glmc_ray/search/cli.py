@@ -62,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
                         "schedule; fidelity.json/png give the Spearman correlation of the two objectives")
     p.add_argument("--final-seeds", type=int, default=0, metavar="N",
                    help="after the search: train the winner and the recipe with the full schedule and N train "
-                        "seeds each; final_seeds.json gives validation and test top-1, Many/Medium/Few mean +- std")
+                        "seeds each; final_seeds.json gives their results as glmc_ray.compare does (mean +- std)")
     p.add_argument("--output", default="runs", help="parent folder of the experiment directory (default runs/), or "
                                                       "object storage: s3://bucket/searches (no shared folder needed)")
     p.add_argument("--resume", metavar="EXPERIMENT", help="continue an interrupted search (its folder or URI)")

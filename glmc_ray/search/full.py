@@ -7,14 +7,13 @@ method rows the same way (`train_full`).
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from glmc_ray.core import config as config_lib
 from glmc_ray.core import storage
 from glmc_ray.core.config import ConfigError
-from glmc_ray.runs import mirror, plots, rundir
+from glmc_ray.runs import comparison, mirror, plots, rundir
 from glmc_ray.search.console import full_lines_callback
 from glmc_ray.search.space import Space, apply_values, same_value
 from glmc_ray.search.trials import (
@@ -32,7 +31,8 @@ from glmc_ray.search.trials import (
 
 FULL_DIR = "full"  # full-schedule runs: the fidelity check and the final seeds
 RECIPE = "recipe"  # the label of the base config's own values
-SUMMARY_KEYS = ("top1", "balanced_top1", "many", "medium", "few")
+SUMMARY_KEYS = ("top1", "balanced_top1", "many", "medium", "few")  # of each run's line and row
+FINAL_METRICS = ["val_balanced_top1", "top1", "balanced_top1", "many", "medium", "few", "posthoc_top1"]
 
 
 def run_full(config: dict, base: dict, opts: dict, experiment: str, command: str) -> None:
@@ -158,40 +158,20 @@ def fidelity_report(experiment: Path, epochs: tuple[int, int], checked: list[dic
 
 def final_seeds_report(experiment: Path, epochs: int, best: dict, groups: dict, seeds: list[int],
                        by_group: dict) -> dict:
-    """Mean and standard deviation over the train seeds of the winner's and the recipe's results."""
+    """Mean and standard deviation over the train seeds of the winner's and the recipe's results, as
+    glmc_ray.compare computes them from the runs' final.json (`summary`: each group's, and its failed runs)."""
+    compared = [comparison.Group(name, [comparison.read_run(r["run"]) for r in rows if r["status"] == "complete"])
+                for name, rows in by_group.items()]
+    summary = {group.name: {**group.summary(), "failed": sum(r["status"] != "complete" for r in by_group[group.name])}
+               for group in compared if group.runs}
     report = {"seeds": seeds, "epochs": epochs, "best_trial": best["trial_id"],
-              "values": {name: job.values for name, job in groups.items()},
-              "summary": {name: seed_summary(group) for name, group in by_group.items()},
-              "runs": by_group}
+              "values": {name: job.values for name, job in groups.items()}, "summary": summary, "runs": by_group}
     (experiment / "final_seeds.json").write_text(json.dumps(report, indent=1))
-    print(final_table(report), flush=True)
+    shown = comparison.shown_metrics([g for g in compared if g.runs], FINAL_METRICS)
+    print(f"full schedule ({epochs} epochs), train seeds {seeds}, mean ± std "
+          f"(python -m glmc_ray.compare {experiment / FULL_DIR} for every run):\n"
+          f"{comparison.markdown_table([g for g in compared if g.runs], shown)}", flush=True)
     return report
-
-
-def seed_summary(results: list[dict]) -> dict:
-    complete = [r for r in results if r["status"] == "complete"]
-    summary = {"runs": len(complete), "failed": len(results) - len(complete)}
-    for key in (f"{split}_{k}" for split in ("val", "test") for k in SUMMARY_KEYS):
-        values = [r[key] for r in complete if r[key] is not None]
-        summary[key] = {"mean": statistics.mean(values) if values else None,
-                        "std": statistics.stdev(values) if len(values) > 1 else None}
-    return summary
-
-
-def final_table(report: dict) -> str:
-    keys = [f"val_{k}" for k in SUMMARY_KEYS[:2]] + [f"test_{k}" for k in SUMMARY_KEYS]
-    lines = [f"full schedule ({report['epochs']} epochs), train seeds {report['seeds']}: mean +- std",
-             f"{'':8}" + "".join(f"{k:>22}" for k in keys)]
-    for name, summary in report["summary"].items():
-        cells = [_mean_std(summary[k]) for k in keys]
-        lines.append(f"{name:8}" + "".join(f"{c:>22}" for c in cells))
-    return "\n".join(lines)
-
-
-def _mean_std(stat: dict) -> str:
-    if stat["mean"] is None:
-        return "-"
-    return f"{stat['mean']:.2f}" + (f" +- {stat['std']:.2f}" if stat["std"] is not None else "")
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:
