@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from glmc_ray.runs import rundir
-from glmc_ray.search.trials import METRIC
+from glmc_ray.search.console import EVALUATED as METRIC  # the default objective, validation balanced top-1
 
 SEARCH = Path(__file__).resolve().parents[1] / "tuning" / "search.py"
 

@@ -361,7 +361,7 @@ def test_each_experts_accuracy_and_shot_groups_are_reported():
         assert expert["top1"] == pytest.approx(float(hits.double().mean() * 100))
         assert expert["many"] == pytest.approx(float(hits[y == 0].double().mean() * 100))
         assert expert["few"] == pytest.approx(float(hits[(y == 3) | (y == 4)].double().mean() * 100))
-        assert set(expert) == {"top1", "balanced_top1", "many", "medium", "few"}
+        assert set(expert) == {"top1", "balanced_top1", "worst", "many", "medium", "few"}
 
 
 # ---- bad input --------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import yaml
 from glmc_ray.core import config as config_lib
 from glmc_ray.core.errors import STORAGE_LOST
 from glmc_ray.runs import rundir
-from glmc_ray.search import console, space_file, trials
+from glmc_ray.search import console, objectives, space_file, trials
 from glmc_ray.search import full as search_full
 from glmc_ray.search import space as search_space
 from glmc_ray.train import main as train_main
@@ -225,6 +225,34 @@ def test_methods_space_searches_deit_lt_only_given_a_teacher_run(capsys):
         space_file.load_space(REPO / "configs/search/glmc.yaml", base, "/runs/teacher")
 
 
+def test_objectives_read_the_validation_record_and_mix_with_weights():
+    record = {"val_balanced_top1": 40.0, "val_top1": 55.0, "val_few": 10.0, "val_worst": 2.0, "val_many": None}
+    plain, mixed, worst = objectives.parse(["balanced_top1", "0.7*balanced_top1+0.3*few", "worst"], "--pareto")
+    assert (plain.key, mixed.key, worst.key) == ("val_balanced_top1", "objective_2", "val_worst")
+    assert plain.value(record) == 40.0 and mixed.value(record) == pytest.approx(0.7 * 40 + 0.3 * 10)
+    assert objectives.parse(["many"])[0].value(record) is None  # no Many class: no objective
+    assert objectives.with_values(record, (plain, mixed))["objective_2"] == pytest.approx(31.0)
+    for specs, words in ((["recall"], "'recall' is not an objective"), (["0.5*few+x"], "'x' is not an objective"),
+                         (["few", "1*few"], "few is given twice"), (["2**few"], "'2**few' is not")):
+        with pytest.raises(config_lib.ConfigError, match=re.escape(words)):
+            objectives.parse(specs)
+
+
+def test_the_pareto_front_holds_exactly_the_non_dominated_trials():
+    import random
+
+    generator = random.Random(0)
+    rows = [{"number": n, "status": "complete" if n % 7 else "failed", "a": generator.random(),
+             "b": generator.random()} for n in range(1, 60)]
+    rows += [{**rows[0], "number": 60}]  # a tie with trial 1: neither dominates the other
+    front = objectives.pareto_front(rows, ["a", "b"])
+    done = [r for r in rows if r["status"] == "complete"]
+    beaten = {r["number"] for r in done for o in done if o["a"] >= r["a"] and o["b"] >= r["b"] and
+              (o["a"], o["b"]) != (r["a"], r["b"])}
+    assert {r["number"] for r in front} == {r["number"] for r in done} - beaten
+    assert (1 in beaten) == (60 in beaten)  # tied trials stand or fall together
+
+
 def test_glmc_space_fits_both_cifar_recipes_and_applies_to_a_config():
     for recipe in ("smoke.yaml", "recipes/cifar100_lt_if100/glmc.yaml", "recipes/cifar10_lt_if100/glmc.yaml"):
         base = config_lib.load(REPO / "configs" / recipe)
@@ -253,6 +281,11 @@ def test_bad_input_is_one_error_line_before_any_trial(tmp_path, capsys):
           "--set", "optim.warmup_epochs=2", "--trial-epochs", "2"], "--trial-epochs 2"),
         (["--config", SMOKE, "--space", space, "--storage-url", "nosuch://db"], "--storage-url nosuch://db"),
         (["--config", SMOKE, "--space", space, "--teacher", "runs/t"], "can choose learns from a teacher run"),
+        (["--config", SMOKE, "--space", space, "--objective", "recall"], "--objective recall: 'recall' is not"),
+        (["--config", SMOKE, "--space", space, "--pareto", "few"], "--pareto few: a Pareto front needs two"),
+        (["--config", SMOKE, "--space", space, "--objective", "few", "--pareto", "few", "top1"], "not both"),
+        (["--config", SMOKE, "--space", space, "--pareto", "few", "top1", "--final-seeds", "2"],
+         "--pareto with --fidelity-check or --final-seeds"),
         (["--config", SMOKE, "--space", "methods", "--teacher", str(tmp_path / "no-run")],
          "error: method.deit_lt.teacher: "),
     ]
@@ -347,6 +380,41 @@ def test_a_methods_search_given_a_teacher_run_trains_deit_lt_students_of_it(tmp_
     final = json.loads((runs[rows[1]["trial_id"]] / "final.json").read_text())
     assert final["last"]["test"]["expert_names"] == ["cls", "dist"]
     assert "deit_lt" not in json.dumps(config_lib.to_dict(config_lib.load(runs[rows[0]["trial_id"]] / "config.yaml")))
+
+
+def test_a_pareto_search_writes_the_front_of_its_objectives_with_each_points_config(tmp_path, ray_session):
+    """--pareto balanced_top1 0.5*top1+0.5*worst: Optuna maximises both; trials.csv has each objective (the mix
+    computed from the trial's own last epoch), pareto.csv exactly the non-dominated trials, each with its config."""
+    output = tmp_path / "runs"
+    space = _space(tmp_path, "optim.lr: {float: [0.003, 0.3], log: true}\n")
+    assert main(["--config", SMOKE, *FAST, "--space", str(space), "--trials", "4", "--concurrent", "2",
+                 "--trial-epochs", "1", "--output", str(output), "--pareto", "balanced_top1",
+                 "0.5*top1+0.5*worst"]) == 0
+    experiment = _only_experiment(output)
+    rows = _rows(experiment)
+    assert all(r["status"] == "complete" for r in rows) and not (experiment / "best_config.yaml").exists()
+    runs = {p.name.split("-")[1]: p for p in (experiment / "trials").iterdir()}
+    for row in rows:
+        last = rundir.read_metrics(runs[row["trial_id"]])[-1]
+        assert float(row["val_balanced_top1"]) == pytest.approx(last["val_balanced_top1"])
+        assert float(row["objective_2"]) == pytest.approx(0.5 * last["val_top1"] + 0.5 * last["val_worst"])
+    keys = ["val_balanced_top1", "objective_2"]
+    scores = {int(r["number"]): tuple(float(r[k]) for k in keys) for r in rows}
+    front = {n for n, s in scores.items() if not any(all(o[i] >= s[i] for i in range(2)) and o != s
+                                                      for o in scores.values())}
+    with open(experiment / "pareto.csv") as f:
+        points = list(csv.DictReader(f))
+    assert {int(p["number"]) for p in points} == front
+    for point in points:
+        cfg = config_lib.load(experiment / "pareto" / f"trial_{point['number']}.yaml")
+        assert cfg.optim.lr == pytest.approx(float(point["optim.lr"])) and cfg.train.epochs == config_lib.load(
+            SMOKE).train.epochs
+    study = _study(experiment)
+    assert len(study.directions) == 2
+    for trial, row in zip(study.trials, rows, strict=True):
+        assert trial.values == pytest.approx([float(row[k]) for k in keys])
+    for name in ("pareto.png", "optimization_history.png", "slice.png"):
+        assert (experiment / name).stat().st_size > 5_000, name
 
 
 def test_a_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(tmp_path, ray_session, capfd):
@@ -602,12 +670,12 @@ def test_the_best_trials_table_names_a_tie_and_which_trial_best_config_takes():
              "method.glmc.mix_beta": None}
             for n, status, score in [(1, "complete", 50.0), (2, "failed", None), (3, "complete", 52.5),
                                      (4, "complete", 52.5), (5, "complete", 49.0)]]
-    table = console.best_table(rows, ["optim.lr", "method.glmc.mix_beta"]).splitlines()
+    table = console.best_table(rows, ["optim.lr", "method.glmc.mix_beta"], "val_balanced_top1").splitlines()
     assert table[1].split()[:3] == ["trial", "3", "52.50"] and "optim.lr=0.03" in table[1]
     assert "mix_beta" not in table[1]  # not searched by that trial
     assert [line.split()[1] for line in table[1:5]] == ["3", "4", "1", "5"]
     assert table[-1].startswith("trials 3, 4 tie at 52.50; best_config.yaml is trial 3's (the first asked)")
-    assert console.best_table([rows[1]], ["optim.lr"]) == ""
+    assert console.best_table([rows[1]], ["optim.lr"], "val_balanced_top1") == ""
 
 
 def test_a_dry_run_checks_the_search_by_names_and_prints_a_loadable_base_config(capsys, tmp_path):

@@ -82,12 +82,13 @@ def hit_counts(model, batches: Iterable, num_classes: int, autocast, offsets: to
 
 
 def class_metrics(top1_hits: torch.Tensor, totals: torch.Tensor, train_counts) -> dict:
-    """top1 over samples, mean per-class accuracy, Many/Medium/Few (mean of per-class accuracy), per class (%)."""
+    """top1 over samples, mean per-class accuracy, the worst class's, Many/Medium/Few (mean of per-class
+    accuracy), per class (%)."""
     top1_hits, totals = top1_hits.double().cpu(), totals.double().cpu()
     seen = totals > 0
     per_class = torch.where(seen, top1_hits / totals.clamp_min(1), torch.full_like(totals, float("nan")))
     metrics = {"top1": float(100 * top1_hits.sum() / totals.sum()),
-               "balanced_top1": float(100 * per_class[seen].mean())}
+               "balanced_top1": float(100 * per_class[seen].mean()), "worst": float(100 * per_class[seen].min())}
     for name, members in shot_groups(train_counts).items():
         members = members & seen
         metrics[name] = float(100 * per_class[members].mean()) if members.any() else None

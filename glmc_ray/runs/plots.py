@@ -82,8 +82,9 @@ def fidelity_plot(pairs: list[dict], report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for pair in pairs:
         recipe = pair["label"] == "recipe"
-        ax.scatter(pair["short"], pair["val_balanced_top1"], color="tab:red" if recipe else "tab:blue", zorder=2)
-        ax.annotate("recipe" if recipe else f"#{pair['number']}", (pair["short"], pair["val_balanced_top1"]),
+        full = pair[report["metric"]]
+        ax.scatter(pair["short"], full, color="tab:red" if recipe else "tab:blue", zorder=2)
+        ax.annotate("recipe" if recipe else f"#{pair['number']}", (pair["short"], full),
                     textcoords="offset points", xytext=(4, 4), fontsize=8)
     rho = report["spearman"]
     ax.set_title(f"{report['metric']}: Spearman {rho:.2f}" if rho is not None else report["metric"])
@@ -120,4 +121,27 @@ def shot_groups_plot(groups: dict[str, dict], path: Path, title: str) -> None:
     ax.set_ylim(0, 100)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(4, len(groups)), fontsize=8, frameon=False)
     ax.set_title(title)
+    _save(fig, path)
+
+
+@_one_at_a_time
+def pareto_plot(rows: list[dict], front: list[dict], keys: list[str], path: Path) -> None:
+    """Every complete trial's first two objectives (grey), the Pareto front's points joined and numbered;
+    a third objective, where searched, is the front's colour."""
+    x, y = keys[0], keys[1]
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    ax.scatter([r[x] for r in rows], [r[y] for r in rows], s=18, color="0.7", label="trials")
+    ordered = sorted(front, key=lambda r: r[x])
+    colour = {"c": [r[keys[2]] for r in ordered], "cmap": "viridis"} if len(keys) > 2 else {"color": "tab:red"}
+    points = ax.scatter([r[x] for r in ordered], [r[y] for r in ordered], s=36, zorder=3, label="Pareto front",
+                        **colour)
+    ax.plot([r[x] for r in ordered], [r[y] for r in ordered], color="tab:red", linewidth=1, zorder=2)
+    for r in ordered:
+        ax.annotate(str(r["number"]), (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if len(keys) > 2:
+        fig.colorbar(points, ax=ax, label=keys[2])
+    ax.set_xlabel(f"{x} (validation)")
+    ax.set_ylabel(f"{y} (validation)")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{len(front)} of {len(rows)} trials on the Pareto front")
     _save(fig, path)

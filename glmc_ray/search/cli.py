@@ -24,8 +24,8 @@ from glmc_ray.core.errors import run_command
 from glmc_ray.core.interrupts import TermAsInt
 from glmc_ray.core.version import version_line
 from glmc_ray.search import full as search_full
+from glmc_ray.search import objectives, space_file, trials
 from glmc_ray.search import space as search_space
-from glmc_ray.search import space_file, trials
 
 SPACES = CONFIGS / "search"
 
@@ -57,6 +57,12 @@ def parser() -> argparse.ArgumentParser:
                    help="K > 1: each trial is a K-worker Ray Train run (default 1: the loop in the trial's process)")
     p.add_argument("--trial-epochs", type=int,
                    help="epochs of each trial's complete, shortened schedule (default: the config's train.epochs)")
+    p.add_argument("--objective", metavar="SPEC",
+                   help="what is maximised on the validation split: balanced_top1 (default), top1, many, medium, "
+                        "few, worst (the worst class), or a weighted sum such as 0.7*balanced_top1+0.3*few")
+    p.add_argument("--pareto", nargs="+", metavar="SPEC",
+                   help="two or more objectives (as --objective) maximised together by Optuna's multi-objective "
+                        "TPE: the search writes their Pareto front (pareto.csv, pareto.png, each point's config)")
     p.add_argument("--fidelity-check", type=int, default=0, metavar="K",
                    help="after the search: train K trials spread over its ranking, and the recipe, with the full "
                         "schedule; fidelity.json/png give the Spearman correlation of the two objectives")
@@ -95,7 +101,8 @@ def _dry_run(base, space, opts: trials.SearchOptions) -> None:
     """The base config as YAML (a config file), the searched fields and the first trial's values as comments."""
     first = space.point(base)
     print(f"# {version_line()}\n# {opts.trials} trials of {opts.trial_epochs or base.train.epochs} epochs, "
-          f"{opts.concurrent} at once; searched (first trial: the base config's values):")
+          f"{opts.concurrent} at once, maximising {' and '.join(opts.objectives)} on the validation split; "
+          f"searched (first trial: the base config's values):")
     for key in space.keys():
         print(f"#   {key}: {first.get(key, '(not searched by the first trial)')}")
     print(config_lib.to_yaml(base), end="")
@@ -106,7 +113,20 @@ def _options(args) -> trials.SearchOptions:
         space=str(find_config(args.space, "--space", SPACES).resolve()), trials=args.trials, concurrent=args.concurrent,
         gpus_per_trial=args.gpus_per_trial,
         cpus_per_trial=args.cpus_per_trial, workers_per_trial=args.workers_per_trial,
-        trial_epochs=args.trial_epochs, seed=args.seed, storage_url=args.storage_url)
+        trial_epochs=args.trial_epochs, seed=args.seed, storage_url=args.storage_url, objectives=_objectives(args))
+
+
+def _objectives(args) -> list[str]:
+    if args.objective and args.pareto:
+        raise config_lib.ConfigError("--objective and --pareto: give one objective (--objective) or several "
+                                     "(--pareto), not both")
+    if args.pareto is not None and len(args.pareto) < 2:
+        raise config_lib.ConfigError(f"--pareto {' '.join(args.pareto)}: a Pareto front needs two objectives or "
+                                     f"more; for one, use --objective")
+    if args.pareto and (args.fidelity_check or args.final_seeds):
+        raise config_lib.ConfigError("--pareto with --fidelity-check or --final-seeds: those rank the trials by one "
+                                     "objective; train the point of the front you pick with python -m glmc_ray.train")
+    return args.pareto or [args.objective or objectives.DEFAULT]
 
 
 def _default_gpus(opts: trials.SearchOptions) -> None:
@@ -133,9 +153,9 @@ def _run_search(args, term: TermAsInt) -> tuple[Path, bool]:
 
     trials.set_environment()
     if args.resume:
-        if args.config or args.space or args.overrides or args.teacher:
-            raise config_lib.ConfigError("--resume uses the experiment's saved base config and space; "
-                                         "drop --config/--set/--space/--teacher")
+        if args.config or args.space or args.overrides or args.teacher or args.objective or args.pareto:
+            raise config_lib.ConfigError("--resume uses the experiment's saved base config, space and objectives; "
+                                         "drop --config/--set/--space/--teacher/--objective/--pareto")
         cluster.connect(args.address, 1, verbose=args.ray_verbose, worker_output=False)
         term.install()
         return trials.resume(args.resume)

@@ -15,9 +15,9 @@ from glmc_ray.core import storage
 from glmc_ray.core.config import ConfigError
 from glmc_ray.runs import comparison, mirror, plots, rundir
 from glmc_ray.search.console import full_lines_callback
+from glmc_ray.search.objectives import with_values
 from glmc_ray.search.space import Space, apply_values, same_value
 from glmc_ray.search.trials import (
-    METRIC,
     Publish,
     SearchOptions,
     check_resources,
@@ -31,7 +31,6 @@ from glmc_ray.search.trials import (
 
 FULL_DIR = "full"  # full-schedule runs: the fidelity check and the final seeds
 RECIPE = "recipe"  # the label of the base config's own values
-SUMMARY_KEYS = ("top1", "balanced_top1", "many", "medium", "few")  # of each run's line and row
 FINAL_METRICS = ["val_balanced_top1", "top1", "balanced_top1", "many", "medium", "few", "posthoc_top1"]
 
 
@@ -78,25 +77,27 @@ def train_full(experiment: Path, base, opts: SearchOptions, jobs: list[FullRun])
         tune_config=tune.TuneConfig(max_concurrent_trials=opts.concurrent, reuse_actors=True),
         run_config=tune_run_config(experiment, rundir.new_stamped_folder(experiment / FULL_DIR / "tune", "full").name,
                                    storage.join(location(experiment), FULL_DIR, "tune"),
-                                   lines=full_lines_callback(len(unique), base.train.epochs)))
+                                   lines=full_lines_callback(len(unique), base.train.epochs, opts.metrics[0])))
     errored = {_job_key(result.config["job"]) for result in tuner.fit() if result.error is not None}
-    return [full_result(experiment, base, job, _job_key(asdict(job)) in errored) for job in jobs]
+    return [full_result(experiment, base, job, _job_key(asdict(job)) in errored, opts) for job in jobs]
 
 
 def _job_key(job: dict) -> str:
     return json.dumps(job, sort_keys=True)
 
 
-def full_result(experiment: Path, base, job: FullRun, errored: bool) -> dict:
-    """The run's last-epoch results; status failed (its trial raised) or unfinished (interrupted)."""
+def full_result(experiment: Path, base, job: FullRun, errored: bool, opts: SearchOptions) -> dict:
+    """The run's last-epoch validation and test results and the search's objectives; status failed (its trial
+    raised) or unfinished (interrupted)."""
     run = mirror.find(storage.join(location(experiment), FULL_DIR), job.run_name(base.name))
     row = {"label": job.label, "seed": job.seed, "run": run}
     final = storage.join(run, "final.json") if run else None
     if final is None or not storage.exists(final):
         return {**row, "status": "failed" if errored else "unfinished"}
     last = json.loads(storage.read_text(*storage.resolve(final)))["last"]
-    return {**row, "status": "complete",
-            **{f"{split}_{key}": last[split][key] for split in ("val", "test") for key in SUMMARY_KEYS}}
+    flat = {f"{split}_{key}": value for split in ("val", "test") for key, value in last[split].items()
+            if not isinstance(value, list | dict)}
+    return {**row, "status": "complete", **with_values(flat, opts.parsed_objectives())}
 
 
 def full_stages(experiment: Path, fidelity: int, seeds: int) -> dict | None:
@@ -107,7 +108,12 @@ def full_stages(experiment: Path, fidelity: int, seeds: int) -> dict | None:
     when the runs were interrupted: nothing is reported, the same call continues them."""
     rows, space = trial_rows(experiment)
     base, _, opts = read_experiment(experiment)
-    ranked = sorted((r for r in rows if r["status"] == "complete"), key=lambda r: -r[METRIC])
+    if opts.pareto:
+        raise ConfigError(f"--fidelity-check and --final-seeds rank the trials by one objective; {experiment} has "
+                          f"several (--pareto {' '.join(opts.objectives)}): pick a point of its Pareto front "
+                          f"(pareto/trial_<number>.yaml) and train it with python -m glmc_ray.train")
+    metric = opts.metrics[0]
+    ranked = sorted((r for r in rows if r["status"] == "complete"), key=lambda r: -r[metric])
     if not ranked:
         raise ConfigError(f"no trial of {experiment} completed: nothing to train with the full schedule")
     checked = _spread(ranked, fidelity) if fidelity else []
@@ -123,7 +129,7 @@ def full_stages(experiment: Path, fidelity: int, seeds: int) -> dict | None:
     if fidelity:
         short_epochs = opts.trial_epochs or base.train.epochs
         reports["fidelity"] = fidelity_report(experiment, (short_epochs, base.train.epochs), checked,
-                                              results[:len(check_jobs)])
+                                              results[:len(check_jobs)], metric)
     if seeds:
         by_group = {name: results[len(check_jobs) + i * seeds:][:seeds] for i, name in enumerate(groups)}
         reports["final_seeds"] = final_seeds_report(experiment, base.train.epochs, ranked[0], groups,
@@ -139,19 +145,20 @@ def _spread(ranked: list[dict], count: int) -> list[dict]:
     return [r for r in ranked if r["trial_id"] in picked]
 
 
-def fidelity_report(experiment: Path, epochs: tuple[int, int], checked: list[dict], results: list[dict]) -> dict:
-    """The Spearman rank correlation of the checked trials' short-schedule objective with the full
+def fidelity_report(experiment: Path, epochs: tuple[int, int], checked: list[dict], results: list[dict],
+                    metric: str) -> dict:
+    """The Spearman rank correlation of the checked trials' short-schedule objective (`metric`) with the full
     schedule's (`epochs`: their lengths): whether the short schedule ranks configurations as the full one does."""
-    pairs = [{"trial_id": r["trial_id"], "number": r["number"], "short": r[METRIC], **result}
+    pairs = [{"trial_id": r["trial_id"], "number": r["number"], "short": r[metric], **result}
              for r, result in zip(checked, results, strict=True)]
     complete = [p for p in pairs if p["status"] == "complete"]
-    report = {"short_epochs": epochs[0], "full_epochs": epochs[1], "metric": METRIC,
-              "spearman": spearman([p["short"] for p in complete], [p[METRIC] for p in complete]),
+    report = {"short_epochs": epochs[0], "full_epochs": epochs[1], "metric": metric,
+              "spearman": spearman([p["short"] for p in complete], [p[metric] for p in complete]),
               "pairs": pairs}
     (experiment / "fidelity.json").write_text(json.dumps(report, indent=1))
     plots.fidelity_plot(complete, report, experiment / "fidelity.png")
     rho = "n/a (fewer than 3)" if report["spearman"] is None else f"{report['spearman']:.2f}"
-    print(f"fidelity check: {len(complete)} configurations, {METRIC} after {report['short_epochs']} vs "
+    print(f"fidelity check: {len(complete)} configurations, {metric} after {report['short_epochs']} vs "
           f"{report['full_epochs']} epochs, Spearman {rho}; fidelity.json in {experiment}", flush=True)
     return report
 

@@ -19,13 +19,15 @@ COLUMNS = 4
 SAMPLED_BY_AT_LEAST = 2  # complete trials a field needs for a slice panel
 
 
-def write_study_plots(study: optuna.Study, folder: Path) -> list[Path]:
-    """optimization_history.png, slice.png and (with 2 complete trials or more) param_importances.png."""
+def write_study_plots(study: optuna.Study, folder: Path, metrics: list[str]) -> list[Path]:
+    """optimization_history.png, slice.png and (with 2 complete trials or more) param_importances.png, of the
+    first objective `metrics[0]` (a multi-objective study's front is pareto.png: glmc_ray/search/pareto.py)."""
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    plots = {"optimization_history.png": lambda: _figure(ovm.plot_optimization_history(study)),
-             "slice.png": lambda: slice_grid(complete)}
+    first = {"target": lambda t: t.values[0], "target_name": metrics[0]} if len(metrics) > 1 else {}
+    plots = {"optimization_history.png": lambda: _figure(ovm.plot_optimization_history(study, **first)),
+             "slice.png": lambda: slice_grid(complete, metrics[0])}
     if len(complete) >= 2:
-        plots["param_importances.png"] = lambda: _figure(ovm.plot_param_importances(study))
+        plots["param_importances.png"] = lambda: _figure(ovm.plot_param_importances(study, **first))
     written = []
     for name, plot in plots.items():
         try:
@@ -46,16 +48,17 @@ def _figure(axes):
     return figure
 
 
-def slice_grid(complete: list) -> plt.Figure:
-    """Objective against each field's value, a panel per field sampled by SAMPLED_BY_AT_LEAST complete trials
-    (a conditional field only in the trials that sampled it), COLUMNS panels a row; log axes for log ranges."""
+def slice_grid(complete: list, metric: str) -> plt.Figure:
+    """The (first) objective `metric` against each field's value, a panel per field sampled by
+    SAMPLED_BY_AT_LEAST complete trials (a conditional field only in the trials that sampled it), COLUMNS panels a
+    row; log axes for log ranges."""
     fields = sorted({k for t in complete for k in t.params})
     fields = [k for k in fields if sum(k in t.params for t in complete) >= SAMPLED_BY_AT_LEAST]
     rows = max(1, math.ceil(len(fields) / COLUMNS))
     figure, axes = plt.subplots(rows, COLUMNS, figsize=(4 * COLUMNS, 3.2 * rows), squeeze=False)
     for ax, field in zip(axes.flat, fields, strict=False):
         trials = [t for t in complete if field in t.params]
-        values, scores = [t.params[field] for t in trials], [t.value for t in trials]
+        values, scores = [t.params[field] for t in trials], [t.values[0] for t in trials]
         distribution = trials[0].distributions[field]
         if isinstance(distribution, optuna.distributions.CategoricalDistribution):
             labels = [str(c) for c in distribution.choices]
@@ -66,7 +69,7 @@ def slice_grid(complete: list) -> plt.Figure:
             if getattr(distribution, "log", False):
                 ax.set_xscale("log")
         ax.set_title(f"{field} ({len(trials)} trials)", fontsize=9)
-        ax.set_ylabel("objective", fontsize=8)
+        ax.set_ylabel(metric, fontsize=8)
     for ax in list(axes.flat)[len(fields):]:
         ax.axis("off")
     if not fields:

@@ -44,7 +44,7 @@ import os
 import shlex
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from glmc_ray.core import config as config_lib
@@ -53,10 +53,12 @@ from glmc_ray.core.config import ConfigError
 from glmc_ray.core.errors import StorageLost
 from glmc_ray.core.schedules import scaled_milestones
 from glmc_ray.runs import mirror, parent_run, provenance, rundir
-from glmc_ray.search.console import METRIC, best_table, creation_number, error_line, trial_lines_callback
+from glmc_ray.search import objectives as objectives_lib
+from glmc_ray.search import pareto
+from glmc_ray.search.console import EVALUATED, best_table, creation_number, error_line, trial_lines_callback
 from glmc_ray.search.space import Space, apply_values
 
-MODE = "max"  # METRIC (console.py), the objective: balanced top-1 on the validation split, never the test set
+MODE = "max"  # every objective (objectives.py): a validation metric, never the test set
 SEARCH_FILE = "search.json"
 BASE_CONFIG = "base_config.yaml"
 TRIALS_DIR = "trials"
@@ -76,8 +78,23 @@ class SearchOptions:
     trial_epochs: int | None = None  # default: the base config's train.epochs
     seed: int = 0
     storage_url: str | None = None  # default: sqlite:///<experiment>/study.db
+    # what is maximised on the validation split (objectives.py): one, or several for a Pareto front
+    objectives: list[str] = field(default_factory=lambda: [objectives_lib.DEFAULT])
+
+    @property
+    def pareto(self) -> bool:
+        return len(self.objectives) > 1
+
+    def parsed_objectives(self) -> tuple[objectives_lib.Objective, ...]:
+        return objectives_lib.parse(self.objectives, "--pareto" if self.pareto else "--objective")
+
+    @property
+    def metrics(self) -> list[str]:
+        """The objectives' result keys (trials.csv's columns, Optuna's values)."""
+        return [objective.key for objective in self.parsed_objectives()]
 
     def check(self) -> None:
+        self.parsed_objectives()
         for name, value, ok in (("--trials", self.trials, self.trials >= 1),
                                 ("--concurrent", self.concurrent, self.concurrent >= 1),
                                 ("--workers-per-trial", self.workers_per_trial, self.workers_per_trial >= 1),
@@ -95,9 +112,9 @@ class SearchOptions:
 def check_base(cfg, source: str) -> None:
     if not config_lib.has_validation(cfg):
         paper = " (data.protocol=paper trains on the whole subset)" if cfg.data.protocol == "paper" else ""
-        raise ConfigError(f"{source}: no validation split{paper}; the search optimises {METRIC} on it and never the "
-                          f"test set: set data.val_fraction > 0 (CIFAR, synthetic) or data.val_split (split files), "
-                          f"with data.protocol=validation")
+        raise ConfigError(f"{source}: no validation split{paper}; the search optimises validation metrics "
+                          f"(--objective) and never the test set: set data.val_fraction > 0 (CIFAR, synthetic) or "
+                          f"data.val_split (split files), with data.protocol=validation")
 
 
 def trial_config(base, values: dict, trial_epochs: int | None) -> config_lib.Config:
@@ -170,19 +187,23 @@ class TuneReporter(rundir.LocalReporter):
     `ray.tune.report` per evaluated epoch. Trial resume uses the run directory's checkpoint.pt, so no
     Tune checkpoint is passed."""
 
+    def __init__(self, run: Path, cfg, objectives: tuple, names: list[str] | None = None):
+        super().__init__(run, cfg, names=names)
+        self.objectives = objectives
+
     def report(self, record: dict, checkpoint, is_best: bool, per_class: list | None) -> None:
         super().report(record, checkpoint, is_best, per_class)
-        report_evaluated([record])
+        report_evaluated([record], self.objectives)
 
 
-def report_evaluated(records: list[dict]) -> None:
-    """`ray.tune.report` each record that carries the objective (epochs without evaluation, with
-    train.eval_every > 1, have none)."""
+def report_evaluated(records: list[dict], objectives: tuple) -> None:
+    """`ray.tune.report` each evaluated record (epochs without evaluation, with train.eval_every > 1, have no
+    objective), with the value of each mixed objective."""
     from ray import tune
 
     for record in records:
-        if METRIC in record:
-            tune.report(dict(record))
+        if EVALUATED in record:
+            tune.report(objectives_lib.with_values(record, objectives))
 
 
 def run_trial(values: dict, base: dict, opts: dict, experiment: str, command: str) -> None:
@@ -204,7 +225,7 @@ def train_run(cfg, options: SearchOptions, parent: str, command: str) -> None:
         cfg.train.threads = max(1, int(options.cpus_per_trial // options.workers_per_trial) or 1)
     existing = mirror.find(parent, cfg.name)
     if existing is not None and storage.exists(storage.join(existing, "final.json")):  # finished before
-        report_evaluated(_read_metrics(existing))
+        report_evaluated(_read_metrics(existing), options.parsed_objectives())
         return
     if not storage.is_uri(parent):
         _train_in(cfg, options, Path(parent), Path(existing) if existing else None, None)
@@ -224,14 +245,14 @@ def _train_in(cfg, options: SearchOptions, parent: Path, existing: Path | None, 
     if options.workers_per_trial > 1:
         _run_ray_trial(cfg, options, parent, existing, remote)
     else:
-        _run_local_trial(cfg, parent, existing, remote)
+        _run_local_trial(cfg, options.parsed_objectives(), parent, existing, remote)
 
 
 class MirroredTuneReporter(TuneReporter):
     """TuneReporter whose run directory is copied to `remote`/<run> after every epoch and at the end."""
 
-    def __init__(self, run: Path, cfg, remote: str, names: list[str] | None = None):
-        super().__init__(run, cfg, names=names)
+    def __init__(self, run: Path, cfg, objectives: tuple, remote: str, names: list[str] | None = None):
+        super().__init__(run, cfg, objectives, names=names)
         self.remote, self.pushed = storage.join(remote, run.name), None
 
     def report(self, record: dict, checkpoint, is_best: bool, per_class: list | None) -> None:
@@ -243,14 +264,14 @@ class MirroredTuneReporter(TuneReporter):
         mirror.push(self.run, self.remote, self.pushed, self.cfg.dist.storage_retry_seconds)
 
 
-def _run_local_trial(cfg, parent: Path, existing: Path | None, remote: str | None) -> None:
+def _run_local_trial(cfg, objectives: tuple, parent: Path, existing: Path | None, remote: str | None) -> None:
     from glmc_ray.data import class_names
     from glmc_ray.training.worker import run_worker
 
     state = None
     if existing is not None and (existing / rundir.CHECKPOINT).exists():
         state = rundir.restore_run(existing)
-        report_evaluated(state["history"])  # Tune's view of the trial restarts with the restored epochs
+        report_evaluated(state["history"], objectives)  # Tune's view of the trial restarts with the restored epochs
         run = existing
         print(f"resuming trial run {run} at epoch {state['epoch']}", flush=True)
     elif existing is not None:
@@ -261,8 +282,8 @@ def _run_local_trial(cfg, parent: Path, existing: Path | None, remote: str | Non
     # as the trainer: a trial that saved no epoch leaves no run directory (trials.csv and Tune's trial
     # folder keep its values and error)
     names = class_names(cfg)
-    reporter = TuneReporter(run, cfg, names=names) if remote is None else \
-        MirroredTuneReporter(run, cfg, remote, names)
+    reporter = TuneReporter(run, cfg, objectives, names=names) if remote is None else \
+        MirroredTuneReporter(run, cfg, objectives, remote, names)
     with rundir.removed_if_failed_start(run, fresh=state is None):
         run_worker(cfg, reporter, state=state)
 
@@ -275,9 +296,10 @@ def _run_ray_trial(cfg, options: SearchOptions, parent: Path, existing: Path | N
     class ForwardEvaluated(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
             record = {k: v for k, v in metrics[0].items() if k not in (ray_train.SCORE, ray_train.PER_CLASS)}
-            if METRIC in record:
-                super().after_report(run_context, [record], None)
+            if EVALUATED in record:
+                super().after_report(run_context, [objectives_lib.with_values(record, objectives)], None)
 
+    objectives = options.parsed_objectives()
     workers = options.workers_per_trial
     scaling = cluster.Scaling(workers, options.gpus_per_trial > 0, 1, options.cpus_per_trial / workers)
     # under a URI, Ray Train keeps the checkpoints and the copy of the run directory in `remote`/<run>
@@ -329,7 +351,8 @@ def _searcher(experiment: Path, base, space: Space, opts: SearchOptions):
         sampler = optuna.samplers.TPESampler(seed=opts.seed, multivariate=True, group=True,
                                              n_startup_trials=startup_trials(opts.trials))
     first = space.point(base, sampled_only=True)  # the recipe itself is trial 1
-    return OptunaSearch(space=space, metric=METRIC, mode=MODE,
+    metric, mode = (opts.metrics, [MODE] * len(opts.metrics)) if opts.pareto else (opts.metrics[0], MODE)
+    return OptunaSearch(space=space, metric=metric, mode=mode,
                         points_to_evaluate=[first], sampler=sampler, study_name=experiment.name,
                         storage=study_storage(experiment, opts, base))
 
@@ -430,7 +453,7 @@ def search(base, space: Space, opts: SearchOptions, output: str | Path) -> tuple
         tune_config=tune.TuneConfig(search_alg=_searcher(experiment, base, space, opts), num_samples=opts.trials,
                                     max_concurrent_trials=opts.concurrent, reuse_actors=True),
         run_config=tune_run_config(experiment, TUNE_DIR, location(experiment),
-                                   lines=trial_lines_callback(space.keys(), opts.trials)))
+                                   lines=trial_lines_callback(space.keys(), opts.trials, opts.metrics)))
     _fit(tuner, experiment)  # an errored trial (NaN: FloatingPointError) is recorded and the search goes on
     return experiment, write_outputs(experiment)
 
@@ -513,21 +536,22 @@ def working_copy(given: str) -> Path:
 # ----------------------------------------------------------------------------------------------- outputs
 
 def trial_rows(experiment: Path) -> tuple[list[dict], Space]:
-    """One row per Tune trial, in creation order: id, status, searched values, objective, test top-1, s.
+    """One row per Tune trial, in creation order: id, status, searched values, objectives, test top-1, s.
     A field the trial's choices did not search (another method's knob) is None: an empty cell."""
     from ray.tune import ExperimentAnalysis
 
-    _, space, _ = read_experiment(experiment)
+    _, space, opts = read_experiment(experiment)
+    metrics = opts.metrics
     analysis = ExperimentAnalysis(tune_location(experiment))
     fs, _ = storage.resolve(location(experiment))  # trial.path is a path in it
     rows = []
     for trial in sorted(analysis.trials, key=creation_number):
         last = trial.last_result or {}
-        ok = trial.status == "TERMINATED" and last.get(METRIC) is not None
+        ok = trial.status == "TERMINATED" and all(last.get(key) is not None for key in metrics)
         rows.append({"number": creation_number(trial), "trial_id": trial.trial_id,
                      "status": "complete" if ok else trial.status.lower(),
                      **{key: trial.config.get(key) for key in space.keys()},
-                     METRIC: last.get(METRIC) if ok else None, "test_top1": last.get("test_top1"),
+                     **{key: last.get(key) if ok else None for key in metrics}, "test_top1": last.get("test_top1"),
                      "seconds": round(last["time_total_s"], 1) if "time_total_s" in last else None,
                      "error": error_line(fs, trial)})
     for row in rows:
@@ -537,10 +561,12 @@ def trial_rows(experiment: Path) -> tuple[list[dict], Space]:
 
 
 def write_outputs(experiment: Path) -> bool:
-    """trials.csv, best_config.yaml (full schedule) and Optuna's plots; returns whether every trial ran."""
+    """trials.csv, the winner's best_config.yaml (full schedule) or, with several objectives, the Pareto front
+    (pareto.py), and the plots; returns whether every trial ran."""
     rows, space = trial_rows(experiment)
+    base, _, opts = read_experiment(experiment)
     searched = space.keys()  # a conditional field's cell is empty where it was not searched
-    columns = ["number", "trial_id", "status", *searched, METRIC, "test_top1", "seconds", "error"]
+    columns = ["number", "trial_id", "status", *searched, *opts.metrics, "test_top1", "seconds", "error"]
     with open(experiment / "trials.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
@@ -548,13 +574,17 @@ def write_outputs(experiment: Path) -> bool:
     done = [r for r in rows if r["status"] == "complete"]
     failed = sum(r["status"] == "failed" for r in rows)
     unfinished = len(rows) - len(done) - failed
-    base, _, opts = read_experiment(experiment)
-    best = max(done, key=lambda r: r[METRIC]) if done else None
+    metric = opts.metrics[0]
+    best = max(done, key=lambda r: r[metric]) if done and not opts.pareto else None
     if best is not None:  # train.epochs stays the base's: the full schedule
         cfg = apply_values(base, space.active(best))
         config_lib.save(cfg, experiment / "best_config.yaml")
     write_plots(experiment)
-    print(best_table(rows, space.keys()) or "no trial completed", flush=True)
+    if opts.pareto:
+        front = pareto.write_front(experiment, rows, space, base, opts.metrics)
+        print(pareto.front_table(front, opts.metrics, searched) if front else "no trial completed", flush=True)
+    else:
+        print(best_table(rows, searched, metric) or "no trial completed", flush=True)
     print(f"{len(rows)} trials ({len(done)} complete, {failed} failed, {unfinished} unfinished); "
           f"trials.csv in {experiment}", flush=True)
     interrupted = bool(unfinished or len(rows) < opts.trials)
@@ -565,10 +595,14 @@ def write_outputs(experiment: Path) -> bool:
         print(f"the search was interrupted; continue it: python tuning/search.py --resume {location(experiment)}",
               flush=True)
     if best is not None:
-        print(f"best trial {best['number']} ({best['trial_id']}): {METRIC} {best[METRIC]:.2f} (test top-1 "
+        print(f"best trial {best['number']} ({best['trial_id']}): {metric} {best[metric]:.2f} (test top-1 "
               f"{best['test_top1']:.2f}, not optimised on); train it: python -m glmc_ray.train --config "
               f"{experiment / 'best_config.yaml'}", flush=True)
-    else:
+    elif opts.pareto and done:
+        print(f"pick a trade-off: each point's config is in {experiment / pareto.FOLDER} (pareto.csv, pareto.png); "
+              f"train one: python -m glmc_ray.train --config {experiment / pareto.FOLDER}/trial_<number>.yaml",
+              flush=True)
+    elif not done:
         print("no trial completed: no best_config.yaml", flush=True)
     return not interrupted
 
@@ -594,7 +628,8 @@ def write_plots(experiment: Path) -> list[Path]:
 
     base, _, opts = read_experiment(experiment)
     return write_study_plots(optuna.load_study(study_name=experiment.name,
-                                               storage=study_storage(experiment, opts, base)), experiment)
+                                               storage=study_storage(experiment, opts, base)), experiment,
+                             opts.metrics)
 
 
 def set_environment() -> None:
