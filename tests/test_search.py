@@ -283,6 +283,8 @@ def test_bad_input_is_one_error_line_before_any_trial(tmp_path, capsys):
         (["--config", SMOKE, "--space", space, "--teacher", "runs/t"], "can choose learns from a teacher run"),
         (["--config", SMOKE, "--space", space, "--objective", "recall"], "--objective recall: 'recall' is not"),
         (["--config", SMOKE, "--space", space, "--pareto", "few"], "--pareto few: a Pareto front needs two"),
+        (["--config", SMOKE, *FAST, "--space", space, "--objective", "0.5*many+0.5*few"],  # 58 down to 5 a class
+         "--objective 0.5*many+0.5*few: no class of the training split is many (classes with > 100"),
         (["--config", SMOKE, "--space", space, "--objective", "few", "--pareto", "few", "top1"], "not both"),
         (["--config", SMOKE, "--space", space, "--pareto", "few", "top1", "--final-seeds", "2"],
          "--pareto with --fidelity-check or --final-seeds"),

@@ -117,6 +117,25 @@ def check_base(cfg, source: str) -> None:
                           f"data.val_split (split files), with data.protocol=validation")
 
 
+def check_shot_groups(base, opts: SearchOptions) -> None:
+    """An objective on Many, Medium or Few needs a class of that group in the training split (else no trial
+    would have a value)."""
+    from glmc_ray.core.evaluation import shot_groups
+    from glmc_ray.data import training_class_counts
+
+    named = {name for objective in opts.parsed_objectives() for _, name in objective.terms}
+    needed = [name for name in ("many", "medium", "few") if name in named]
+    if not needed:
+        return
+    groups = shot_groups(training_class_counts(base))
+    for name in needed:
+        if not bool(groups[name].any()):
+            option = "--pareto" if opts.pareto else "--objective"
+            raise ConfigError(f"{option} {' '.join(opts.objectives)}: no class of the training split is {name} "
+                              f"({objectives_lib.NAMES[name]}), so the objective has no value; choose another",
+                              option)
+
+
 def trial_config(base, values: dict, trial_epochs: int | None) -> config_lib.Config:
     """The config a trial trains: base, the shortened schedule, then the sampled values."""
     values = dict(values)
@@ -130,6 +149,7 @@ def prepare(base, space: Space, opts: SearchOptions, source: str) -> None:
     """Every check that needs no Ray: validation split, trial schedule, the options, each method's teacher run."""
     opts.check()
     check_base(base, source)
+    check_shot_groups(base, opts)
     methods = next((p.choices for p in space.params if p.key == "method.name"), (base.method.name,))
     for method in methods:  # the teacher a trial of each method would load (the base's own included)
         choices = {"method.name": method}
