@@ -34,7 +34,7 @@ from glmc_ray.runs import comparison, plots, rundir
 from glmc_ray.search import full as search_full
 from glmc_ray.search import trials
 from glmc_ray.search.full import FULL_DIR, FullRun
-from glmc_ray.search.trials import SearchOptions
+from glmc_ray.search.options import SearchOptions
 
 sys.path.insert(0, str(Path(__file__).parent))
 from search import PROTOCOL  # noqa: E402  (bench/search.py: the same reduced protocol)

@@ -11,7 +11,7 @@ from glmc_ray.core import config as config_lib
 from glmc_ray.core.config import ConfigError
 from glmc_ray.core.schedules import lr_factor, lr_scheduler, scaled_milestones
 from glmc_ray.runs import rundir
-from glmc_ray.search.trials import trial_config
+from glmc_ray.search.options import trial_config
 from glmc_ray.training.loop import restore, training_state
 from glmc_ray.training.worker import build_trainee
 from tests.conftest import REPO

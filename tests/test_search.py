@@ -21,6 +21,7 @@ from glmc_ray.core.errors import STORAGE_LOST
 from glmc_ray.runs import rundir
 from glmc_ray.search import console, objectives, space_file, trials
 from glmc_ray.search import full as search_full
+from glmc_ray.search import options as search_options
 from glmc_ray.search import space as search_space
 from glmc_ray.train import main as train_main
 from tests.conftest import REPO, assert_quiet, git_head
@@ -154,7 +155,7 @@ def test_methods_space_samples_only_the_chosen_method_s_knobs():
         assert all(key.split(".")[1] in ("name", method) for key in params if key.startswith("method.")), params
         assert ("method.glmc.cumulative_exponent" in params) == (params.get("method.glmc.cumulative_shape") == "power")
         assert space.active(params) == params
-        cfg = trials.trial_config(base, params, 1)
+        cfg = search_options.trial_config(base, params, 1)
         assert set(config_lib.to_dict(cfg)["method"]) <= {"name", method}
         assert all(search_space.get_dotted(cfg, key) == value for key, value in params.items())
         if method == "glmc":  # the base's method: its section is the base's, with the sampled knobs
@@ -189,7 +190,7 @@ def test_a_branch_fixes_fields_and_takes_over_a_field_searched_above(tmp_path):
         assert set(trial.params) == {"method.name", "optim.lr"}
         assert (0.2 <= lr <= 0.8) if method == "ce" else (0.01 <= lr <= 0.1)
         assert constants == ({"optim.nesterov": False} if method == "ce" else {})
-        cfg = trials.trial_config(base, {**trial.params, **constants}, 1)
+        cfg = search_options.trial_config(base, {**trial.params, **constants}, 1)
         assert cfg.optim.lr == lr and cfg.optim.nesterov == (method != "ce" and base.optim.nesterov)
         assert space.active({**trial.params, **constants}) == {**trial.params, **constants}
     assert seen == {"glmc", "ce"}
@@ -213,7 +214,7 @@ def test_methods_space_searches_deit_lt_only_given_a_teacher_run(capsys):
         constants = space(trial)
         method = trial.params["method.name"]
         lrs.setdefault(method == "deit_lt", []).append(trial.params["optim.lr"])
-        cfg = trials.trial_config(base, {**trial.params, **constants}, 1)
+        cfg = search_options.trial_config(base, {**trial.params, **constants}, 1)
         if method == "deit_lt":
             assert (cfg.model.arch, cfg.optim.name, cfg.train.label_smoothing) == ("deit_micro_distilled_patch4_32",
                                                                                   "adamw", 0.1)

@@ -25,6 +25,7 @@ from glmc_ray.core.interrupts import TermAsInt
 from glmc_ray.core.version import version_line
 from glmc_ray.search import full as search_full
 from glmc_ray.search import objectives, space_file, trials
+from glmc_ray.search import options as search_options
 from glmc_ray.search import space as search_space
 
 SPACES = CONFIGS / "search"
@@ -82,7 +83,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _new_search(args) -> tuple[config_lib.Config, search_space.Space, trials.SearchOptions]:
+def _new_search(args) -> tuple[config_lib.Config, search_space.Space, search_options.SearchOptions]:
     """The base config, the space and the options of a new search, each checked (no Ray needed)."""
     if not args.space:
         raise config_lib.ConfigError("--space is required for a new search (e.g. --space glmc or --space methods, "
@@ -93,11 +94,11 @@ def _new_search(args) -> tuple[config_lib.Config, search_space.Space, trials.Sea
         teacher = str(Path(teacher).resolve())
     space = space_file.load_space(find_config(args.space, "--space", SPACES), base, teacher)
     opts = _options(args)
-    trials.prepare(base, space, opts, args.config or "the default config")
+    search_options.prepare(base, space, opts, args.config or "the default config")
     return base, space, opts
 
 
-def _dry_run(base, space, opts: trials.SearchOptions) -> None:
+def _dry_run(base, space, opts: search_options.SearchOptions) -> None:
     """The base config as YAML (a config file), the searched fields and the first trial's values as comments."""
     first = space.point(base)
     print(f"# {version_line()}\n# {opts.trials} trials of {opts.trial_epochs or base.train.epochs} epochs, "
@@ -108,8 +109,8 @@ def _dry_run(base, space, opts: trials.SearchOptions) -> None:
     print(config_lib.to_yaml(base), end="")
 
 
-def _options(args) -> trials.SearchOptions:
-    return trials.SearchOptions(
+def _options(args) -> search_options.SearchOptions:
+    return search_options.SearchOptions(
         space=str(find_config(args.space, "--space", SPACES).resolve()), trials=args.trials, concurrent=args.concurrent,
         gpus_per_trial=args.gpus_per_trial,
         cpus_per_trial=args.cpus_per_trial, workers_per_trial=args.workers_per_trial,
@@ -129,7 +130,7 @@ def _objectives(args) -> list[str]:
     return args.pareto or [args.objective or objectives.DEFAULT]
 
 
-def _default_gpus(opts: trials.SearchOptions) -> None:
+def _default_gpus(opts: search_options.SearchOptions) -> None:
     import ray
 
     if opts.gpus_per_trial is None:  # not given: one GPU per worker where there are GPUs

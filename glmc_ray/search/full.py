@@ -16,11 +16,10 @@ from glmc_ray.core.config import ConfigError
 from glmc_ray.runs import comparison, mirror, plots, rundir
 from glmc_ray.search.console import full_lines_callback
 from glmc_ray.search.objectives import with_values
+from glmc_ray.search.options import SearchOptions, check_resources
 from glmc_ray.search.space import Space, apply_values, same_value
 from glmc_ray.search.trials import (
     Publish,
-    SearchOptions,
-    check_resources,
     location,
     read_experiment,
     train_run,
