@@ -429,8 +429,8 @@ def check_method_run(run, name: str, settings: list[str]) -> None:
     if name in config_lib.EXPERT_LAYOUTS:  # each expert's metrics beside the ensemble's
         for split in ("val", "test"):
             assert {f"{split}_expert{e}_{k}" for e in range(3) for k in ("top1", "many", "medium", "few")} <= set(last)
-        assert [set(e) for e in final["last"]["test"]["experts"]] == [{"top1", "balanced_top1", "many", "medium",
-                                                                       "few"}] * 3
+        assert [set(e) for e in final["last"]["test"]["experts"]] == [{"top1", "balanced_top1", "worst", "many",
+                                                                       "medium", "few"}] * 3
         assert tensorboard_scalars(run, "test/expert2_few") == {1: pytest.approx(last["test_expert2_few"]),
                                                                0: pytest.approx(records[0]["test_expert2_few"])}
 
