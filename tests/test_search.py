@@ -172,6 +172,16 @@ def test_methods_space_samples_only_the_chosen_method_s_knobs():
                                                     "method.ldam_drw.drw_start"}
 
 
+def test_a_take_over_leaves_the_outer_field_checked_with_the_other_choices(tmp_path):
+    """ce's branch takes optim.warmup_epochs over; in glmc's trials the outer range still meets the schedule
+    choice, so warm-up 1 with the cosine schedule (no warm-up) is an error before any trial."""
+    text = ("method.name: {choice: [glmc, ce]}\noptim.schedule: {choice: [warmup_cosine, cosine]}\n"
+            "optim.warmup_epochs: {int: [0, 1]}\nwhen:\n  method.name=ce: {optim.warmup_epochs: {fixed: 0}}")
+    base = config_lib.load(SMOKE, ["optim.schedule=warmup_cosine", "optim.warmup_epochs=0"])
+    with pytest.raises(config_lib.ConfigError, match=r"optim.warmup_epochs: value 1 with optim.schedule=cosine"):
+        space_file.load_space(_space(tmp_path, text), base)
+
+
 def test_a_branch_fixes_fields_and_takes_over_a_field_searched_above(tmp_path):
     """when: method.name=ce fixes nesterov and searches its own lr: ce's trials take both, the others the outer
     lr; Optuna sees the sampled fields only, Tune's config also the fixed ones (the space's return value)."""

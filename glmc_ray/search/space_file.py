@@ -229,8 +229,7 @@ def _check_together(where: str, space: Space, base) -> None:
             context = {**conditions, **other_conditions}
             for choice in other.choices:
                 choices = {**context, other.key: choice}
-                if any(p.key == param.key and _takes_over(conditions, c) and not _exclusive(c, choices)
-                       for p, c in entries):
+                if any(p.key == param.key and _takes_over(conditions, c) and _met(c, choices) for p, c in entries):
                     continue  # a branch of this choice takes the field over
                 for value in param.ends():
                     if param.key in context and not same_value(context[param.key], value):
@@ -252,6 +251,11 @@ def _check_together(where: str, space: Space, base) -> None:
 def _exclusive(a: dict, b: dict) -> bool:
     """Two sets of conditions no trial meets both of (one choice, two values)."""
     return any(key in b and not same_value(value, b[key]) for key, value in a.items())
+
+
+def _met(conditions: dict, choices: dict) -> bool:
+    """A trial with these `choices` is in the branch of `conditions` (each of its choices made, and so)."""
+    return all(key in choices and same_value(choices[key], value) for key, value in conditions.items())
 
 
 def _takes_over(outer: dict, inner: dict) -> bool:
