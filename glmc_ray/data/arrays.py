@@ -103,8 +103,9 @@ class InMemoryBatches:
         return self.normalizer(first), self.normalizer(strong)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
+        streams = STREAM_IDS if self.plan.sample_weights is not None else ("uniform",)  # no re-balanced stream
         draws = {stream: EpochDraws.draw(self.plan.seed, epoch, stream, self.plan.num_samples, self.padding,
-                                         self.size) for stream in STREAM_IDS}
+                                         self.size) for stream in streams}
         for step in self.plan.steps(epoch):
             uniform = step.uniform.to(self.device)
             batch = Batch(*self._views(uniform, draws["uniform"], step.positions), self.labels[uniform])

@@ -16,6 +16,8 @@ from glmc_ray.core.evaluation import FEW_BELOW, MANY_ABOVE  # noqa: E402
 # finishing at once in one driver (Ray Train fits from threads) garbled each other's labels (ParseException).
 _PLOTTING = threading.Lock()
 NAMED_AT_MOST = 20  # classes named under their bars; more would overlap
+SHOT_LABELS = {"many": f"Many (>{MANY_ABOVE})", "medium": f"Medium ({FEW_BELOW}-{MANY_ABOVE})",
+               "few": f"Few (<{FEW_BELOW})"}
 
 
 def _one_at_a_time(plot):
@@ -47,7 +49,7 @@ def per_class_plot(per_class: list, class_counts: list[int], path: Path, title: 
     twin.set_yscale("log")
     twin.set_ylabel("training images (log)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:blue", "tab:orange", "tab:red")]
-    ax.legend(handles, [f"Many (>{MANY_ABOVE})", f"Medium ({FEW_BELOW}-{MANY_ABOVE})", f"Few (<{FEW_BELOW})"],
+    ax.legend(handles, list(SHOT_LABELS.values()),
               loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=8, frameon=False)
     ax.set_title(title)
     _save(fig, path)
@@ -114,9 +116,7 @@ def shot_groups_plot(groups: dict[str, dict], path: Path, title: str) -> None:
         errors = [stats[s]["std"] or 0.0 for s in shots]
         ax.bar(np.arange(len(shots)) + (i - (len(groups) - 1) / 2) * width, means, width, yerr=errors, capsize=3,
                label=name)
-    names = {"many": f"Many (>{MANY_ABOVE})", "medium": f"Medium ({FEW_BELOW}-{MANY_ABOVE})",
-             "few": f"Few (<{FEW_BELOW})"}
-    ax.set_xticks(range(len(shots)), [names[s] for s in shots])
+    ax.set_xticks(range(len(shots)), [SHOT_LABELS[s] for s in shots])
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(4, len(groups)), fontsize=8, frameon=False)

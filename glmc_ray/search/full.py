@@ -168,15 +168,16 @@ def final_seeds_report(experiment: Path, epochs: int, best: dict, groups: dict, 
     glmc_ray.compare computes them from the runs' final.json (`summary`: each group's, and its failed runs)."""
     compared = [comparison.Group(name, [comparison.read_run(r["run"]) for r in rows if r["status"] == "complete"])
                 for name, rows in by_group.items()]
+    compared = [group for group in compared if group.runs]
     summary = {group.name: {**group.summary(), "failed": sum(r["status"] != "complete" for r in by_group[group.name])}
-               for group in compared if group.runs}
+               for group in compared}
     report = {"seeds": seeds, "epochs": epochs, "best_trial": best["trial_id"],
               "values": {name: job.values for name, job in groups.items()}, "summary": summary, "runs": by_group}
     (experiment / "final_seeds.json").write_text(json.dumps(report, indent=1))
-    shown = comparison.shown_metrics([g for g in compared if g.runs], FINAL_METRICS)
+    shown = comparison.shown_metrics(compared, FINAL_METRICS)
     print(f"full schedule ({epochs} epochs), train seeds {seeds}, mean ± std "
           f"(python -m glmc_ray.compare {experiment / FULL_DIR} for every run):\n"
-          f"{comparison.markdown_table([g for g in compared if g.runs], shown)}", flush=True)
+          f"{comparison.markdown_table(compared, shown)}", flush=True)
     return report
 
 

@@ -35,7 +35,12 @@ class SearchOptions:
         return len(self.objectives) > 1
 
     def parsed_objectives(self) -> tuple[objectives_lib.Objective, ...]:
-        return objectives_lib.parse(self.objectives, "--pareto" if self.pareto else "--objective")
+        return objectives_lib.parse(self.objectives, self.objective_option)
+
+    @property
+    def objective_option(self) -> str:
+        """The command-line option that named the objectives, for their errors."""
+        return "--pareto" if self.pareto else "--objective"
 
     @property
     def metrics(self) -> list[str]:
@@ -79,7 +84,7 @@ def check_shot_groups(base, opts: SearchOptions) -> None:
     groups = shot_groups(training_class_counts(base))
     for name in needed:
         if not bool(groups[name].any()):
-            option = "--pareto" if opts.pareto else "--objective"
+            option = opts.objective_option
             raise ConfigError(f"{option} {' '.join(opts.objectives)}: no class of the training split is {name} "
                               f"({objectives_lib.NAMES[name]}), so the objective has no value; choose another",
                               option)
